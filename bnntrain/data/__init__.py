@@ -1,0 +1,40 @@
+"""`build_loaders` turns the `data` and `augment` config groups and a stage into DataLoaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import DataError
+from .datasets import DATASETS
+from .transforms import build_transform
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    test: DataLoader
+    num_classes: int
+    channels: int
+
+
+def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True,
+                  distributed: bool = False) -> Loaders:
+    train_tf = build_transform(augment.get("train"), data.mean, data.std, color_jitter=color_jitter)
+    test_tf = build_transform(augment.get("test"), data.mean, data.std)
+    train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
+    if len(train_set) == 0 or len(test_set) == 0:
+        raise DataError(f"data={data.name}: the train or test split holds no images")
+    train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
+    test_sampler = DistributedSampler(test_set, shuffle=False) if distributed else None
+    common = dict(batch_size=data.batch_size, num_workers=data.num_workers,
+                  pin_memory=torch.cuda.is_available(),
+                  # Workers are started anew each epoch so that each epoch's augmentation
+                  # follows from that epoch's seed: a resumed run replays the same batches.
+                  persistent_workers=False)
+    train = DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler,
+                       drop_last=len(train_set) >= data.batch_size, **common)
+    test = DataLoader(test_set, shuffle=False, sampler=test_sampler, **common)
+    return Loaders(train, test, num_classes, data.channels)

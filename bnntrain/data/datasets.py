@@ -1,0 +1,131 @@
+"""Datasets by name. Each builder returns (train, test, num_classes) for a data config.
+
+Builders check the on-disk layout first, so a wrong `data.root` gives one clear line
+instead of a deep stack trace from inside torchvision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from ..errors import DataError
+from ..registry import Registry
+
+Splits = tuple[Dataset, Dataset, int]
+DATASETS: Registry[Callable[[DictConfig, Callable, Callable], Splits]] = Registry("dataset")
+
+
+class TensorImages(Dataset):
+    """Images already in memory as a float tensor (N, C, H, W), with a per-item transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def _root(cfg: DictConfig) -> Path:
+    if not cfg.get("root"):
+        raise DataError(f"data.root is not set: data={cfg.name} needs data.root=PATH to the dataset folder")
+    root = Path(str(cfg.root)).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist or is not a folder")
+    if not any(root.iterdir()):
+        raise DataError(f"data.root={root} is empty")
+    return root
+
+
+@DATASETS.register("digits")
+def digits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (no download), split with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0  # pixel values are 0..16
+    x_tr, x_te, y_tr, y_te = train_test_split(x, torch.tensor(y), test_size=cfg.test_fraction,
+                                              random_state=cfg.split_seed, stratify=y)
+    return TensorImages(x_tr, y_tr, train_tf), TensorImages(x_te, y_te, test_tf), 10
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    """Random images of a fixed shape whose label is learnable (a class-dependent mean)."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(cfg.num_classes, (n,), generator=g)
+        means = torch.linspace(-1, 1, cfg.num_classes)[labels].view(-1, 1, 1, 1)
+        return torch.randn(n, *shape, generator=g) + means, labels
+
+    (x_tr, y_tr), (x_te, y_te) = make(cfg.train_size), make(cfg.test_size)
+    return TensorImages(x_tr, y_tr, train_tf), TensorImages(x_te, y_te, test_tf), cfg.num_classes
+
+
+class _CIFAR100Files(datasets.CIFAR100):
+    # Check that the files exist, not their md5: hashing on every start is slow, and a
+    # corrupt file still fails at unpickling, which we report clearly.
+    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    root = Path(str(cfg.root)).expanduser() if cfg.get("root") else None
+    if cfg.download:
+        if root is None:
+            raise DataError("data.root is not set: data=cifar100 data.download=true needs a folder to download into")
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = _root(cfg)
+        if not (root / "cifar-100-python").is_dir():
+            raise DataError(f"data.root={root} holds no cifar-100-python/ folder: expected torchvision's CIFAR-100 "
+                            f"files ({root}/cifar-100-python/{{train,test,meta}}), or add data.download=true")
+    try:
+        train = _CIFAR100Files(str(root), train=True, transform=train_tf, download=cfg.download)
+        test = _CIFAR100Files(str(root), train=False, transform=test_tf)
+    except RuntimeError as err:
+        raise DataError(f"CIFAR-100 files under {root}/cifar-100-python are missing: {err}") from None
+    except Exception as err:  # a truncated or foreign pickle
+        raise DataError(f"CIFAR-100 files under {root}/cifar-100-python cannot be read ({type(err).__name__}: "
+                        f"{err}); expected torchvision's pickled train, test and meta files") from None
+    return train, test, len(train.classes)
+
+
+def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
+    try:
+        # ImageFolder's default loader converts every image (greyscale, CMYK) to RGB.
+        return datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
+        raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
+
+
+def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    root = _root(cfg)
+    test_split = next((s for s in cfg.test_splits if (root / s).is_dir()), None)
+    if not (root / cfg.train_split).is_dir() or test_split is None:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"data.root={root} must hold {cfg.train_split}/ and one of "
+                        f"{'/, '.join(cfg.test_splits)}/ with one folder per class; found {found or 'no folders'}")
+    train = _image_folder(root / cfg.train_split, train_tf)
+    test = _image_folder(root / test_split, test_tf)
+    if train.classes != test.classes:
+        raise DataError(f"{root}/{cfg.train_split} and {root}/{test_split} have different class folders")
+    return train, test, len(train.classes)
+
+
+DATASETS.register("imagenet")(_class_folder_splits)
+DATASETS.register("folder")(_class_folder_splits)
+

@@ -1,0 +1,24 @@
+"""Models registered by name; `build_model` turns the `model` config group into a module."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
+    """`cfg.name` picks the architecture; every other key, and what the data decides
+    (`num_classes`, `in_channels`), is passed to its builder."""
+    options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    options.update(data_options)
+    name = options.pop("name")
+    try:
+        return MODELS.get(name)(**options)
+    except TypeError as err:  # an option the architecture does not take
+        raise ConfigError(f"model '{name}' does not accept these options: {err}") from None

@@ -1,0 +1,99 @@
+"""Binary ResNets (18, 34, 50) built from the configurable blocks of `bnntrain.nn`.
+
+The first conv and the classifier stay real-valued by default, as in every published BNN;
+`binary_stem` / `binary_classifier` make them binary layers that follow the stage.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..nn.blocks import BinaryBlock, BlockOptions, SeedBottleneck
+from ..nn.layers import BinaryConv2d, BinaryLinear
+from .registry import MODELS
+
+BASE_CHANNELS = (64, 128, 256, 512)
+
+
+def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts: BlockOptions,
+              binary: bool) -> nn.Sequential:
+    """CIFAR stem (3x3 conv, no pooling) or ImageNet stem (7x7 stride 2 + 3x3 max-pool).
+
+    `pool_order` (trick 11): `conv_bn_act_pool` as in ResNet, or `conv_pool_bn_act`,
+    which pools before BN and the activation.
+    """
+    if kind not in ("cifar", "imagenet"):
+        raise ConfigError(f"unknown model.stem '{kind}'; expected cifar or imagenet")
+    kernel, stride = (3, 1) if kind == "cifar" else (7, 2)
+    conv = (opts.conv(in_channels, channels, kernel, stride) if binary
+            else nn.Conv2d(in_channels, channels, kernel, stride, kernel // 2, bias=False))
+    layers = {"conv": conv, "bn": opts.norm(channels), "act": nn.ReLU(inplace=True)}
+    if kind == "imagenet":
+        layers["pool"] = nn.MaxPool2d(3, 2, 1)
+    orders = {"conv_bn_act_pool": ("conv", "bn", "act", "pool"), "conv_pool_bn_act": ("conv", "pool", "bn", "act")}
+    if pool_order not in orders:
+        raise ConfigError(f"unknown model.stem_pool_order '{pool_order}'; expected one of: {', '.join(orders)}")
+    return nn.Sequential(*(layers[k] for k in orders[pool_order] if k in layers))
+
+
+class BinaryResNet(nn.Module):
+    """stem -> four stages of binary blocks -> global average pool -> classifier."""
+
+    def __init__(self, depths: tuple[int, ...], bottleneck: bool, num_classes: int, in_channels: int = 3,
+                 stem: str = "cifar", stem_pool_order: str = "conv_bn_act_pool", width: float = 1.0,
+                 widen: int = 1, skip: str = "double", binary_stem: bool = False, binary_classifier: bool = False,
+                 **block_options: Any) -> None:
+        super().__init__()
+        opts = BlockOptions(**block_options)
+        if skip not in ("double", "single"):
+            raise ConfigError(f"unknown model.skip '{skip}'; expected double or single")
+        # `width` scales every layer; `widen` (trick 15) multiplies the channels of the binary stages.
+        stem_channels = max(1, round(BASE_CHANNELS[0] * width))
+        self.stem = make_stem(in_channels, stem_channels, stem, stem_pool_order, opts, binary_stem)
+        stages, cin = [], stem_channels
+        for i, depth in enumerate(depths):
+            planes = max(1, round(BASE_CHANNELS[i] * width * widen))
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(depth):
+                s = stride if j == 0 else 1
+                if bottleneck:
+                    blocks.append(SeedBottleneck(cin, planes, s, opts))
+                    cin = planes * SeedBottleneck.expansion
+                elif skip == "double":  # each basic block becomes two seed blocks (trick 3)
+                    blocks += [BinaryBlock(cin, planes, s, opts), BinaryBlock(planes, planes, 1, opts)]
+                    cin = planes
+                else:
+                    blocks.append(BinaryBlock(cin, planes, s, opts, convs=2))
+                    cin = planes
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = cin
+        self.classifier = (BinaryLinear(cin, num_classes, quantizer=opts.quantizer, quantizer_args=opts.quantizer_args,
+                                        weight_scale=opts.weight_scale, binarize=opts.binarize)
+                           if binary_classifier else nn.Linear(cin, num_classes))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features (what the classifier sees), for centre loss and distillation."""
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("resnet18")
+def resnet18(**kwargs: Any) -> BinaryResNet:
+    return BinaryResNet((2, 2, 2, 2), bottleneck=False, **kwargs)
+
+
+@MODELS.register("resnet34")
+def resnet34(**kwargs: Any) -> BinaryResNet:
+    return BinaryResNet((3, 4, 6, 3), bottleneck=False, **kwargs)
+
+
+@MODELS.register("resnet50")
+def resnet50(**kwargs: Any) -> BinaryResNet:
+    return BinaryResNet((3, 4, 6, 3), bottleneck=True, **kwargs)

@@ -1,0 +1,164 @@
+"""Binary residual blocks, one configurable class per block shape.
+
+`BinaryBlock` is the seed's BasicBlock (trick 1): BN -> sign -> binary conv -> + shortcut
+-> activation. With `convs=1` two of them make one ResNet basic block (double skip,
+trick 3, Bi-Real style); with `convs=2` one block holds both convs under one shortcut.
+`SeedBottleneck` is the seed's second listing, for ResNet-50-style models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .layers import BinaryConv2d
+
+
+@dataclass
+class BlockOptions:
+    """Everything a block needs to know about the tricks; filled from the `model` config."""
+
+    quantizer: str = "ste_sign"            # trick 1: ste_sign | approx_sign | swish_sign
+    quantizer_args: dict = field(default_factory=dict)
+    weight_scale: bool = True              # per-channel mean |w| (XNOR-Net / Bi-Real)
+    learnable_threshold: bool = False      # ReActNet's RSign
+    activation: str = "prelu"              # trick 2: prelu | relu | identity | rprelu
+    downsample: str = "v1"                 # trick 4: v1 | v2 | v3 | conv
+    bn_momentum: float = 0.1               # trick 10 (PyTorch convention)
+    attention: str | None = None           # trick 13: se | None
+    se_reduction: int = 16
+    groups: int = 1                        # trick 15: grouped binary 3x3 convs
+    binarize: bool = True                  # False: the real-valued twin
+
+    def norm(self, channels: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(channels, momentum=self.bn_momentum)
+
+    def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> BinaryConv2d:
+        return BinaryConv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups,
+                            quantizer=self.quantizer, quantizer_args=self.quantizer_args,
+                            weight_scale=self.weight_scale, learnable_threshold=self.learnable_threshold,
+                            binarize=self.binarize)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: a learnable shift before and after a PReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.prelu = nn.PReLU(channels)
+        self.shift_out = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prelu(x - self.shift_in) + self.shift_out
+
+
+ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("block activation")
+ACTIVATIONS.register("prelu")(nn.PReLU)
+ACTIVATIONS.register("relu")(lambda channels: nn.ReLU(inplace=True))
+ACTIVATIONS.register("identity")(lambda channels: nn.Identity())
+ACTIVATIONS.register("rprelu")(RPReLU)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-Excitation scale computed from the block's real-valued input (trick 13).
+
+    torchvision's SqueezeExcitation multiplies its own input; here the scale multiplies
+    the binary conv's output, which may have more channels than the input, so the
+    excitation maps `cin` to `cout` channels.
+    """
+
+    def __init__(self, cin: int, cout: int, reduction: int) -> None:
+        super().__init__()
+        hidden = max(cin // reduction, 8)
+        self.fc1, self.fc2 = nn.Conv2d(cin, hidden, 1), nn.Conv2d(hidden, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))
+        return torch.sigmoid(self.fc2(s))
+
+
+def _halve() -> nn.AvgPool2d:
+    # ceil_mode so that odd feature maps (7x7) shrink exactly as the strided 3x3 conv does.
+    return nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+
+
+def shortcut(cin: int, cout: int, stride: int, opts: BlockOptions) -> nn.Module:
+    """Real-valued shortcut (trick 4); identity when the shape does not change."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    proj = lambda s=1: nn.Conv2d(cin, cout, 1, stride=s, bias=False)  # noqa: E731
+    if stride == 1:
+        return nn.Sequential(proj(), opts.norm(cout))
+    variants = {
+        "v1": lambda: nn.Sequential(proj(), opts.norm(cout), _halve()),
+        "v2": lambda: nn.Sequential(_halve(), proj(), opts.norm(cout)),
+        "v3": lambda: nn.Sequential(proj(), opts.norm(cout), nn.AvgPool2d(3, 2, 1)),
+        "conv": lambda: nn.Sequential(proj(stride), opts.norm(cout)),
+    }
+    if opts.downsample not in variants:
+        raise ConfigError(f"unknown model.downsample '{opts.downsample}'; expected one of: {', '.join(variants)}")
+    return variants[opts.downsample]()
+
+
+class BinaryBlock(nn.Module):
+    """`convs` x (BN -> sign -> binary 3x3 conv [x SE]) -> + shortcut -> activation."""
+
+    def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(opts.norm(cin if i == 0 else cout) for i in range(convs))
+        # A grouped conv needs both channel counts divisible by the groups; the stem-facing
+        # conv of a widened model may not be, so it falls back to a dense conv.
+        groups = lambda c_in: opts.groups if c_in % opts.groups == 0 and cout % opts.groups == 0 else 1  # noqa: E731
+        self.convs = nn.ModuleList(
+            opts.conv(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, groups(cin if i == 0 else cout))
+            for i in range(convs))
+        self.attention = (nn.ModuleList(ChannelAttention(cin if i == 0 else cout, cout, opts.se_reduction)
+                                        for i in range(convs)) if opts.attention == "se" else None)
+        self.shortcut = shortcut(cin, cout, stride, opts)
+        self.act = ACTIVATIONS.get(opts.activation)(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x
+        for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
+            real = norm(out)
+            out = conv(real)  # the conv binarizes its own input
+            if self.attention is not None:
+                out = out * self.attention[i](real)
+        return self.act(out + self.shortcut(x))
+
+
+class SeedBottleneck(nn.Module):
+    """The seed's Bottleneck (trick 1, second listing), as written there.
+
+    1x1 (stride) -> 3x3 with an inner shortcut around it -> 1x1 to 4x planes, each
+    behind BN and sign; the outer shortcut is a real-valued branch where the shape
+    changes (AvgPool 3x3 stride 1 at stride 1, AvgPool 2x2 at stride 2) and identity
+    otherwise, and the activation follows the addition only where a branch exists.
+    """
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, opts: BlockOptions) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.bn1, self.bn2, self.bn3, self.bn4 = (opts.norm(c) for c in (cin, planes, planes, cout))
+        self.conv1 = opts.conv(cin, planes, 1, stride)
+        self.conv2 = opts.conv(planes, planes, 3, 1, opts.groups if planes % opts.groups == 0 else 1)
+        self.conv3 = opts.conv(planes, cout, 1)
+        self.has_branch = stride != 1 or cin != cout
+        if self.has_branch:
+            pool = _halve() if stride == 2 else nn.AvgPool2d(3, 1, 1)
+            self.branch = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), opts.norm(cout), pool)
+            self.act = ACTIVATIONS.get(opts.activation)(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = self.branch(x) if self.has_branch else x
+        add = self.conv1(self.bn1(x))
+        out = self.conv2(self.bn2(add)) + add
+        out = self.bn4(self.conv3(self.bn3(out))) + residual
+        return self.act(out) if self.has_branch else out

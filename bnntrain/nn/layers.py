@@ -1,0 +1,99 @@
+"""Binary conv and linear layers whose quantizers are switched at run time.
+
+Stage 1 (binary activations, real weights, or the reverse) and stage 2 (both binary)
+run the same module tree, so a stage-1 checkpoint loads into stage 2 key for key.
+`set_precision` flips a layer between the modes; nothing about it is saved in the
+state dict.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .quantizers import ACTIVATION_QUANTIZERS, binarize_weight
+
+ACTIVATION_MODES = ("binary", "real", "leaky_clip", "clamp")
+WEIGHT_MODES = ("binary", "real")
+
+
+class BinaryMixin:
+    """Shared by BinaryConv2d and BinaryLinear: which quantizers apply right now."""
+
+    def _init_binary(self, quantizer: str, quantizer_args: dict | None, weight_scale: bool,
+                     learnable_threshold: bool, binarize: bool, in_features: int, spatial: bool) -> None:
+        self.binarize = binarize  # False: the real-valued twin, whatever the stage says
+        self.weight_scale = weight_scale
+        self._binary_act = ACTIVATION_QUANTIZERS.get(quantizer)(**(quantizer_args or {}))
+        # ReActNet's RSign: a learnable per-channel threshold in front of the sign.
+        shape = (1, in_features, 1, 1) if spatial else (1, in_features)
+        self.threshold = nn.Parameter(torch.zeros(shape)) if learnable_threshold else None
+        self.set_precision("binary", "binary")
+
+    def set_precision(self, activations: str, weights: str) -> None:
+        if activations not in ACTIVATION_MODES or weights not in WEIGHT_MODES:
+            raise ConfigError(f"precision must be activations in {ACTIVATION_MODES} and weights in {WEIGHT_MODES}; "
+                              f"got activations={activations!r}, weights={weights!r}")
+        if not self.binarize:
+            activations, weights = "real", "real"
+        self.activations, self.weights = activations, weights
+        if activations == "binary":
+            self._input_quantizer = self._binary_act
+        else:
+            self._input_quantizer = ACTIVATION_QUANTIZERS.get("identity" if activations == "real" else activations)()
+
+    @property
+    def input_bits(self) -> int:
+        return 1 if self.activations == "binary" else 32
+
+    @property
+    def weight_bits(self) -> int:
+        return 1 if self.weights == "binary" else 32
+
+    def quantized_weight(self) -> Tensor:
+        return binarize_weight(self.weight, self.weight_scale) if self.weights == "binary" else self.weight
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.threshold is not None:
+            x = x + self.threshold
+        return self._input_quantizer(x)
+
+
+class BinaryConv2d(BinaryMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bias: bool = False, *, quantizer: str = "ste_sign",
+                 quantizer_args: dict | None = None, weight_scale: bool = True,
+                 learnable_threshold: bool = False, binarize: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
+                          in_channels, spatial=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class BinaryLinear(BinaryMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quantizer: str = "ste_sign",
+                 quantizer_args: dict | None = None, weight_scale: bool = True,
+                 learnable_threshold: bool = False, binarize: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
+                          in_features, spatial=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryMixin]]:
+    for name, module in model.named_modules():
+        if isinstance(module, BinaryMixin):
+            yield name, module
+
+
+def set_precision(model: nn.Module, activations: str, weights: str) -> None:
+    """Switch every binary layer of `model` to a stage's precision (see stage configs)."""
+    for _, layer in binary_layers(model):
+        layer.set_precision(activations, weights)

@@ -1,0 +1,135 @@
+"""Sign quantizers with straight-through estimators, selectable by name.
+
+Every binary quantizer returns +1 for x >= 0 and -1 otherwise (sign(0) = +1, so a
+binary tensor never holds zeros). They differ only in the gradient they pass back.
+Each autograd Function saves the least its backward needs: a boolean mask where
+the gradient is a clipped identity, the input itself only where the gradient's
+shape depends on it. Activation memory, not compute, limits BNN batch sizes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+
+
+def sign(x: Tensor) -> Tensor:
+    """sign(x) with sign(0) = +1, in x's dtype."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class SteSign(torch.autograd.Function):
+    """The seed's BinActive: gradient g where |x| < 1, else 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x.abs() < 1)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inside,) = ctx.saved_tensors
+        return grad * inside
+
+
+class ApproxSign(torch.autograd.Function):
+    """Bi-Real Net's piecewise-quadratic approximation: g * (2 - 2|x|) where |x| < 1."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (2 - 2 * x.abs()).clamp_(min=0)
+
+
+class SwishSign(torch.autograd.Function):
+    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.beta = beta
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        bx = ctx.beta * x
+        slope = ctx.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
+        return grad * slope, None
+
+
+class WeightSign(torch.autograd.Function):
+    """Weight binarizer: sign with the clipped straight-through gradient (g where |w| <= 1)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w.abs() <= 1)
+        return sign(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inside,) = ctx.saved_tensors
+        return grad * inside
+
+
+def binarize_weight(w: Tensor, scale: bool) -> Tensor:
+    """sign(w), optionally times the per-output-channel mean |w| (XNOR-Net, Bi-Real).
+
+    The scale is detached, as in Bi-Real Net: the gradient reaches w only through the
+    sign's straight-through estimator.
+    """
+    b = WeightSign.apply(w)
+    if scale:
+        b = b * w.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    return b
+
+
+def leaky_clip(x: Tensor) -> Tensor:
+    """Real-valued pre-training activation (trick 16): x for |x| <= 1, else 0.1 x + 0.9 sign(x)."""
+    return torch.where(x.abs() <= 1, x, 0.1 * x + 0.9 * sign(x))
+
+
+def clamp(x: Tensor) -> Tensor:
+    """The second pre-training activation (trick 16): x clamped to [-1, 1]."""
+    return x.clamp(-1, 1)
+
+
+ACTIVATION_QUANTIZERS: Registry[Callable[..., Callable[[Tensor], Tensor]]] = Registry("activation quantizer")
+
+
+@ACTIVATION_QUANTIZERS.register("ste_sign")
+def _ste_sign() -> Callable[[Tensor], Tensor]:
+    return SteSign.apply
+
+
+@ACTIVATION_QUANTIZERS.register("approx_sign")
+def _approx_sign() -> Callable[[Tensor], Tensor]:
+    return ApproxSign.apply
+
+
+@ACTIVATION_QUANTIZERS.register("swish_sign")
+def _swish_sign(beta: float = 5.0) -> Callable[[Tensor], Tensor]:
+    return lambda x: SwishSign.apply(x, beta)
+
+
+@ACTIVATION_QUANTIZERS.register("identity")
+def _identity() -> Callable[[Tensor], Tensor]:
+    return lambda x: x
+
+
+@ACTIVATION_QUANTIZERS.register("leaky_clip")
+def _leaky_clip() -> Callable[[Tensor], Tensor]:
+    return leaky_clip
+
+
+@ACTIVATION_QUANTIZERS.register("clamp")
+def _clamp() -> Callable[[Tensor], Tensor]:
+    return clamp

@@ -1,0 +1,120 @@
+"""One stage of the recipe: build its objects from the config, train, evaluate, checkpoint.
+
+A stage is resumable on its own: `last.pt` holds everything the next epoch needs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data import build_loaders
+from .engine import StageLogger, Trainer, load_checkpoint, load_model_weights, save_checkpoint
+from .engine.seeding import epoch_seed, seed_everything
+from .errors import CheckpointError
+from .losses import build_criterion
+from .models import build_model
+from .nn import set_precision
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("bnntrain")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted scalar entries of the config, for TensorBoard's hparams view."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif node is not None:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resume: Path | None = None) -> dict:
+    """Train one stage; return its entry for results.json."""
+    stage = cfg.stage
+    name, epochs = stage.name, cfg.schedule.epochs
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+
+    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter)
+    model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.schedule, optimizer)
+
+    start_epoch, best_top1, metrics = 0, -1.0, {}
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if state["stage"] != name:
+            raise CheckpointError(f"{resume} is a {state['stage']} checkpoint, not {name}")
+        load_model_weights(model, state["model"], resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_top1, metrics = state["epoch"], state["best_top1"], state["metrics"]
+        init = state["init_from"]
+        log.info(f"{name}: resuming from {resume} after epoch {start_epoch}")
+    elif init is not None:
+        load_model_weights(model, load_checkpoint(init)["model"], init)
+        log.info(f"{name}: weights initialised from {init}")
+    model.to(device)
+    # The optimizer state loaded on the CPU follows the parameters to the device.
+    optimizer.load_state_dict(optimizer.state_dict())
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = Trainer(model, build_criterion(cfg.loss), optimizer, device, log_every=cfg.trainer.log_every)
+    trainer.step = start_epoch * len(loaders.train)
+    logger = StageLogger(stage_dir, name, epochs, progress=cfg.trainer.progress)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    started = time.time()
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        set_precision(model, _activations(stage, epoch, epochs), stage.weights)
+        seed_everything(epoch_seed(cfg.seed, name, epoch))
+        lr = optimizer.param_groups[0]["lr"]
+        train = trainer.train_epoch(logger.batches(loaders.train, epoch), on_log=logger.train_loss)
+        metrics = trainer.evaluate(loaders.test)
+        scheduler.step()
+        logger.epoch(epoch, lr, train, metrics, time.time() - t0)
+        improved = metrics["top1"] > best_top1
+        best_top1 = max(best_top1, metrics["top1"])
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": name,
+                 "metrics": metrics, "best_top1": best_top1, "config": config,
+                 "init_from": None if init is None else str(init)}
+        if improved:
+            save_checkpoint(state, stage_dir / "best.pt")
+        save_checkpoint(state, stage_dir / "last.pt")
+
+    result = {"top1": metrics.get("top1"), "top5": metrics.get("top5"), "loss": metrics.get("loss"),
+              "best_top1": best_top1, "epochs": epochs, "checkpoint": f"{name}/last.pt",
+              "best_checkpoint": f"{name}/best.pt", "init_from": None if init is None else str(init),
+              "seconds": round(time.time() - started, 1)}
+    logger.close(flat_hparams(cfg), {k: result[k] for k in ("top1", "top5", "best_top1")})
+    return result
+
+
+def _activations(stage: DictConfig, epoch: int, epochs: int) -> str:
+    """A stage may switch activation mode part-way: stage 0 trains with leaky-clip, then
+    clamp (trick 16); `switch.at` is the fraction of the stage's epochs before the switch."""
+    switch = stage.get("switch")
+    if switch and epoch >= math.floor(switch.at * epochs):
+        return switch.activations
+    return stage.activations
