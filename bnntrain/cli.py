@@ -14,6 +14,10 @@ from . import pipeline
 from .errors import UserError
 
 log = logging.getLogger("bnntrain")
+CONFIG_MODULE = "bnntrain.configs"
+# Hydra flags that take a value, so the value is not mistaken for an override.
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
+                    "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -43,8 +47,56 @@ def quote_stage_choices(argv: list[str]) -> list[str]:
     return out
 
 
+def task_overrides(argv: list[str]) -> list[str] | None:
+    """The config overrides in argv, or None for a sweep (Hydra checks each job itself)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            return None
+        elif arg in FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            out.append(arg)
+    return out
+
+
+def check_overrides(overrides: list[str]) -> str | None:
+    """Compose once before the app runs, so that an unknown option or key is reported as
+    one line rather than Hydra's multi-line report. Returns that line, or None if all is well."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        reason = err.__cause__  # e.g. "Key 'lrr' is not in struct" behind "Could not override"
+        return one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))
+    return None
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line report as one line: the problem, then the options it expected."""
+    message = message.split("Config search path:")[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    text = " ".join(lines)
+    # "Available options in 'data': a b c" reads better as a list.
+    return re.sub(r"(Available options in '[^']+':) (.*)$", lambda m: f"{m.group(1)} {', '.join(m.group(2).split())}",
+                  text)
+
+
 def main() -> None:
-    sys.argv = [sys.argv[0]] + quote_stage_choices(sys.argv[1:])
+    argv = quote_stage_choices(sys.argv[1:])
+    overrides = task_overrides(argv)
+    if overrides is not None:
+        problem = check_overrides(overrides)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = [sys.argv[0]] + argv
     app()
 
 

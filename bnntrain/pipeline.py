@@ -16,6 +16,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from .engine import load_checkpoint
 from .errors import ConfigError, UserError
 from .optim import validate_schedule
 from .stage import train_stage
@@ -54,6 +55,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], compose: Compose) 
     stages = plan_stages(cfg, overrides, compose)
     for stage_cfg in stages:
         validate(stage_cfg)
+    if cfg.get("init") is not None:
+        load_checkpoint(str(cfg.init))  # a bad path fails now, not after the data has loaded
     results = _read_results(run_dir) if resuming else {}
     previous = None if cfg.get("init") is None else str(cfg.init)
     for index, stage_cfg in enumerate(stages):
