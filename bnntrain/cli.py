@@ -10,7 +10,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import pipeline
 from .errors import UserError
 
 log = logging.getLogger("bnntrain")
@@ -26,6 +25,8 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
+    from . import pipeline  # imported here: torch is slow to import, and a bad override needs none of it
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

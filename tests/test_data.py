@@ -1,0 +1,94 @@
+"""Datasets and loaders on files the tests write in the real on-disk formats."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bnntrain.data import build_loaders
+from bnntrain.errors import DataError
+from conftest import write_cifar100, write_image_folder
+from test_config import make
+
+
+def loaders(*overrides, color_jitter=True):
+    cfg = make(*overrides)
+    return build_loaders(cfg.data, cfg.augment, color_jitter=color_jitter)
+
+
+def test_digits_fixed_seeded_split():
+    a, b = loaders(), loaders()
+    assert len(a.train.dataset) == 1437 and len(a.test.dataset) == 360 and a.num_classes == 10
+    assert torch.equal(a.test.dataset.images, b.test.dataset.images)
+    x, y = next(iter(a.test))
+    assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32
+    assert set(a.test.dataset.labels.tolist()) == set(range(10))
+
+
+def test_synthetic_shapes():
+    data = loaders("data=synthetic", "data.image_size=16", "data.train_size=40", "data.batch_size=8")
+    x, y = next(iter(data.train))
+    assert x.shape == (8, 3, 16, 16) and y.max() < 10
+    assert len(data.train) == 5  # 40 / 8, last partial batch dropped
+
+
+def test_cifar100_pickles(tmp_path):
+    root = write_cifar100(tmp_path / "cifar")
+    data = loaders("data=cifar100", f"data.root={root}", "data.num_workers=0", "data.batch_size=8")
+    assert data.num_classes == 100 and len(data.train.dataset) == 40 and len(data.test.dataset) == 20
+    x, y = next(iter(data.train))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+    # Normalised with the CIFAR-100 statistics: uniform noise in [0, 1] lands around +-2.
+    assert -2.5 < x.min() < -1.0 and 1.0 < x.max() < 2.5
+
+
+def test_image_folder_makes_greyscale_rgb(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", size=20)
+    data = loaders("data=folder", f"data.root={root}", "data.num_workers=2", "data.image_size=16",
+                   "data.batch_size=4")
+    assert data.num_classes == 3 and data.train.num_workers == 2
+    x, _ = next(iter(data.train))
+    assert x.shape == (4, 3, 16, 16)
+    grey, _ = data.test.dataset[0]  # the greyscale file
+    assert grey.shape == (3, 16, 16)
+
+
+def test_imagenet_layout_uses_val(tmp_path):
+    root = write_image_folder(tmp_path / "inet", size=40, test_split="val")
+    data = loaders("data=imagenet", f"data.root={root}", "data.num_workers=0", "data.batch_size=2",
+                   "augment.train.random_resized_crop.size=32", "augment.test.resize=36", "augment.test.center_crop=32")
+    x, _ = next(iter(data.test))
+    assert x.shape == (2, 3, 32, 32) and data.num_classes == 3
+
+
+def test_colour_jitter_only_where_the_stage_wants_it(tmp_path):
+    root = write_image_folder(tmp_path / "inet", size=40, test_split="val")
+    args = ("data=imagenet", f"data.root={root}", "data.num_workers=0")
+    names = lambda d: [type(t).__name__ for t in d.train.dataset.transform.transforms]  # noqa: E731
+    assert "ColorJitter" in names(loaders(*args, color_jitter=True))
+    assert "ColorJitter" not in names(loaders(*args, color_jitter=False))
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "is empty"),
+    (lambda p: (p / "images").mkdir(parents=True), "must hold train/"),
+])
+def test_bad_roots(tmp_path, setup, words):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=words):
+        loaders("data=folder", f"data.root={root}")
+
+
+def test_cifar100_missing_files(tmp_path):
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match="cifar-100-python"):
+        loaders("data=cifar100", f"data.root={tmp_path}")
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="missing|cannot be read"):
+        loaders("data=cifar100", f"data.root={tmp_path}")
+
+
+def test_folder_without_root_names_the_key():
+    with pytest.raises(DataError, match="data.root is not set"):
+        loaders("data=folder")

@@ -1,0 +1,98 @@
+"""Every input a user can get wrong: a non-zero exit, one `error:` line, no traceback,
+and nothing an earlier run wrote is changed."""
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A finished stage-1 run that no failed command may touch."""
+    run = tmp_path_factory.mktemp("earlier") / "run"
+    out = run_cli(TINY + ["stage=1"], run)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+def fingerprint(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def assert_one_line_error(out, *words):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def bad_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+
+
+CASES = {
+    "missing data.root": (["data=folder", "data.root={tmp}/nope"], ["data.root", "does not exist"]),
+    "empty data.root": (["data=folder", "data.root={tmp}/empty"], ["is empty"]),
+    "wrong layout": (["data=folder", "data.root={tmp}/flat"], ["must hold train/"]),
+    "no data.root": (["data=imagenet"], ["data.root is not set"]),
+    "unknown group option": (["data=nope"], ["data/nope", "cifar100, digits"]),
+    "unknown key": (["optimizer.lrr=1"], ["optimizer.lrr"]),
+    "stage 2 without init": (["stage=2"], ["init=PATH"]),
+    "init missing": (["stage=2", "init={tmp}/nope.pt"], ["does not exist"]),
+    "init not a checkpoint": (["stage=2", "init={tmp}/junk.pt"], ["not a readable checkpoint"]),
+    "init from another architecture": (["stage=2", "model.width=0.25", "init={earlier}/stage1/last.pt"],
+                                       ["another architecture", "stem.0.weight"]),
+    "resume missing": (["resume={tmp}/nope"], ["does not exist"]),
+    "resume not a run": (["resume={tmp}/empty"], ["not a bnntrain run folder"]),
+    "negative lr": (["optimizer.lr=-0.1"], ["optimizer.lr must be positive"]),
+    "negative batch size": (["data.batch_size=-4"], ["data.batch_size"]),
+    "milestone past the end": (["data=cifar100", "schedule.epochs=100"], ["past the last epoch"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case, tmp_path, earlier_run):
+    before = fingerprint(earlier_run)
+    bad_files(tmp_path)
+    args, words = CASES[case]
+    args = [a.format(tmp=tmp_path, earlier=earlier_run) for a in args]
+    base = TINY if not any(a.startswith("data=") for a in args) else ["model.width=0.125"]
+    out = run_cli(base + args, tmp_path / "run")
+    assert_one_line_error(out, *words)
+    assert fingerprint(earlier_run) == before
+
+
+def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path, earlier_run):
+    before = fingerprint(earlier_run)
+    out = run_cli(TINY + ["stage=1"], earlier_run)
+    assert_one_line_error(out, "already holds a checkpoint", "resume=")
+    assert fingerprint(earlier_run) == before
+
+
+def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
+    out = run_cli(TINY + ["stage=1", "optimizer.lr=1e30"], tmp_path / "run")
+    assert_one_line_error(out, "loss became nan")
+    assert not (tmp_path / "run/stage1/last.pt").exists()
+
+
+def test_divergence_after_resume_keeps_the_last_good_checkpoint(tmp_path, earlier_run):
+    run = tmp_path / "run"
+    shutil.copytree(earlier_run, run)
+    state = torch.load(run / "stage1/last.pt", weights_only=True)
+    state["model"]["classifier.bias"][0] = float("nan")  # weights gone bad: the next loss is NaN
+    torch.save(state, run / "stage1/last.pt")
+    (run / "results.json").unlink()  # as if interrupted before the stage finished
+    before = fingerprint(run / "stage1")
+    out = run_cli([f"resume={run}", "schedule.epochs=2"], tmp_path / "resumer")
+    assert_one_line_error(out, "loss became")
+    assert {k: v for k, v in fingerprint(run / "stage1").items() if k.suffix == ".pt"} == \
+        {k: v for k, v in before.items() if k.suffix == ".pt"}

@@ -1,0 +1,76 @@
+"""Each quantizer's forward and backward against its formula, including |x| = 1 and x = 0."""
+import math
+
+import pytest
+import torch
+
+from bnntrain.nn.quantizers import ACTIVATION_QUANTIZERS, binarize_weight, clamp, leaky_clip
+
+X = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.5, 0.999, 1.0, 2.0])
+
+
+def grad_of(fn, x):
+    x = x.clone().requires_grad_(True)
+    y = fn(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("name", ["ste_sign", "approx_sign", "swish_sign"])
+def test_binary_forward_is_sign_with_plus_one_at_zero(name):
+    y, _ = grad_of(ACTIVATION_QUANTIZERS.get(name)(), X)
+    assert torch.equal(y, torch.where(X >= 0, 1.0, -1.0))
+    assert y[X == 0].item() == 1.0
+
+
+def test_ste_sign_backward_passes_gradient_inside_unit_interval_only():
+    _, g = grad_of(ACTIVATION_QUANTIZERS.get("ste_sign")(), X)
+    assert torch.equal(g, (X.abs() < 1).float())  # |x| = 1 gets 0
+
+
+def test_approx_sign_backward():
+    _, g = grad_of(ACTIVATION_QUANTIZERS.get("approx_sign")(), X)
+    expected = torch.where(X.abs() < 1, 2 - 2 * X.abs(), torch.zeros_like(X))
+    assert torch.allclose(g, expected)
+    assert g[X == 0].item() == 2.0 and g[X == 1].item() == 0.0
+
+
+@pytest.mark.parametrize("beta", [5.0, 2.0])
+def test_swish_sign_backward(beta):
+    _, g = grad_of(ACTIVATION_QUANTIZERS.get("swish_sign")(beta=beta), X)
+    expected = [beta * (2 - beta * x * math.tanh(beta * x / 2)) / (1 + math.cosh(beta * x)) for x in X.tolist()]
+    assert torch.allclose(g, torch.tensor(expected), atol=1e-6)
+    assert g[X == 0].item() == pytest.approx(beta)  # the peak: beta * 2 / 2
+
+
+def test_identity_passes_everything():
+    y, g = grad_of(ACTIVATION_QUANTIZERS.get("identity")(), X)
+    assert torch.equal(y, X) and torch.equal(g, torch.ones_like(X))
+
+
+def test_ste_sign_saves_a_boolean_mask_not_the_input():
+    saved = []
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ACTIVATION_QUANTIZERS.get("ste_sign")()(x * 1.0)
+    assert [t.dtype for t in saved] == [torch.bool]
+
+
+def test_weight_binarizer_clipped_ste_and_per_channel_scale():
+    w = torch.tensor([[[[-2.0, 1.0]], [[0.0, -0.5]]], [[[0.25, -0.25]], [[3.0, 0.0]]]], requires_grad=True)
+    b = binarize_weight(w, scale=False)
+    assert torch.equal(b, torch.where(w >= 0, 1.0, -1.0))
+    b.sum().backward()
+    assert torch.equal(w.grad, (w.abs() <= 1).float())  # |w| = 1 passes for weights
+    w.grad = None
+    scaled = binarize_weight(w, scale=True)
+    alpha = w.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(scaled, torch.where(w >= 0, 1.0, -1.0) * alpha)
+    scaled.sum().backward()  # the scale is detached: the gradient is alpha * STE
+    assert torch.allclose(w.grad, alpha.expand_as(w) * (w.abs() <= 1).float())
+
+
+def test_pretraining_activations():
+    assert torch.allclose(leaky_clip(X), torch.where(X.abs() <= 1, X, 0.1 * X + 0.9 * torch.sign(X)))
+    assert leaky_clip(torch.tensor([3.0])).item() == pytest.approx(1.2)
+    assert torch.equal(clamp(X), X.clamp(-1, 1))

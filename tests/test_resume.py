@@ -1,0 +1,55 @@
+"""A run killed part-way and resumed ends with the same weights as one never interrupted."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import results, run_cli
+
+# Two stages of three epochs on synthetic data, slow enough to be killed in the middle.
+ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=256", "data.batch_size=16",
+        "model.width=0.25", "schedule.epochs=3", "seed=3"]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_cli(ARGS, straight).returncode == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnntrain", *ARGS, f"hydra.run.dir={broken}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (broken / "stage1" / "last.pt").exists():  # killed after stage 1's first epoch
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch_at_kill = torch.load(broken / "stage1/last.pt", weights_only=True)["epoch"]
+    assert epoch_at_kill < 3 and not (broken / "results.json").exists()
+
+    out = run_cli([f"resume={broken}"], tmp_path / "resumer")
+    assert out.returncode == 0, out.stderr
+    assert list(results(broken)) == ["stage1", "stage2"]
+    for stage in ("stage1", "stage2"):
+        a, b = weights(straight / stage / "last.pt"), weights(broken / stage / "last.pt")
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{stage} {key} differs after resume"
+    assert results(broken)["stage2"]["top1"] == pytest.approx(results(straight)["stage2"]["top1"])
+
+
+def test_resume_from_a_last_pt_skips_finished_stages(tmp_path):
+    run = tmp_path / "run"
+    small = ARGS[:3] + ["data.train_size=32", "model.width=0.125", "schedule.epochs=1"]
+    assert run_cli(small, run).returncode == 0
+    before = (run / "stage1/last.pt").stat().st_mtime_ns
+    out = run_cli([f"resume={run / 'stage2/last.pt'}"], tmp_path / "again")
+    assert out.returncode == 0, out.stderr
+    assert (run / "stage1/last.pt").stat().st_mtime_ns == before  # finished: not retrained
