@@ -70,7 +70,11 @@ def check_overrides(overrides: list[str]) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
+        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
+            return None  # a sweep (the preset may set hydra.mode=MULTIRUN): Hydra checks each job
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:

@@ -1,14 +1,117 @@
-"""Training losses from the `loss` config."""
+"""The training objective: cross-entropy plus the configured extras.
+
+`Objective(model, images, targets)` returns the loss of one batch, so the training loop
+needs no special case for distillation, centre loss or mixed (soft) targets.
+- label smoothing (seed trick 14): `CrossEntropyLoss(label_smoothing=...)`;
+- distillation from a teacher (trick 12): KL divergence of softened outputs, and matching of
+  L2-normalised feature maps between named layers; label refinery is KL with weight 1
+  against a previous model of the student itself;
+- centre loss (trick 14) on the penultimate features, meant for stage 2.
+"""
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
+
+from .errors import ConfigError
 
 
-def build_criterion(cfg: DictConfig) -> nn.Module:
-    """Cross-entropy, with label smoothing where the recipe asks for it (seed trick 14).
+class FeatureTaps:
+    """Keeps the latest output of named submodules (forward hooks stay registered)."""
 
-    `CrossEntropyLoss` also takes soft (probability) targets, so batch mixing (mixup,
-    CutMix) needs no special case in the training loop.
-    """
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    def __init__(self, model: nn.Module, names: Iterable[str], inputs: bool = False) -> None:
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, Tensor] = {}
+        for name in names:
+            if name not in modules:
+                raise ConfigError(f"{type(model).__name__} has no layer '{name}' to take features from")
+            if inputs:  # what the layer receives, e.g. the classifier's input features
+                modules[name].register_forward_pre_hook(lambda m, args, n=name: self.outputs.__setitem__(n, args[0]))
+            else:
+                modules[name].register_forward_hook(lambda m, args, out, n=name: self.outputs.__setitem__(n, out))
+
+
+class CenterLoss(nn.Module):
+    """Mean squared distance of each sample's features to its class centre (Wen et al. 2016).
+    The centres are parameters, trained by the optimizer and saved in the checkpoint."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+
+    def forward(self, features: Tensor, targets: Tensor) -> Tensor:
+        labels = targets.argmax(1) if targets.dim() == 2 else targets  # mixed targets: the main class
+        return 0.5 * (features - self.centers[labels]).pow(2).sum(1).mean()
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) of outputs softened by `temperature`, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """|| F_T / ||F_T||_2 - F_S / ||F_S||_2 ||_2^2 per sample, averaged over the batch."""
+    s = F.normalize(student.flatten(1), dim=1)
+    t = F.normalize(teacher.flatten(1), dim=1)
+    return (t - s).pow(2).sum(1).mean()
+
+
+class Objective(nn.Module):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
+                 kd_weight: float = 0.0, temperature: float = 1.0, feature_weight: float = 0.0,
+                 feature_pairs: list[list[str]] | None = None, center: CenterLoss | None = None,
+                 center_weight: float = 0.0) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.feature_weight, self.pairs = feature_weight, [tuple(p) for p in (feature_pairs or [])]
+        self.center, self.center_weight = center, center_weight
+        # The teacher is kept outside the module tree: it is neither trained nor checkpointed.
+        self.__dict__["teacher"] = teacher
+        if teacher is not None and self.feature_weight:
+            self.student_taps = FeatureTaps(model, [s for s, _ in self.pairs])
+            self.teacher_taps = FeatureTaps(teacher, [t for _, t in self.pairs])
+        if center is not None:
+            self.penultimate = FeatureTaps(model, ["classifier"], inputs=True)
+
+    def forward(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        logits = model(images)
+        loss = self.ce(logits, targets)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            if self.kd_weight:
+                loss = (1 - self.kd_weight) * loss + self.kd_weight * kd_loss(logits, teacher_logits, self.temperature)
+            if self.feature_weight:
+                loss = loss + self.feature_weight * self._features()
+        if self.center is not None:
+            loss = loss + self.center_weight * self.center(self.penultimate.outputs["classifier"], targets)
+        return loss
+
+    def _features(self) -> Tensor:
+        total = 0.0
+        for s_name, t_name in self.pairs:
+            s, t = self.student_taps.outputs[s_name], self.teacher_taps.outputs[t_name]
+            if s.shape != t.shape:
+                raise ConfigError(f"distill.feature_pairs: student '{s_name}' gives {tuple(s.shape)} but teacher "
+                                  f"'{t_name}' gives {tuple(t.shape)}; pair layers of the same shape")
+            total = total + feature_loss(s, t)
+        return total
+
+
+def build_objective(cfg: DictConfig, model: nn.Module, num_classes: int, teacher: nn.Module | None) -> Objective:
+    """The objective of one stage, from `cfg.loss` and `cfg.distill`."""
+    center_cfg = cfg.loss.center
+    use_center = center_cfg.weight > 0 and cfg.stage.name in center_cfg.stages
+    center = CenterLoss(num_classes, model.num_features) if use_center else None
+    distill = (cfg.get("distill") or {}) if teacher is not None else {}
+    return Objective(model, label_smoothing=cfg.loss.label_smoothing, teacher=teacher,
+                     kd_weight=distill.get("kd_weight", 0.0), temperature=distill.get("temperature", 1.0),
+                     feature_weight=distill.get("feature_weight", 0.0), feature_pairs=distill.get("feature_pairs"),
+                     center=center, center_weight=center_cfg.weight)

@@ -20,15 +20,46 @@ OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
 
 
-def build_optimizer(cfg: DictConfig, params: Iterable[nn.Parameter] | list[dict]) -> Optimizer:
+def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> Optimizer:
+    """The optimizer over `model`'s parameters (and `extra` ones, such as centre-loss centres,
+    which never take weight decay)."""
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     name = options.pop("name")
+    decay_norm_and_bias = options.pop("weight_decay_norm_and_bias", True)
+    centralize = options.pop("gradient_centralization", False)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
+    groups = param_groups(model, options.get("weight_decay", 0.0), decay_norm_and_bias)
+    extra = list(extra)
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
     try:
-        return OPTIMIZERS.get(name)(params, **options)
+        optimizer = OPTIMIZERS.get(name)(groups, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer={name}: {err}") from None
+    if centralize:
+        weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: centralize_gradients(weights))
+    return optimizer
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """One group, or two where only conv and linear weights take weight decay and BN,
+    PReLU, biases and learnable thresholds/shifts are exempt."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params}]
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def centralize_gradients(weights: Iterable[nn.Parameter]) -> None:
+    """Gradient centralization (seed trick 17, Yong et al. 2020): before each step, subtract
+    from every conv and linear weight's gradient its mean over all dimensions but the first."""
+    for w in weights:
+        if w.grad is not None and w.grad.dim() > 1:
+            w.grad.sub_(w.grad.mean(dim=tuple(range(1, w.grad.dim())), keepdim=True))
 
 
 SCHEDULES: Registry[Callable[..., lr_scheduler.LRScheduler]] = Registry("schedule")

@@ -15,12 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import build_loaders
 from .engine import StageLogger, Trainer, load_checkpoint, load_model_weights, save_checkpoint
+from .engine.flips import FlipTracker
 from .engine.seeding import epoch_seed, seed_everything
+from .distill import build_teacher
 from .errors import CheckpointError
-from .losses import build_criterion
+from .losses import build_objective
 from .models import build_model
 from .nn import set_precision
 from .optim import build_optimizer, build_scheduler
+from .summary import write_report
 
 log = logging.getLogger("bnntrain")
 
@@ -53,34 +56,46 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
 
+    saved = load_checkpoint(resume) if resume is not None else None
+    if saved is not None:
+        if saved["stage"] != name:
+            raise CheckpointError(f"{resume} is a {saved['stage']} checkpoint, not {name}")
+        init = saved["init_from"]
+
     loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter)
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    distill = cfg.get("distill")
+    teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None
+    objective = build_objective(cfg, model, loaders.num_classes, teacher)
+    optimizer = build_optimizer(cfg.optimizer, model, extra=objective.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer)
 
     start_epoch, best_top1, metrics = 0, -1.0, {}
-    if resume is not None:
-        state = load_checkpoint(resume)
-        if state["stage"] != name:
-            raise CheckpointError(f"{resume} is a {state['stage']} checkpoint, not {name}")
-        load_model_weights(model, state["model"], resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_top1, metrics = state["epoch"], state["best_top1"], state["metrics"]
-        init = state["init_from"]
+    if saved is not None:
+        load_model_weights(model, saved["model"], resume)
+        objective.load_state_dict(saved["objective"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start_epoch, best_top1, metrics = saved["epoch"], saved["best_top1"], saved["metrics"]
         log.info(f"{name}: resuming from {resume} after epoch {start_epoch}")
     elif init is not None:
         load_model_weights(model, load_checkpoint(init)["model"], init)
         log.info(f"{name}: weights initialised from {init}")
     model.to(device)
+    objective.to(device)
+    if teacher is not None:
+        teacher.to(device)
     # The optimizer state loaded on the CPU follows the parameters to the device.
     optimizer.load_state_dict(optimizer.state_dict())
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer = Trainer(model, build_criterion(cfg.loss), optimizer, device, log_every=cfg.trainer.log_every)
+    trainer = Trainer(model, objective, optimizer, device, log_every=cfg.trainer.log_every)
     trainer.step = start_epoch * len(loaders.train)
     logger = StageLogger(stage_dir, name, epochs, progress=cfg.trainer.progress)
+    if logger.enabled:
+        write_report(model, cfg, stage_dir, logger.writer)  # cost.txt, cost.json and TensorBoard text
+    flips = FlipTracker(model) if stage.weights == "binary" else None  # sign changes per epoch
     config = OmegaConf.to_container(cfg, resolve=True)
     started = time.time()
 
@@ -90,13 +105,16 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         seed_everything(epoch_seed(cfg.seed, name, epoch))
         lr = optimizer.param_groups[0]["lr"]
         train = trainer.train_epoch(logger.batches(loaders.train, epoch), on_log=logger.train_loss)
+        if flips is not None:
+            logger.scalars(flips.update(), epoch + 1)
         metrics = trainer.evaluate(loaders.test)
         scheduler.step()
         logger.epoch(epoch, lr, train, metrics, time.time() - t0)
         improved = metrics["top1"] > best_top1
         best_top1 = max(best_top1, metrics["top1"])
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "stage": name,
+                 "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                 "epoch": epoch + 1, "stage": name,
                  "metrics": metrics, "best_top1": best_top1, "config": config,
                  "init_from": None if init is None else str(init)}
         if improved:

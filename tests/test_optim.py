@@ -8,8 +8,7 @@ from bnntrain.optim import build_optimizer, build_scheduler, validate_schedule
 
 
 def lrs(schedule: dict, lr: float, epochs: int) -> list[float]:
-    opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": lr, "weight_decay": 0.0}),
-                          [torch.nn.Parameter(torch.zeros(1))])
+    opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": lr, "weight_decay": 0.0}), torch.nn.Linear(1, 1))
     sched = build_scheduler(OmegaConf.create(schedule), opt)
     out = []
     for _ in range(epochs):
@@ -21,7 +20,7 @@ def lrs(schedule: dict, lr: float, epochs: int) -> list[float]:
 
 def test_adam_with_default_betas_and_weight_decay():
     opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": 2e-4, "weight_decay": 1e-5,
-                                            "betas": [0.9, 0.999]}), [torch.nn.Parameter(torch.zeros(1))])
+                                            "betas": [0.9, 0.999]}), torch.nn.Linear(1, 1))
     assert isinstance(opt, torch.optim.Adam)
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (2e-4, 1e-5, (0.9, 0.999))

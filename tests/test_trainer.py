@@ -5,6 +5,7 @@ from torch import nn
 
 from bnntrain.engine import Trainer
 from bnntrain.errors import TrainingDiverged
+from bnntrain.losses import Objective
 
 
 def batches(n=8, bs=16, seed=0):
@@ -17,7 +18,7 @@ def batches(n=8, bs=16, seed=0):
 def test_trainer_learns_and_logs():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
-    trainer = Trainer(model, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), 0.05),
+    trainer = Trainer(model, Objective(model), torch.optim.Adam(model.parameters(), 0.05),
                       torch.device("cpu"), log_every=4)
     logged = []
     first = trainer.evaluate(batches())
@@ -35,7 +36,7 @@ def test_evaluate_counts_exactly():
         model.weight.copy_(torch.eye(3, 2))
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([0, 1, 1, 2])
-    m = Trainer(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), 0.1),
+    m = Trainer(model, Objective(model), torch.optim.SGD(model.parameters(), 0.1),
                 torch.device("cpu")).evaluate([(x, y)])
     assert m["top1"] == 50.0
 
@@ -44,6 +45,6 @@ def test_nan_loss_stops_training():
     model = nn.Linear(4, 2)
     with torch.no_grad():
         model.bias.fill_(float("nan"))
-    trainer = Trainer(model, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters()), torch.device("cpu"))
+    trainer = Trainer(model, Objective(model), torch.optim.Adam(model.parameters()), torch.device("cpu"))
     with pytest.raises(TrainingDiverged, match="loss became nan"):
         trainer.train_epoch(batches())

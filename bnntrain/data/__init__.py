@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..errors import DataError
 from .datasets import DATASETS
-from .transforms import build_transform
+from .transforms import build_collate, build_transform
 
 
 @dataclass
@@ -25,6 +25,7 @@ def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = Tr
     train_tf = build_transform(augment.get("train"), data.mean, data.std, color_jitter=color_jitter)
     test_tf = build_transform(augment.get("test"), data.mean, data.std)
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
+    train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
     if len(train_set) == 0 or len(test_set) == 0:
         raise DataError(f"data={data.name}: the train or test split holds no images")
     train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
@@ -35,6 +36,15 @@ def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = Tr
                   # follows from that epoch's seed: a resumed run replays the same batches.
                   persistent_workers=False)
     train = DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler,
-                       drop_last=len(train_set) >= data.batch_size, **common)
+                       drop_last=len(train_set) >= data.batch_size,
+                       collate_fn=build_collate(augment, num_classes), **common)
     test = DataLoader(test_set, shuffle=False, sampler=test_sampler, **common)
     return Loaders(train, test, num_classes, data.channels)
+
+
+def _limit(dataset: Dataset, limit: int | None) -> Dataset:
+    """A fixed random subset (the same for every run) of at most `limit` items."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+    return Subset(dataset, keep.sort().values.tolist())

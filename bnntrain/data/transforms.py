@@ -5,20 +5,54 @@
       horizontal_flip: true                 # true: the transform with its defaults
       rotation: 15                          # a scalar is its first argument
       color_jitter: null                    # null or false: left out
+    mixup: 0.2                              # batch mixing (alpha), applied when batches are collated
+    cutmix: null
 
 Normalisation comes from the data preset and is always last. Colour jitter is left out of
 a stage whose config says `color_jitter: false` (stage 2 of the seed's recipe).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
 from ..registry import Registry
+
+# ImageNet's RGB principal components (seed trick 9), for Lighting.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA colour noise: add eigvec @ (alpha * eigval), alpha ~ N(0, alphastd).
+
+    Works on [0, 1] float images and on uint8 images (scaled to [0, 1] and back), so it may
+    sit anywhere in the list. torchvision has no equivalent.
+    """
+
+    def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = IMAGENET_EIGVAL,
+                 eigvec: Sequence[Sequence[float]] = IMAGENET_EIGVEC) -> None:
+        super().__init__()
+        self.alphastd = alphastd
+        self.register_buffer("eigval", torch.tensor(eigval))
+        self.register_buffer("eigvec", torch.tensor(eigvec))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.alphastd == 0:
+            return image
+        alpha = torch.randn(3) * self.alphastd
+        shift = (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
+        if image.dtype == torch.uint8:
+            return (image.float() + 255 * shift).round_().clamp_(0, 255).to(torch.uint8)
+        return image + shift
+
 
 TRANSFORMS: Registry[Callable[..., Callable]] = Registry("transform")
 TRANSFORMS.register("resize")(lambda size: v2.Resize(size, antialias=True))
@@ -29,6 +63,8 @@ TRANSFORMS.register("random_resized_crop")(
 TRANSFORMS.register("horizontal_flip")(v2.RandomHorizontalFlip)
 TRANSFORMS.register("rotation")(v2.RandomRotation)
 TRANSFORMS.register("color_jitter")(v2.ColorJitter)
+TRANSFORMS.register("autoaugment")(lambda policy="imagenet": v2.AutoAugment(v2.AutoAugmentPolicy(policy)))
+TRANSFORMS.register("lighting")(Lighting)
 
 
 def _make(name: str, args: Any) -> Callable:
@@ -53,3 +89,23 @@ def build_transform(spec: DictConfig | None, mean: list[float], std: list[float]
         steps.append(_make(name, args))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
+
+
+class MixingCollate:
+    """Collate a batch, then mix it with MixUp or CutMix (one picked at random per batch).
+
+    The labels become class probabilities, which `CrossEntropyLoss` takes as they are, so
+    the training loop needs no special case. A class (not a lambda) so workers can pickle it.
+    """
+
+    def __init__(self, num_classes: int, mixup: float | None, cutmix: float | None) -> None:
+        mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if a]
+        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(*default_collate(batch))
+
+
+def build_collate(augment: DictConfig, num_classes: int) -> Callable | None:
+    mixup, cutmix = augment.get("mixup"), augment.get("cutmix")
+    return MixingCollate(num_classes, mixup, cutmix) if (mixup or cutmix) else None

@@ -20,14 +20,15 @@ LogFn = Callable[[int, float], None]
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: Optimizer, device: torch.device,
-                 log_every: int = 50) -> None:
-        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+    def __init__(self, model: nn.Module, objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: Optimizer, device: torch.device, log_every: int = 50) -> None:
+        """`objective(model, images, targets)` returns the batch loss (see bnntrain.losses)."""
+        self.model, self.objective, self.optimizer = model, objective, optimizer
         self.device, self.log_every = device, log_every
         self.step = 0  # optimizer steps taken in this stage, across epochs
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.criterion(self.model(images), targets)
+        loss = self.objective(self.model, images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

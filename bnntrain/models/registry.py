@@ -22,3 +22,20 @@ def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
         return MODELS.get(name)(**options)
     except TypeError as err:  # an option the architecture does not take
         raise ConfigError(f"model '{name}' does not accept these options: {err}") from None
+
+
+def model_from_checkpoint(state: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a bnntrain checkpoint was trained as: architecture from its saved
+    config, class and input-channel counts from its weights, precision from its stage."""
+    from ..engine.checkpoint import load_model_weights
+    from ..nn import set_precision
+
+    weights, config = state["model"], state["config"]
+    model = build_model(config["model"], num_classes=weights["classifier.weight"].shape[0],
+                        in_channels=weights["stem.0.weight"].shape[1])
+    load_model_weights(model, weights, source)
+    stage = config.get("stage", {})
+    # Stage 0 ends in its switched-to activation (clamp).
+    activations = (stage.get("switch") or {}).get("activations", stage.get("activations", "binary"))
+    set_precision(model, activations, stage.get("weights", "binary"))
+    return model

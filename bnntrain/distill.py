@@ -1,0 +1,58 @@
+"""Teachers for distillation (seed trick 12), always frozen and in eval mode.
+
+A teacher is either a bnntrain checkpoint (rebuilt from the config saved in it: for
+instance a `model.binarize=false` run, or for label refinery the checkpoint this stage
+starts from), or a torchvision architecture with a weights file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from omegaconf import DictConfig
+from torch import nn
+
+from .engine import load_checkpoint
+from .errors import CheckpointError, ConfigError
+from .models import model_from_checkpoint
+
+
+def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Module:
+    teacher_cfg = cfg.teacher
+    if teacher_cfg.get("checkpoint"):
+        path = teacher_cfg.checkpoint
+        if path == "init":  # label refinery: the model this stage starts from
+            if init is None:
+                raise ConfigError("distill.teacher.checkpoint=init needs a stage that starts from a checkpoint "
+                                  "(stage 2, or init=PATH)")
+            path = init
+        teacher = model_from_checkpoint(load_checkpoint(path), source=path)
+    elif teacher_cfg.get("torchvision"):
+        teacher = _torchvision_teacher(teacher_cfg.torchvision, teacher_cfg.get("weights"), num_classes)
+    else:
+        raise ConfigError("distillation needs a teacher: distill.teacher.checkpoint=PATH (a bnntrain checkpoint) "
+                          "or distill.teacher.torchvision=NAME with distill.teacher.weights=PATH")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _torchvision_teacher(name: str, weights: str | None, num_classes: int) -> nn.Module:
+    try:
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+    except ValueError as err:
+        raise ConfigError(f"distill.teacher.torchvision={name}: {err}") from None
+    if not weights:
+        raise ConfigError(f"distill.teacher.torchvision={name} needs distill.teacher.weights=PATH (a state dict)")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher weights {path} do not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    except (RuntimeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{path} does not hold {name} weights for {num_classes} classes "
+                              f"({str(err).splitlines()[0]})") from None
+    return model
