@@ -51,7 +51,8 @@ def test_the_model_stem_follows_the_data():
     assert make("data=cifar100").model.stem == "cifar"
 
 
-@pytest.mark.parametrize("group", ["model", "data", "optimizer", "schedule", "augment", "stage"])
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "schedule", "augment", "stage", "distill",
+                                   "experiment"])
 def test_every_option_of_every_group_composes(group):
     for path in sorted((CONFIGS / group).glob("*.yaml")):
         choice = path.stem if not path.stem.isdigit() else f"'{path.stem}'"
@@ -73,3 +74,21 @@ def test_task_overrides_skip_flags_and_hydra_keys():
 def test_one_line_lists_the_available_options():
     msg = "In 'config': Could not find 'data/nope'\n\nAvailable options in 'data':\n\ta\n\tb\nConfig search path:\n\tx"
     assert one_line(msg) == "In 'config': Could not find 'data/nope' Available options in 'data': a, b"
+
+
+def test_experiment_presets_encode_their_recipes():
+    cifar = make("experiment=cifar100_two_stage")
+    assert (cifar.data.name, cifar.schedule.epochs, cifar.augment.mixup) == ("cifar100", 350, 0.2)
+    assert list(cifar.stage.run) == ["1", "2"] and cifar.model.quantizer == "ste_sign"
+    inet = make("experiment=imagenet_two_stage")
+    assert (inet.data.name, inet.schedule.epochs, inet.loss.label_smoothing) == ("imagenet", 75, 0.1)
+    assert (inet.model.quantizer, inet.model.skip, inet.model.downsample) == ("approx_sign", "double", "v1")
+    assert inet.augment.train.color_jitter.brightness == 0.4
+    kd = make("experiment=imagenet_kd")
+    assert kd.distill.kd_weight == 1.0 and kd.loss.label_smoothing == 0.1 and kd.data.name == "imagenet"
+    one = make("experiment=imagenet_one_stage")
+    assert (one.stage.weights, one.stage.needs_init, one.optimizer.lr, one.schedule.warmup_lr) == \
+        ("binary", False, 4e-3, 1e-3)
+    quick = make("experiment=cifar10_folder_quick")
+    assert (quick.data.name, quick.data.train_limit, quick.model.width) == ("folder", 10000, 0.25)
+    assert make().data.name == "digits" and make("data=imagenet").data.name == "imagenet"  # CLI beats the preset
