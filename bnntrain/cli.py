@@ -26,10 +26,15 @@ def _compose(overrides: list[str]) -> DictConfig:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     from . import pipeline  # imported here: torch is slow to import, and a bad override needs none of it
+    from .engine import distributed
 
+    distributed.init(cfg.trainer.device)  # a no-op unless launched as several processes
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if distributed.is_main():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank reports progress
     try:
         pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), _compose)
     except UserError as err:
@@ -101,8 +106,21 @@ def main() -> None:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
-    sys.argv = [sys.argv[0]] + argv
+    sys.argv = [sys.argv[0]] + under_torchrun(argv)
     app()
+
+
+def under_torchrun(argv: list[str]) -> list[str]:
+    """Under torchrun every rank runs this app: join the process group first and pin one run
+    folder, named by rank 0's clock, for all ranks (Hydra would name one per rank)."""
+    from .engine import distributed
+
+    if not distributed.launched_by_torchrun():
+        return argv
+    distributed.init("cpu" if "trainer.device=cpu" in argv else "auto")
+    if not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
+        argv = argv + [f"hydra.run.dir=outputs/{distributed.shared_timestamp()}"]
+    return argv
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .engine import load_checkpoint
+from .engine import distributed, load_checkpoint
 from .errors import ConfigError, UserError
 from .optim import validate_schedule
 from .stage import train_stage
@@ -74,9 +74,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], compose: Compose) 
             raise ConfigError(f"{name} starts from a trained checkpoint: give init=PATH "
                               f"(for example outputs/<date>/<time>/stage1/last.pt)")
         results[name] = train_stage(stage_cfg, stage_dir, init=init, resume=last if last.exists() else None)
-        _write_results(run_dir, results)
+        if distributed.is_main():
+            _write_results(run_dir, results)
         previous = str(last)
-    _print_table(results)
+    if distributed.is_main():
+        _print_table(results)
     return results
 
 

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import build_loaders
-from .engine import StageLogger, Trainer, load_checkpoint, load_model_weights, save_checkpoint
+from .engine import StageLogger, Trainer, distributed, load_checkpoint, load_model_weights, save_checkpoint
+from .engine.setup import prepare_model, resolve_device, scale_lr_for_world, trainer_options
 from .engine.flips import FlipTracker
 from .engine.seeding import epoch_seed, seed_everything
 from .distill import build_teacher
@@ -26,12 +27,6 @@ from .optim import build_optimizer, build_scheduler
 from .summary import write_report
 
 log = logging.getLogger("bnntrain")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -51,9 +46,11 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resume: Path | None = None) -> dict:
     """Train one stage; return its entry for results.json."""
+    cfg = scale_lr_for_world(cfg)
     stage = cfg.stage
     name, epochs = stage.name, cfg.schedule.epochs
     device = resolve_device(cfg.trainer.device)
+    options = trainer_options(cfg.trainer, device)
     seed_everything(cfg.seed)
 
     saved = load_checkpoint(resume) if resume is not None else None
@@ -62,7 +59,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
             raise CheckpointError(f"{resume} is a {saved['stage']} checkpoint, not {name}")
         init = saved["init_from"]
 
-    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter)
+    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter, seed=cfg.seed)
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
     distill = cfg.get("distill")
     teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None
@@ -81,18 +78,20 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     elif init is not None:
         load_model_weights(model, load_checkpoint(init)["model"], init)
         log.info(f"{name}: weights initialised from {init}")
-    model.to(device)
+    net = prepare_model(model, device, cfg.trainer, options["channels_last"])  # DDP/compile around `model`
     objective.to(device)
     if teacher is not None:
         teacher.to(device)
     # The optimizer state loaded on the CPU follows the parameters to the device.
     optimizer.load_state_dict(optimizer.state_dict())
 
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer = Trainer(model, objective, optimizer, device, log_every=cfg.trainer.log_every)
-    trainer.step = start_epoch * len(loaders.train)
-    logger = StageLogger(stage_dir, name, epochs, progress=cfg.trainer.progress)
+    main = distributed.is_main()
+    if main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = Trainer(net, objective, optimizer, device, **options)
+    trainer.step = start_epoch * math.ceil(len(loaders.train) / options["accumulate"])
+    logger = StageLogger(stage_dir, name, epochs, enabled=main, progress=cfg.trainer.progress)
     if logger.enabled:
         write_report(model, cfg, stage_dir, logger.writer)  # cost.txt, cost.json and TensorBoard text
     flips = FlipTracker(model) if stage.weights == "binary" else None  # sign changes per epoch
@@ -103,6 +102,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         t0 = time.time()
         set_precision(model, _activations(stage, epoch, epochs), stage.weights)
         seed_everything(epoch_seed(cfg.seed, name, epoch))
+        loaders.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = trainer.train_epoch(logger.batches(loaders.train, epoch), on_log=logger.train_loss)
         if flips is not None:
@@ -117,10 +117,16 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
                  "epoch": epoch + 1, "stage": name,
                  "metrics": metrics, "best_top1": best_top1, "config": config,
                  "init_from": None if init is None else str(init)}
-        if improved:
-            save_checkpoint(state, stage_dir / "best.pt")
-        save_checkpoint(state, stage_dir / "last.pt")
+        if main:
+            if improved:
+                save_checkpoint(state, stage_dir / "best.pt")
+            save_checkpoint(state, stage_dir / "last.pt")
+        distributed.barrier()  # no rank runs ahead of the checkpoint it may resume from
 
+    if not distributed.weights_agree(model):
+        raise RuntimeError(f"{name}: the ranks ended with different weights")
+    if distributed.world_size() > 1:
+        log.info(f"{name}: weights identical on all {distributed.world_size()} ranks")
     result = {"top1": metrics.get("top1"), "top5": metrics.get("top5"), "loss": metrics.get("loss"),
               "best_top1": best_top1, "epochs": epochs, "checkpoint": f"{name}/last.pt",
               "best_checkpoint": f"{name}/best.pt", "init_from": None if init is None else str(init),

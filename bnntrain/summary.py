@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig
+from torch import nn
 
 from .cli import CONFIG_MODULE, check_overrides, quote_stage_choices
 from .complexity import CostReport, count_costs, format_totals, precision
@@ -39,7 +40,7 @@ def input_shape(data: Mapping[str, Any]) -> tuple[int, int, int]:
     return data["channels"], data["image_size"], data["image_size"]
 
 
-def write_report(model: Any, cfg: DictConfig, folder: Path, writer: Any | None) -> CostReport:
+def write_report(model: nn.Module, cfg: DictConfig, folder: Path, writer: Any | None) -> CostReport:
     """The stage's cost report into `folder` (cost.txt, cost.json) and TensorBoard (text `cost`)."""
     with precision(model, *stage_precision(cfg.stage)):
         report = count_costs(model, input_shape(cfg.data))

@@ -90,5 +90,5 @@ def test_experiment_presets_encode_their_recipes():
     assert (one.stage.weights, one.stage.needs_init, one.optimizer.lr, one.schedule.warmup_lr) == \
         ("binary", False, 4e-3, 1e-3)
     quick = make("experiment=cifar10_folder_quick")
-    assert (quick.data.name, quick.data.train_limit, quick.model.width) == ("folder", 10000, 0.25)
+    assert (quick.data.name, quick.data.train_limit, quick.model.width) == ("folder", 5000, 0.25)
     assert make().data.name == "digits" and make("data=imagenet").data.name == "imagenet"  # CLI beats the preset

@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ..engine import distributed
 from ..errors import DataError
 from .datasets import DATASETS
 from .transforms import build_collate, build_transform
@@ -19,26 +20,34 @@ class Loaders:
     num_classes: int
     channels: int
 
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch's shuffle follows from (seed, epoch), the same on every rank."""
+        self.train.sampler.set_epoch(epoch)
 
-def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True,
-                  distributed: bool = False) -> Loaders:
+
+def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True, seed: int = 0) -> Loaders:
+    """Train and test loaders; under torchrun each rank gets its share of every batch.
+
+    `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
+    """
     train_tf = build_transform(augment.get("train"), data.mean, data.std, color_jitter=color_jitter)
     test_tf = build_transform(augment.get("test"), data.mean, data.std)
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
     if len(train_set) == 0 or len(test_set) == 0:
         raise DataError(f"data={data.name}: the train or test split holds no images")
-    train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
-    test_sampler = DistributedSampler(test_set, shuffle=False) if distributed else None
+    # A DistributedSampler with one replica is a seeded shuffle: a single process sees the
+    # same global batches as N ranks with 1/N of the batch each.
+    train_sampler = DistributedSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                       shuffle=True, seed=seed)
     common = dict(batch_size=data.batch_size, num_workers=data.num_workers,
                   pin_memory=torch.cuda.is_available(),
                   # Workers are started anew each epoch so that each epoch's augmentation
                   # follows from that epoch's seed: a resumed run replays the same batches.
                   persistent_workers=False)
-    train = DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler,
-                       drop_last=len(train_set) >= data.batch_size,
+    train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size,
                        collate_fn=build_collate(augment, num_classes), **common)
-    test = DataLoader(test_set, shuffle=False, sampler=test_sampler, **common)
+    test = DataLoader(test_set, sampler=distributed.ShardSampler(len(test_set)), **common)
     return Loaders(train, test, num_classes, data.channels)
 
 

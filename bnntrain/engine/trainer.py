@@ -1,11 +1,12 @@
 """The one training loop every stage runs: forward, loss, backward, step; and evaluation.
 
-Logging, checkpoints and the epoch loop live beside it (`engine.fit`), not inside it.
+Logging, checkpoints and the epoch loop live beside it (`bnntrain.stage`), not inside it.
 The loop never calls `.item()` except every `log_every` steps, so on a GPU it does not
 wait for the device between steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable
 
@@ -14,37 +15,69 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..errors import TrainingDiverged
+from . import distributed
 from .metrics import topk_correct
 
 LogFn = Callable[[int, float], None]
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-                 optimizer: Optimizer, device: torch.device, log_every: int = 50) -> None:
-        """`objective(model, images, targets)` returns the batch loss (see bnntrain.losses)."""
+    def __init__(self, model: nn.Module, objective: Objective, optimizer: Optimizer, device: torch.device,
+                 log_every: int = 50, amp: str | None = None, channels_last: bool = False,
+                 grad_clip: float | None = None, accumulate: int = 1) -> None:
+        """`objective(model, images, targets)` returns the batch loss (see bnntrain.losses).
+
+        `amp` (bf16 | fp16 | None) runs forward passes under autocast; fp16 adds a gradient
+        scaler. `accumulate` sums gradients over that many batches per optimizer step.
+        """
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.device, self.log_every = device, log_every
+        self.amp_dtype = AMP_DTYPES[amp] if amp else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.grad_clip, self.accumulate = grad_clip, accumulate
         self.step = 0  # optimizer steps taken in this stage, across epochs
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.objective(self.model, images, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Forward and backward one batch; step the optimizer when `update` (the last batch
+        of an accumulation window). DDP all-reduces gradients only on that batch."""
+        sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                loss = self.objective(self.model, images, targets)
+            self.scaler.scale(loss / self.accumulate).backward()
+        if update:
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def train_epoch(self, batches: Iterable, on_log: LogFn | None = None) -> dict[str, float]:
         self.model.train()
         total = torch.zeros((), device=self.device)
         window, window_steps, steps = torch.zeros((), device=self.device), 0, 0
-        for images, targets in batches:
-            images = images.to(self.device, non_blocking=True)
+        last = len(batches) if hasattr(batches, "__len__") else -1
+        for i, (images, targets) in enumerate(batches, start=1):
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
-            loss = self.train_step(images, targets)
+            update = i % self.accumulate == 0 or i == last  # no gradients left over at the epoch's end
+            loss = self.train_step(images, targets, update)
             total += loss
             window += loss
-            steps, window_steps, self.step = steps + 1, window_steps + 1, self.step + 1
+            steps, window_steps = steps + 1, window_steps + 1
+            if not update:
+                continue
+            self.step += 1
             if self.step % self.log_every == 0:
                 self._report(window.item() / window_steps, on_log)
                 window.zero_()
@@ -60,24 +93,20 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, batches: Iterable) -> dict[str, float]:
-        """Top-1 and top-5 accuracy in percent and mean loss over the whole test set."""
+        """Top-1 and top-5 accuracy in percent and mean loss over the whole test set (all ranks)."""
         self.model.eval()
         sums = torch.zeros(4, device=self.device)  # loss sum, top-1 hits, top-5 hits, samples
         for images, targets in batches:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
-            logits = self.model(images)
-            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+            with self.autocast():
+                logits = self.model(images)
+            loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
             top1, top5 = topk_correct(logits, targets)
             sums += torch.stack([loss, top1.float(), top5.float(), torch.tensor(float(len(targets)), device=self.device)])
-        sums = self.reduce(sums)
-        loss, top1, top5, n = sums.tolist()
+        loss, top1, top5, n = distributed.all_reduce_sum(sums).tolist()
         n = max(n, 1.0)
         return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
-
-    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sum across processes; a single process returns its own sums."""
-        return sums
 
 
 def _check_finite(loss: float, step: int) -> None:

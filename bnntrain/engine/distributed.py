@@ -1,0 +1,109 @@
+"""Data-parallel training with PyTorch's own engine, started by torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; every rank runs the whole Hydra app. The
+backend is NCCL on CUDA and gloo on the CPU. Only rank 0 writes logs, checkpoints and
+results; the others compute. Without torchrun everything here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_kind: str) -> None:
+    """Join the process group (once per process) and pick this rank's GPU.
+
+    Under torchrun the environment says who is who; in a SLURM job started by Hydra's
+    submitit launcher with several tasks, submitit translates SLURM's variables first.
+    """
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+            TorchDistributedEnvironment().export()
+        except (ImportError, RuntimeError):  # not a submitit job: a plain srun, left alone
+            pass
+    if not launched_by_torchrun():
+        return
+    cuda = device_kind != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shared_timestamp() -> str:
+    """Rank 0's clock, so that every rank writes to the same run folder."""
+    stamp = [datetime.now().strftime("%Y-%m-%d/%H-%M-%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """DistributedDataParallel around the model (SyncBatchNorm first, if asked)."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class ShardSampler(Sampler[int]):
+    """Every rank evaluates a disjoint slice of the test set, with no padding, so that
+    summed counts cover each sample exactly once (DistributedSampler pads with repeats)."""
+
+    def __init__(self, length: int) -> None:
+        self.indices = list(range(rank(), length, world_size()))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def weights_agree(model: nn.Module) -> bool:
+    """True when every rank holds the same parameters and buffers (checked by checksum): DDP's
+    promise, verified once per stage because a silent divergence would waste the whole run."""
+    if not dist.is_initialized():
+        return True
+    with torch.no_grad():
+        local = torch.stack([t.detach().double().sum() for t in model.state_dict().values()
+                             if t.is_floating_point()]).cpu()
+    sums = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather_object(sums, local)
+    return all(torch.equal(sums[0], s) for s in sums[1:])

@@ -1,0 +1,56 @@
+"""Where and how a stage runs: device, mixed precision, memory format, DDP, compilation."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..errors import ConfigError
+from . import distributed
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: this rank's GPU when CUDA is present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def trainer_options(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Resolve `auto` settings: AMP (bf16) and channels_last on CUDA, both off on the CPU."""
+    cuda = device.type == "cuda"
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else None)
+    if amp not in (None, "bf16", "fp16"):
+        raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or null; got {cfg.amp!r}")
+    if cfg.accumulate < 1:
+        raise ConfigError(f"trainer.accumulate must be a positive integer; got {cfg.accumulate}")
+    channels_last = cfg.channels_last if cfg.channels_last != "auto" else cuda
+    return {"amp": amp, "channels_last": bool(channels_last), "grad_clip": cfg.grad_clip,
+            "accumulate": cfg.accumulate, "log_every": cfg.log_every}
+
+
+def prepare_model(model: nn.Module, device: torch.device, cfg: DictConfig, channels_last: bool) -> nn.Module:
+    """Move the model to its device and wrap it for training; the caller keeps `model`
+    itself for checkpoints, so saved keys never carry a DDP or compile prefix."""
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    net = distributed.wrap(model, device, sync_bn=cfg.sync_bn)
+    return torch.compile(net) if cfg.compile else net
+
+
+def scale_lr_for_world(cfg: DictConfig) -> DictConfig:
+    """Linear scaling: lr (and warm-up lr) x the number of ranks, where asked for."""
+    world = distributed.world_size()
+    if not cfg.trainer.scale_lr or world == 1:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.optimizer.lr *= world
+    if cfg.schedule.get("warmup_lr"):
+        cfg.schedule.warmup_lr *= world
+    return cfg

@@ -1,0 +1,70 @@
+"""The flip ratio, and what a training stage writes of it and of its cost report."""
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from bnntrain.engine.flips import FlipTracker
+from bnntrain.nn import BinaryConv2d, BinaryLinear
+from bnntrain.stage import train_stage
+from test_config import make
+
+
+def test_flip_ratio_counts_sign_changes_exactly():
+    model = nn.Sequential(BinaryConv2d(3, 8, 3), BinaryLinear(4, 2, binarize=False), BinaryLinear(10, 5))
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)   # 216 weights
+        model[2].weight.fill_(-0.5)  # 50 weights
+    tracker = FlipTracker(model)
+    with torch.no_grad():
+        model[0].weight.view(-1)[:27] *= -1     # 27 flips
+        model[0].weight.view(-1)[27:54] *= 0.1  # moved, same sign
+        model[2].weight.view(-1)[:5] = 0.0      # sign(0) = +1: 5 flips
+        model[1].weight.neg_()                  # the real-valued twin's layer is not watched
+    assert tracker.update() == {"train/flip_ratio": 32 / 266, "flip_ratio/0": 27 / 216, "flip_ratio/2": 5 / 50}
+    assert tracker.update()["train/flip_ratio"] == 0.0  # against the previous call, not the start
+    with torch.no_grad():
+        model[0].weight.view(-1)[:27] *= -1
+    assert tracker.update()["flip_ratio/0"] == 27 / 216
+
+
+def test_no_binary_layers_nothing_to_report():
+    assert FlipTracker(nn.Linear(3, 2)).update() == {}
+
+
+def stage_config(*overrides):
+    return make("stage='1'", "data=synthetic", "data.image_size=16", "data.train_size=64", "data.test_size=32",
+                "data.batch_size=16", "model.width=0.125", "trainer.progress=plain", *overrides)
+
+
+def scalars(folder):
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events, {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_binary_weight_stage_logs_flip_ratio_and_writes_cost_report(tmp_path):
+    train_stage(stage_config("stage.weights=binary", "schedule.epochs=2"), tmp_path / "stage1")
+    events, tags = scalars(tmp_path / "stage1")
+    overall = tags["train/flip_ratio"]
+    assert [step for step, _ in overall] == [1, 2] and all(0 < ratio <= 1 for _, ratio in overall)
+    layers = {tag: values for tag, values in tags.items() if tag.startswith("flip_ratio/")}
+    assert len(layers) == 16 and "flip_ratio/stages.3.3.convs.0" in layers  # one per binary conv
+    cost = json.loads((tmp_path / "stage1" / "cost.json").read_text())
+    sizes = {layer["name"]: layer["binary_params"] for layer in cost["layers"]}
+    for epoch in range(2):  # the overall ratio is the per-layer ratios weighted by layer size
+        flipped = sum(values[epoch][1] * sizes[tag.split("/", 1)[1]] for tag, values in layers.items())
+        assert flipped / cost["totals"]["binary_params"] == pytest.approx(overall[epoch][1], rel=1e-5)
+    assert cost["totals"]["bops"] > 0 and cost["input_shape"] == [3, 16, 16]
+    assert "BOPs" in (tmp_path / "stage1" / "cost.txt").read_text()
+    assert "cost/text_summary" in events.Tags()["tensors"]
+
+
+def test_real_weight_stage_logs_no_flip_ratio_and_counts_no_bops(tmp_path):
+    train_stage(stage_config("schedule.epochs=1"), tmp_path / "stage1")
+    _, tags = scalars(tmp_path / "stage1")
+    assert "val/top1" in tags and not any("flip_ratio" in tag for tag in tags)
+    cost = json.loads((tmp_path / "stage1" / "cost.json").read_text())["totals"]
+    assert cost["bops"] == 0 and cost["flops"] > 0 and cost["binary_params"] == 0  # binary inputs, real weights
