@@ -35,11 +35,16 @@ def app(cfg: DictConfig) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     else:
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports progress
+    if distributed.launched_by_torchrun():
+        log.info(f"data parallel over {distributed.world_size()} ranks, backend {distributed.backend()}")
     try:
         pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), _compose)
     except UserError as err:
-        log.debug(f"error: {err}")  # into the run's log file
-        print(f"error: {err}", file=sys.stderr)
+        # Raised in a DataLoader worker, the message carries the worker's traceback; its last
+        # line is ours.
+        message = str(err).strip().splitlines()[-1]
+        log.debug(f"error: {message}")  # into the run's log file
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -104,10 +105,18 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     return train, test, len(train.classes)
 
 
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (greyscale and CMYK files too), naming the file if it is unreadable."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")
+    except (OSError, Image.UnidentifiedImageError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
+
+
 def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
     try:
-        # ImageFolder's default loader converts every image (greyscale, CMYK) to RGB.
-        return datasets.ImageFolder(str(path), transform=transform)
+        return datasets.ImageFolder(str(path), transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
         raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
@@ -44,7 +45,9 @@ class Lighting(torch.nn.Module):
         self.register_buffer("eigval", torch.tensor(eigval))
         self.register_buffer("eigvec", torch.tensor(eigvec))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            image = v2.functional.pil_to_tensor(image)
         if self.alphastd == 0:
             return image
         alpha = torch.randn(3) * self.alphastd
@@ -81,13 +84,18 @@ def _make(name: str, args: Any) -> Callable:
 
 def build_transform(spec: DictConfig | None, mean: list[float], std: list[float],
                     color_jitter: bool = True) -> v2.Compose:
-    """PIL image or tensor -> normalised float tensor, with the listed transforms in between."""
-    steps: list[Callable] = [v2.ToImage()]
+    """PIL image or tensor -> normalised float tensor, with the listed transforms in between.
+
+    The listed transforms see the image as it comes (a PIL image from the image datasets:
+    Pillow's resize and colour ops are faster than the tensor ones), then it becomes a float
+    tensor and is normalised.
+    """
+    steps: list[Callable] = []
     for name, args in (OmegaConf.to_container(spec, resolve=True) if spec else {}).items():
         if args is None or args is False or (name == "color_jitter" and not color_jitter):
             continue
         steps.append(_make(name, args))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 
 

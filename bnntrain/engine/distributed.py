@@ -17,7 +17,8 @@ from torch.utils.data import Sampler
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (even with one process) or any launcher that sets WORLD_SIZE above 1."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init(device_kind: str) -> None:
@@ -48,6 +49,10 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def backend() -> str | None:
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 def is_main() -> bool:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .quantizers import ACTIVATION_QUANTIZERS, binarize_weight
+from .sign_conv import SignConv2d
 
 ACTIVATION_MODES = ("binary", "real", "leaky_clip", "clamp")
 WEIGHT_MODES = ("binary", "real")
@@ -70,8 +71,16 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
                           in_channels, spatial=True)
+        # The straight-through sign needs only a mask for its gradient, so it and the conv can
+        # share one byte per element (sign_conv.py); the other quantizers need x itself.
+        self.fused_sign = quantizer == "ste_sign"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activations == "binary" and self.fused_sign:
+            if self.threshold is not None:
+                x = x + self.threshold
+            return SignConv2d.apply(x, self.quantized_weight(), self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 

@@ -17,8 +17,10 @@ from ..registry import Registry
 
 
 def sign(x: Tensor) -> Tensor:
-    """sign(x) with sign(0) = +1, in x's dtype."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """+1 or -1 by the sign bit of x, in x's dtype: sign(0) = +1, so a binary tensor holds no
+    zeros. (IEEE's negative zero, which only a product with a negative factor yields, maps to
+    -1.) copysign is one pass over memory, several times faster than a compare-and-select."""
+    return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x)
 
 
 class SteSign(torch.autograd.Function):

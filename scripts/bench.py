@@ -1,0 +1,272 @@
+"""Benchmarks: each figure is a ratio against a baseline measured in the same process
+(medians over repeated steps after warm-up, baseline and candidate interleaved), so the
+ratios hold on a noisy machine.
+
+    python scripts/bench.py                               # every CPU benchmark
+    python scripts/bench.py --only overhead,memory        # some of them
+    python scripts/bench.py --imagenette DIR --cifar10 DIR  # the data and end-to-end ones
+    python scripts/bench.py --gpu                         # images/s on a GPU, AMP and channels_last
+Results print as a table and are written as JSON (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+
+from bnntrain.data import build_loaders
+from bnntrain.engine import StageLogger, Trainer
+from bnntrain.losses import build_objective
+from bnntrain.models import build_model
+from bnntrain.nn import binary_layers, set_precision
+from bnntrain.optim import build_optimizer, build_scheduler
+
+
+def config(*overrides: str):
+    with initialize_config_module("bnntrain.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=["stage='2'", *overrides])
+
+
+def model_for(cfg, num_classes: int = 100, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=3)
+    set_precision(model, cfg.stage.activations, cfg.stage.weights)
+    return model.to(device)
+
+
+def interleaved(a: Callable[[], None], b: Callable[[], None], repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of a() and of b(), timed alternately so drift hits both alike."""
+    for _ in range(warmup):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def row(name: str, baseline: str, base: float, ours: float, unit: str, target: str, ratio: float | None = None) -> dict:
+    return {"benchmark": name, "baseline": baseline, "baseline_value": base, "bnntrain_value": ours, "unit": unit,
+            "ratio": round(ours / base if ratio is None else ratio, 3), "target": target}
+
+
+def bench_overhead(steps: int, repeats: int) -> list[dict]:
+    """A full bnntrain step (objective, optimizer, scheduler, logging) against a minimal loop."""
+    cfg = config("data=cifar100", "model.width=0.5", "trainer.log_every=10")
+    images, targets = torch.randn(64, 3, 32, 32), torch.randint(100, (64,))
+    batches = [(images, targets)] * steps
+    plain_model = model_for(cfg)
+    ours_model = copy.deepcopy(plain_model)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), 2e-4)
+
+    def plain() -> None:
+        for x, y in batches:
+            loss = F.cross_entropy(plain_model(x), y)
+            plain_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            plain_opt.step()
+
+    objective = build_objective(cfg, ours_model, 100, None)
+    optimizer = build_optimizer(cfg.optimizer, ours_model, extra=objective.parameters())
+    scheduler = build_scheduler(cfg.schedule, optimizer)
+    trainer = Trainer(ours_model, objective, optimizer, torch.device("cpu"), log_every=cfg.trainer.log_every)
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = StageLogger(Path(tmp), "stage2", 1, progress="plain")
+
+        def ours() -> None:
+            trainer.train_epoch(logger.batches(batches, 0), on_log=logger.train_loss)
+            scheduler.step()
+
+        base, mine = interleaved(plain, ours, repeats)
+        logger.writer.close()
+    return [row("framework overhead (train step)", "hand-written loop", base / steps, mine / steps, "s/step", "<= 1.03")]
+
+
+def bench_binarization(repeats: int) -> list[dict]:
+    """The binary ResNet-18 step against its real-valued twin (model.binarize=false)."""
+    out = []
+    for data, size, batch in (("cifar100", 32, 32), ("imagenet", 224, 8)):
+        steppers = []
+        for binarize in ("true", "false"):
+            cfg = config(f"data={data}", f"model.binarize={binarize}")
+            model = model_for(cfg, 1000 if data == "imagenet" else 100)
+            opt = torch.optim.Adam(model.parameters(), 2e-4)
+            x, y = torch.randn(batch, 3, size, size), torch.randint(10, (batch,))
+
+            def step(model=model, opt=opt, x=x, y=y) -> None:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            steppers.append(step)
+        binary, real = interleaved(steppers[0], steppers[1], repeats)
+        out.append(row(f"binarization cost, {data} stem {size}px", "real-valued twin", real, binary, "s/step",
+                       "<= 1.15 (CPU)"))
+    return out
+
+
+class SeedSign(torch.autograd.Function):
+    """The seed's BinActive: saves its float input for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() < 1)
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return total
+
+
+def bench_memory() -> list[dict]:
+    """Bytes saved for backward in one training step: ours against the seed's sign."""
+    cfg = config("data=cifar100")
+    ours = model_for(cfg)
+    seed = model_for(cfg)
+    for _, layer in binary_layers(seed):
+        layer._binary_act, layer.fused_sign = SeedSign.apply, False
+    set_precision(seed, "binary", "binary")
+    x = torch.randn(32, 3, 32, 32)
+    base, mine = saved_bytes(seed, x), saved_bytes(ours, x)
+    return [row("memory saved for backward, resnet18 batch 32", "seed-style sign", base / 2**20, mine / 2**20, "MiB",
+                "<= 0.75")]
+
+
+def bench_data(root: Path, images: int, workers: int) -> list[dict]:
+    """Training images per second: the ImageNet preset's pipeline against plain torchvision.
+
+    Both decode with Pillow: torchvision.io.decode_image is a little faster to decode, but
+    colour jitter on tensors costs twice what it costs on PIL images, so it does not pay."""
+    from torchvision import datasets, transforms
+
+    cfg = config("data=imagenet", f"data.root={root}", f"data.num_workers={workers}", "data.batch_size=64",
+                 "stage='1'")
+    ours = build_loaders(cfg.data, cfg.augment, color_jitter=True).train
+    plain_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                   transforms.ColorJitter(0.4, 0.4, 0.4, 0.1), transforms.ToTensor(),
+                                   transforms.Normalize(list(cfg.data.mean), list(cfg.data.std))])
+    plain = torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), plain_tf), batch_size=64,
+                                        shuffle=True, num_workers=workers, drop_last=True)
+
+    def rate(loader) -> float:
+        seen, start = 0, time.perf_counter()
+        for x, _ in loader:
+            seen += len(x)
+            if seen >= images:
+                break
+        return seen / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {"plain": [], "ours": []}
+    for _ in range(3):  # interleaved, so that the page cache and CPU clock favour neither
+        rates["plain"].append(rate(plain))
+        rates["ours"].append(rate(ours))
+    base, mine = statistics.median(rates["plain"]), statistics.median(rates["ours"])
+    return [row(f"data pipeline, Imagenette, {workers} workers", "ImageFolder + PIL transforms", base, mine, "img/s",
+                ">= 1.0", ratio=mine / base)]
+
+
+def bench_epoch(root: Path) -> list[dict]:
+    """Seconds of one stage-1 epoch of the cifar10_folder_quick preset, as a figure to watch."""
+    from bnntrain.stage import train_stage
+
+    cfg = config("experiment=cifar10_folder_quick", f"data.root={root}", "stage='1'", "schedule.epochs=1",
+                 "trainer.progress=plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = train_stage(cfg, Path(tmp) / "stage1")
+        seconds = time.perf_counter() - start
+    return [{"benchmark": "end to end: cifar10_folder_quick, one stage-1 epoch", "bnntrain_value": round(seconds, 1),
+             "unit": "s", "top1": round(result["top1"], 2)}]
+
+
+def bench_gpu(steps: int, batch: int) -> list[dict]:
+    """Absolute training images/s of the binary ResNet-18 at 224 px, with and without AMP and channels_last."""
+    out = []
+    cfg = config("data=imagenet")
+    x, y = torch.randn(batch, 3, 224, 224, device="cuda"), torch.randint(1000, (batch,), device="cuda")
+    for amp in (None, "bf16"):
+        for channels_last in (False, True):
+            model = model_for(cfg, 1000, "cuda")
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            model.to(memory_format=memory_format)
+            objective = build_objective(cfg, model, 1000, None)
+            trainer = Trainer(model, objective, torch.optim.Adam(model.parameters(), 2e-4), torch.device("cuda"),
+                              amp=amp, channels_last=channels_last)
+            xs = x.to(memory_format=memory_format)
+            for _ in range(5):
+                trainer.train_step(xs, y)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(xs, y)
+            torch.cuda.synchronize()
+            rate = steps * batch / (time.perf_counter() - start)
+            out.append({"benchmark": f"GPU resnet18 224px batch {batch}, amp={amp or 'off'}, "
+                                     f"channels_last={channels_last}", "bnntrain_value": round(rate, 1), "unit": "img/s",
+                        "device": torch.cuda.get_device_name()})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="overhead,binarize,memory,data,epoch")
+    parser.add_argument("--imagenette", type=Path, help="Imagenette folder (train/, val/) for the data benchmark")
+    parser.add_argument("--cifar10", type=Path, help="CIFAR-10 JPEG folder (train/, test/) for the epoch benchmark")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gpu", action="store_true", help="only the GPU throughput benchmark")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+
+    rows: list[dict] = []
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("error: --gpu needs a CUDA device")
+        rows += bench_gpu(steps=20, batch=128)
+    else:
+        only = set(args.only.split(","))
+        if "overhead" in only:
+            rows += bench_overhead(steps=5, repeats=args.repeats)
+        if "binarize" in only:
+            rows += bench_binarization(args.repeats)
+        if "memory" in only:
+            rows += bench_memory()
+        if "data" in only and args.imagenette:
+            rows += bench_data(args.imagenette, images=640, workers=args.workers)
+        if "epoch" in only and args.cifar10:
+            rows += bench_epoch(args.cifar10)
+    for r in rows:
+        ratio = f"  ratio {r['ratio']:.3f} (target {r['target']})" if "ratio" in r else ""
+        print(f"{r['benchmark']:<55} {r['bnntrain_value']:>10.4g} {r['unit']}{ratio}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
