@@ -21,8 +21,6 @@ import io
 import json
 import math
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine import load_checkpoint, load_model_weights
+from .engine.checkpoint import load_tensors
 from .errors import CheckpointError, ConfigError, UserError
 from .models import build_model, model_from_checkpoint
 from .nn.layers import BinaryMixin, binary_layers, set_precision
@@ -41,7 +40,13 @@ FORMAT, VERSION = "bnntrain-packed", 1
 USAGE = "usage: python -m bnntrain.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
 # What a binary layer does to its input, per activation mode, in plain ops rather than the
 # training quantizers' autograd Functions, so that ONNX sees standard operators.
-INPUT_FUNCTIONS = {"binary": sign, "real": lambda x: x, "leaky_clip": leaky_clip, "clamp": clamp}
+def compare_sign(x: Tensor) -> Tensor:
+    """sign with sign(0) = +1 as a comparison and a select (ONNX's GreaterOrEqual and Where;
+    ONNX has no copysign). It differs from training's sign only on IEEE negative zero."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+INPUT_FUNCTIONS = {"binary": compare_sign, "real": lambda x: x, "leaky_clip": leaky_clip, "clamp": clamp}
 
 
 class InferenceBinaryLayer(nn.Module):
@@ -168,13 +173,7 @@ def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[s
 
 def read(path: str | Path) -> dict[str, Any]:
     """The packed file's dict, checked to be one."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"export file {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable export file ({str(err).strip().splitlines()[0]})") from None
+    blob = load_tensors(path, "export file")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     if blob.get("version") != VERSION:

@@ -92,3 +92,12 @@ def test_cifar100_missing_files(tmp_path):
 def test_folder_without_root_names_the_key():
     with pytest.raises(DataError, match="data.root is not set"):
         loaders("data=folder")
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    broken = root / "train" / "cat" / "0.jpg"
+    broken.write_bytes(b"not a jpeg")
+    data = loaders("data=folder", f"data.root={root}", "data.num_workers=0")
+    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+        data.train.dataset[0]

@@ -96,3 +96,11 @@ def test_divergence_after_resume_keeps_the_last_good_checkpoint(tmp_path, earlie
     assert_one_line_error(out, "loss became")
     assert {k: v for k, v in fingerprint(run / "stage1").items() if k.suffix == ".pt"} == \
         {k: v for k, v in before.items() if k.suffix == ".pt"}
+
+
+def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    (root / "train" / "dog" / "1.jpg").write_bytes(b"not a jpeg")
+    out = run_cli(["stage=1", "data=folder", f"data.root={root}", "data.num_workers=1", "data.image_size=16",
+                   "model.width=0.125", "schedule.epochs=1"], tmp_path / "run")
+    assert_one_line_error(out, "cannot read image", "dog/1.jpg")

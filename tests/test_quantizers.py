@@ -74,3 +74,32 @@ def test_pretraining_activations():
     assert torch.allclose(leaky_clip(X), torch.where(X.abs() <= 1, X, 0.1 * X + 0.9 * torch.sign(X)))
     assert leaky_clip(torch.tensor([3.0])).item() == pytest.approx(1.2)
     assert torch.equal(clamp(X), X.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("groups, bias, stride", [(1, False, 1), (2, True, 2)])
+def test_fused_sign_conv_equals_sign_then_conv(groups, bias, stride):
+    """The fused step (one uint8 saved per input) gives exactly the unfused gradients."""
+    from bnntrain.nn import BinaryConv2d
+    from bnntrain.nn.quantizers import SteSign
+
+    torch.manual_seed(0)
+    conv = BinaryConv2d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=bias, learnable_threshold=True)
+    conv.set_precision("binary", "binary")
+    x = torch.randn(2, 4, 7, 7) * 1.5
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, -1.0])  # the edges
+    x.requires_grad_(True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fused = (y.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.threshold.grad.clone())
+    x.grad = conv.weight.grad = conv.threshold.grad = None
+    ref = torch.nn.functional.conv2d(SteSign.apply(x + conv.threshold), conv.quantized_weight(), conv.bias,
+                                     conv.stride, conv.padding, 1, groups)
+    ref.backward(g)
+    for a, b in zip(fused, (ref.detach(), x.grad, conv.weight.grad, conv.threshold.grad)):
+        assert torch.allclose(a, b, atol=1e-6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        conv(x.detach() * 1.0)
+    assert torch.uint8 in [t.dtype for t in saved] and not any(t.shape == x.shape and t.is_floating_point()
+                                                               for t in saved)

@@ -28,15 +28,21 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only (no code runs), as one clear error for a missing or unreadable file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path} is not a readable {what} ({first_line})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    state = load_tensors(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a bnntrain checkpoint: expected a dict with keys "
                               f"{', '.join(REQUIRED_KEYS)}")
