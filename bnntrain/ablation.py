@@ -1,7 +1,7 @@
 """The table of a sweep: final and best top-1 of every job, as CSV and Markdown.
 
-Hydra calls `AblationTable.on_multirun_end` once all jobs of a sweep have finished (see
-experiment/ablation.yaml); each job left its `results.json` in its own folder.
+Hydra calls `AblationTable` after each job and once all jobs of a sweep have finished (see
+experiment/ablation.yaml); each job leaves its `results.json` in its own folder.
 """
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+
+FAILED = "failed.txt"  # written into a job's folder when it stopped with an error
 
 
 def job_label(overrides: list[str]) -> str:
@@ -25,15 +29,17 @@ def job_label(overrides: list[str]) -> str:
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder; a job that stopped with an error is listed as failed."""
     rows = []
-    for job in sorted((p for p in sweep_dir.iterdir() if (p / "results.json").exists()),
-                      key=lambda p: (len(p.name), p.name)):
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").exists()]
+    for job in sorted(jobs, key=lambda p: (len(p.name), p.name)):
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         row: dict[str, Any] = {"run": job_label(overrides), "folder": job.name}
-        results = json.loads((job / "results.json").read_text())
+        results = json.loads((job / "results.json").read_text()) if (job / "results.json").exists() else {}
         for stage, r in results.items():
             row[f"{stage} top1"] = round(r["top1"], 2)
             row[f"{stage} best top1"] = round(r["best_top1"], 2)
+        row["status"] = "done" if (job / "results.json").exists() and not (job / FAILED).exists() else "failed"
         rows.append(row)
     return rows
 
@@ -50,9 +56,22 @@ def write_tables(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
 
 
 class AblationTable(Callback):
+    """Rewrites the table after every job (so a failed or interrupted sweep still has one)
+    and prints it when the sweep ends."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        job_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status != JobStatus.COMPLETED:
+            (job_dir / FAILED).write_text(f"{job_return._return_value}\n")
+        self._write(Path(config.hydra.sweep.dir))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect(sweep_dir)
+        if self._write(Path(config.hydra.sweep.dir)):
+            print((Path(config.hydra.sweep.dir) / "ablation.md").read_text(), end="")
+
+    @staticmethod
+    def _write(sweep_dir: Path) -> bool:
+        rows = collect(sweep_dir) if sweep_dir.is_dir() else []
         if rows:
             write_tables(rows, sweep_dir)
-            print((sweep_dir / "ablation.md").read_text(), end="")
+        return bool(rows)

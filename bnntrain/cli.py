@@ -8,9 +8,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
+from . import runs
+from .errors import ConfigError, UserError
 
 log = logging.getLogger("bnntrain")
 CONFIG_MODULE = "bnntrain.configs"
@@ -31,10 +33,10 @@ def app(cfg: DictConfig) -> None:
     distributed.init(cfg.trainer.device)  # a no-op unless launched as several processes
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if distributed.is_main():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    else:
+    if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports progress
+    elif cfg.get("resume") is None:  # a resumed run keeps the config.yaml it started with
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if distributed.launched_by_torchrun():
         log.info(f"data parallel over {distributed.world_size()} ranks, backend {distributed.backend()}")
     try:
@@ -45,6 +47,8 @@ def app(cfg: DictConfig) -> None:
         message = str(err).strip().splitlines()[-1]
         log.debug(f"error: {message}")  # into the run's log file
         print(f"error: {message}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the launcher goes on with the other jobs, and Hydra reports the failure at the end
         sys.exit(2)
 
 
@@ -73,24 +77,22 @@ def task_overrides(argv: list[str]) -> list[str] | None:
     return out
 
 
-def check_overrides(overrides: list[str]) -> str | None:
+def compose_checked(overrides: list[str]) -> DictConfig | None:
     """Compose once before the app runs, so that an unknown option or key is reported as
-    one line rather than Hydra's multi-line report. Returns that line, or None if all is well."""
+    one line (a ConfigError) rather than Hydra's multi-line report. None for a sweep."""
     from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
             return None  # a sweep (the preset may set hydra.mode=MULTIRUN): Hydra checks each job
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         reason = err.__cause__  # e.g. "Key 'lrr' is not in struct" behind "Could not override"
-        return one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))
-    return None
+        raise ConfigError(one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))) from None
 
 
 def one_line(message: str) -> str:
@@ -105,24 +107,44 @@ def one_line(message: str) -> str:
 
 def main() -> None:
     argv = quote_stage_choices(sys.argv[1:])
-    overrides = task_overrides(argv)
-    if overrides is not None:
-        problem = check_overrides(overrides)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
-    sys.argv = [sys.argv[0]] + under_torchrun(argv)
+    try:
+        argv, device = prepare(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0]] + under_torchrun(argv, device)
     app()
 
 
-def under_torchrun(argv: list[str]) -> list[str]:
+def prepare(argv: list[str]) -> tuple[list[str], str]:
+    """Check the command before Hydra writes anything; return the arguments to run (a resume
+    is pinned to the folder it continues) and the device the run will use."""
+    overrides = task_overrides(argv)
+    if overrides is None:
+        return argv, "auto"
+    resume = runs.override_value(overrides, "resume")
+    if resume is None:
+        runs.refuse_existing_run(argv)
+    else:
+        # Hydra composes the resumed run's overrides plus today's, and the run goes on in its folder.
+        run_dir, full = runs.resume_target(Path(resume), overrides)
+        argv = [a for a in argv if a not in overrides] + full + [f"resume={resume}"]
+        overrides = full
+        if runs.override_value(argv, "hydra.run.dir") is None:
+            # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
+            argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    cfg = compose_checked(overrides)
+    return argv, "auto" if cfg is None else str(cfg.trainer.device)
+
+
+def under_torchrun(argv: list[str], device: str) -> list[str]:
     """Under torchrun every rank runs this app: join the process group first and pin one run
     folder, named by rank 0's clock, for all ranks (Hydra would name one per rank)."""
     from .engine import distributed
 
     if not distributed.launched_by_torchrun():
         return argv
-    distributed.init("cpu" if "trainer.device=cpu" in argv else "auto")
+    distributed.init(device)
     if not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
         argv = argv + [f"hydra.run.dir=outputs/{distributed.shared_timestamp()}"]
     return argv

@@ -28,6 +28,9 @@ def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Mod
                                   "(stage 2, or init=PATH)")
             path = init
         teacher = model_from_checkpoint(load_checkpoint(path), source=path)
+        if teacher.classifier.out_features != num_classes:
+            raise ConfigError(f"the teacher {path} predicts {teacher.classifier.out_features} classes, "
+                              f"this data has {num_classes}")
     elif teacher_cfg.get("torchvision"):
         teacher = _torchvision_teacher(teacher_cfg.torchvision, teacher_cfg.get("weights"), num_classes)
     else:

@@ -38,14 +38,14 @@ from .tools import run_tool, split_args
 
 FORMAT, VERSION = "bnntrain-packed", 1
 USAGE = "usage: python -m bnntrain.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
-# What a binary layer does to its input, per activation mode, in plain ops rather than the
-# training quantizers' autograd Functions, so that ONNX sees standard operators.
 def compare_sign(x: Tensor) -> Tensor:
     """sign with sign(0) = +1 as a comparison and a select (ONNX's GreaterOrEqual and Where;
     ONNX has no copysign). It differs from training's sign only on IEEE negative zero."""
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+# What a binary layer does to its input, per activation mode, in plain ops rather than the
+# training quantizers' autograd Functions, so that ONNX sees standard operators.
 INPUT_FUNCTIONS = {"binary": compare_sign, "real": lambda x: x, "leaky_clip": leaky_clip, "clamp": clamp}
 
 

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .engine import distributed, load_checkpoint
 from .errors import ConfigError, UserError
 from .optim import validate_schedule
+from .runs import override_key, resume_target
 from .stage import train_stage
 
 log = logging.getLogger("bnntrain")
@@ -28,14 +28,17 @@ Compose = Callable[[list[str]], DictConfig]
 def plan_stages(cfg: DictConfig, overrides: list[str], compose: Compose) -> list[DictConfig]:
     if "run" not in cfg.stage:
         return [cfg]
-    kept = [o for o in overrides if _key(o) != "stage"]
+    kept = [o for o in overrides if override_key(o) != "stage"]
     return [compose(kept + [f"stage='{choice}'"]) for choice in cfg.stage.run]
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject values that cannot work, before anything is trained or written."""
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be positive; got {cfg.optimizer.lr}")
+    if not isinstance(cfg.optimizer.lr, (int, float)) or cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be a positive number; got {cfg.optimizer.lr!r}")
+    if (cfg.schedule.get("warmup_lr") or 0) > cfg.optimizer.lr:
+        raise ConfigError(f"schedule.warmup_lr ({cfg.schedule.warmup_lr}) must not exceed optimizer.lr "
+                          f"({cfg.optimizer.lr}): the warm-up leads up to the lr")
     if cfg.optimizer.get("weight_decay", 0) < 0:
         raise ConfigError(f"optimizer.weight_decay must be zero or positive; got {cfg.optimizer.weight_decay}")
     if cfg.data.batch_size < 1:
@@ -48,9 +51,8 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], compose: Compose) -> dict:
     """Run every planned stage; return the results written to `run_dir/results.json`."""
     resuming = cfg.get("resume") is not None
-    if resuming:
-        run_dir, overrides = resume_target(Path(str(cfg.resume)), overrides)
-        cfg = compose(overrides)
+    if resuming:  # cfg is already the resumed run's config (see cli.prepare)
+        run_dir, _ = resume_target(Path(str(cfg.resume)), [])
         log.info(f"resuming the run in {run_dir}")
     stages = plan_stages(cfg, overrides, compose)
     for stage_cfg in stages:
@@ -80,29 +82,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], compose: Compose) 
     if distributed.is_main():
         _print_table(results)
     return results
-
-
-def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
-    """The run folder to continue and the overrides that made it, plus today's (less `resume`)."""
-    path = path.expanduser()
-    if path.is_file():
-        run_dir = path.parent.parent  # <run>/<stage>/last.pt
-    elif path.is_dir():
-        run_dir = path
-    else:
-        raise UserError(f"resume={path} does not exist; expected a run folder or a <run>/<stage>/last.pt")
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume={path}: {run_dir} is not a bnntrain run folder (no .hydra/overrides.yaml)")
-    if not any((run_dir / d).is_dir() and (run_dir / d / "last.pt").exists() for d in os.listdir(run_dir)):
-        raise UserError(f"resume={path}: {run_dir} holds no stage checkpoint (<stage>/last.pt) to continue")
-    original = yaml.safe_load(saved.read_text()) or []
-    extra = [o for o in overrides if _key(o) != "resume"]
-    return run_dir, list(original) + extra
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _read_results(run_dir: Path) -> dict:

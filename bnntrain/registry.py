@@ -26,9 +26,3 @@ class Registry(Generic[T]):
         if name not in self._items:
             raise ConfigError(f"unknown {self.kind} '{name}'; expected one of: {', '.join(sorted(self._items))}")
         return self._items[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items

@@ -18,6 +18,7 @@ from .engine import StageLogger, Trainer, distributed, load_checkpoint, load_mod
 from .engine.setup import prepare_model, resolve_device, scale_lr_for_world, trainer_options
 from .engine.flips import FlipTracker
 from .engine.seeding import epoch_seed, seed_everything
+from .engine.trainer import check_finite
 from .distill import build_teacher
 from .errors import CheckpointError
 from .losses import build_objective
@@ -27,6 +28,8 @@ from .optim import build_optimizer, build_scheduler
 from .summary import write_report
 
 log = logging.getLogger("bnntrain")
+# What `resume` reads from a stage's last.pt, beyond the keys every checkpoint has.
+RESUME_KEYS = ("optimizer", "scheduler", "objective", "scaler", "metrics", "best_top1", "init_from")
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -57,6 +60,9 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     if saved is not None:
         if saved["stage"] != name:
             raise CheckpointError(f"{resume} is a {saved['stage']} checkpoint, not {name}")
+        missing = [k for k in RESUME_KEYS if k not in saved]
+        if missing:
+            raise CheckpointError(f"{resume} cannot be resumed: it lacks {', '.join(missing)}")
         init = saved["init_from"]
 
     loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter, seed=cfg.seed)
@@ -90,6 +96,8 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer = Trainer(net, objective, optimizer, device, **options)
+    if saved is not None and saved["scaler"]:
+        trainer.scaler.load_state_dict(saved["scaler"])
     trainer.step = start_epoch * math.ceil(len(loaders.train) / options["accumulate"])
     logger = StageLogger(stage_dir, name, epochs, enabled=main, progress=cfg.trainer.progress)
     if logger.enabled:
@@ -100,7 +108,8 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        set_precision(model, _activations(stage, epoch, epochs), stage.weights)
+        precision = {"activations": _activations(stage, epoch, epochs), "weights": stage.weights}
+        set_precision(model, **precision)
         seed_everything(epoch_seed(cfg.seed, name, epoch))
         loaders.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -108,12 +117,14 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         if flips is not None:
             logger.scalars(flips.update(), epoch + 1)
         metrics = trainer.evaluate(loaders.test)
+        check_finite(metrics["loss"], f"{name} epoch {epoch + 1}: the test loss")  # never save broken weights
         scheduler.step()
         logger.epoch(epoch, lr, train, metrics, time.time() - t0)
         improved = metrics["top1"] > best_top1
         best_top1 = max(best_top1, metrics["top1"])
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                 "scaler": trainer.scaler.state_dict(), "precision": precision,
                  "epoch": epoch + 1, "stage": name,
                  "metrics": metrics, "best_top1": best_top1, "config": config,
                  "init_from": None if init is None else str(init)}
@@ -123,7 +134,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
             save_checkpoint(state, stage_dir / "last.pt")
         distributed.barrier()  # no rank runs ahead of the checkpoint it may resume from
 
-    if not distributed.weights_agree(model):
+    if not distributed.weights_agree(model) or not distributed.weights_agree(objective):
         raise RuntimeError(f"{name}: the ranks ended with different weights")
     if distributed.world_size() > 1:
         log.info(f"{name}: weights identical on all {distributed.world_size()} ranks")

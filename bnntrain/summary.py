@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 from torch import nn
 
-from .cli import CONFIG_MODULE, check_overrides, quote_stage_choices
+from .cli import compose_checked, quote_stage_choices
 from .complexity import CostReport, count_costs, format_totals, precision
 from .engine import load_checkpoint
 from .errors import ConfigError
@@ -56,14 +56,10 @@ def write_report(model: nn.Module, cfg: DictConfig, folder: Path, writer: Any | 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The trainer's config with these overrides; a bad one is a ConfigError of one line."""
-    from hydra import compose, initialize_config_module
-
-    overrides = quote_stage_choices(overrides)
-    problem = check_overrides(overrides)
-    if problem:
-        raise ConfigError(problem)
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    cfg = compose_checked(quote_stage_choices(overrides))
+    if cfg is None:
+        raise ConfigError("the summary describes one config: give single values, not a sweep")
+    return cfg
 
 
 def config_report(cfg: DictConfig) -> tuple[str, CostReport]:

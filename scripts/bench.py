@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
 
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
@@ -32,7 +33,7 @@ from bnntrain.nn import binary_layers, set_precision
 from bnntrain.optim import build_optimizer, build_scheduler
 
 
-def config(*overrides: str):
+def config(*overrides: str) -> DictConfig:
     with initialize_config_module("bnntrain.configs", version_base="1.3"):
         return compose(config_name="config", overrides=["stage='2'", *overrides])
 
@@ -121,12 +122,12 @@ class SeedSign(torch.autograd.Function):
     """The seed's BinActive: saves its float input for the backward pass."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return torch.where(x >= 0, 1.0, -1.0)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad * (x.abs() < 1)
 

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# The suite runs in two worker processes (pyproject.toml); one thread each keeps them from
+# fighting over the cores.
+torch.set_num_threads(1)
 
 # A binary ResNet-18 at 1/8 width on 16x16 synthetic images: every part of the real
 # pipeline runs, in about a second per stage.

@@ -33,6 +33,7 @@ def assert_one_line_error(out, *words):
 
 
 def bad_files(tmp_path):
+    write_image_folder(tmp_path / "imgs")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     (tmp_path / "empty").mkdir()
     (tmp_path / "flat").mkdir()
@@ -53,9 +54,19 @@ CASES = {
                                        ["another architecture", "stem.0.weight"]),
     "resume missing": (["resume={tmp}/nope"], ["does not exist"]),
     "resume not a run": (["resume={tmp}/empty"], ["not a bnntrain run folder"]),
-    "negative lr": (["optimizer.lr=-0.1"], ["optimizer.lr must be positive"]),
+    "negative lr": (["optimizer.lr=-0.1"], ["optimizer.lr must be a positive number"]),
     "negative batch size": (["data.batch_size=-4"], ["data.batch_size"]),
     "milestone past the end": (["data=cifar100", "schedule.epochs=100"], ["past the last epoch"]),
+    "warm-up above the lr": (["schedule=imagenet_warmup", "optimizer.lr=5e-4", "schedule.epochs=10",
+                              "schedule.milestones=[5]"], ["warmup_lr", "must not exceed"]),
+    "lr not a number": (["optimizer.lr=fast"], ["optimizer.lr must be a positive number"]),
+    "log_every zero": (["trainer.log_every=0"], ["trainer.log_every"]),
+    "unknown progress style": (["trainer.progress=fancy"], ["trainer.progress"]),
+    "sync_bn on the cpu": (["trainer.sync_bn=true", "trainer.device=cpu"], ["SyncBatchNorm", "CUDA"]),
+    "grey folder images": (["data=folder", "data.root={tmp}/imgs", "data.channels=1"], ["3 channels"]),
+    "teacher for other classes": (["stage=1", "distill=kd", "distill.teacher.checkpoint={earlier}/stage1/last.pt",
+                                   "data.num_classes=5"], ["predicts 10 classes", "has 5"]),
+    "unknown attention": (["model.attention=cbam"], ["model.attention"]),
 }
 
 
@@ -72,9 +83,9 @@ def test_bad_input(case, tmp_path, earlier_run):
 
 
 def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path, earlier_run):
-    before = fingerprint(earlier_run)
-    out = run_cli(TINY + ["stage=1"], earlier_run)
-    assert_one_line_error(out, "already holds a checkpoint", "resume=")
+    before = fingerprint(earlier_run)  # .hydra/overrides.yaml, which resume reads, included
+    out = run_cli(TINY + ["stage=1", "optimizer.lr=0.5", "model.width=0.25"], earlier_run)
+    assert_one_line_error(out, "already holds a run with checkpoints", "resume=")
     assert fingerprint(earlier_run) == before
 
 

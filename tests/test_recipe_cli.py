@@ -61,3 +61,23 @@ def test_ablation_sweep_writes_one_table(tmp_path):
     assert (tmp_path / "ablation.md").read_text().startswith("| run |")
     relu = torch.load(tmp_path / "1/stage2/last.pt", weights_only=True)["config"]["model"]["activation"]
     assert relu == "relu"
+
+
+def test_kd_from_a_torchvision_teacher(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    out = run_cli(TINY + ["stage=1", "distill=kd", "distill.teacher.torchvision=resnet18",
+                          f"distill.teacher.weights={weights}", "distill.kd_weight=0.7"], tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    assert torch.load(tmp_path / "run/stage1/last.pt", weights_only=True)["config"]["distill"]["kd_weight"] == 0.7
+
+
+def test_a_failed_ablation_job_is_listed_and_the_others_run(tmp_path):
+    out = run_cli(["experiment=ablation", "+ablation=baseline", "optimizer.lr=1e30,1e-3", "stage=1",
+                   f"hydra.sweep.dir={tmp_path}"] + TINY)
+    assert out.returncode != 0  # the sweep reports its failure...
+    rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
+    assert [r["status"] for r in rows] == ["failed", "done"]  # ...after the other job ran
+    assert float(rows[1]["stage1 top1"]) >= 0

@@ -35,8 +35,13 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     epoch_at_kill = torch.load(broken / "stage1/last.pt", weights_only=True)["epoch"]
     assert epoch_at_kill < 3 and not (broken / "results.json").exists()
 
-    out = run_cli([f"resume={broken}"], tmp_path / "resumer")
+    hydra_record = (broken / ".hydra/overrides.yaml").read_text()
+    # No hydra.run.dir: the resumed run writes into its own folder, not a new outputs/ one, and
+    # an override that only the resumed run's config has (data.test_size: synthetic) is accepted.
+    out = run_cli([f"resume={broken}", "data.test_size=64"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "outputs").exists() and (broken / ".hydra/overrides.yaml").read_text() == hydra_record
+    assert "resuming the run" in (broken / "cli.log").read_text()
     assert list(results(broken)) == ["stage1", "stage2"]
     for stage in ("stage1", "stage2"):
         a, b = weights(straight / stage / "last.pt"), weights(broken / stage / "last.pt")

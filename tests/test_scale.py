@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from torch import nn
 
@@ -40,6 +41,35 @@ def test_bf16_autocast_and_channels_last_on_the_cpu():
     with trainer.autocast():
         assert model(batches()[0][0]).dtype == torch.bfloat16
     assert trainer.evaluate(batches())["top1"] >= 0
+
+
+def test_fp16_autocast_with_a_gradient_scaler_on_the_cpu():
+    model = tiny_model()
+    try:
+        trainer, out = run_epoch(model, amp="fp16")
+    except RuntimeError as err:  # an old CPU build without fp16 autocast
+        pytest.skip(f"fp16 autocast does not run on this CPU: {err}")
+    assert trainer.scaler.is_enabled() and trainer.step == 4 and torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_a_short_last_window_is_averaged_over_its_own_size():
+    """Three batches, accumulate=2: steps on batches 1+2 (mean) and on batch 3 alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False)
+    start = model.weight.detach().clone()
+    data = [(torch.randn(4, 3), torch.randint(2, (4,))) for _ in range(3)]
+    trainer = Trainer(model, Objective(model), torch.optim.SGD(model.parameters(), lr=1.0), torch.device("cpu"),
+                      accumulate=2)
+    trainer.train_epoch(data)
+    reference = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(start)
+    opt = torch.optim.SGD(reference.parameters(), lr=1.0)
+    for window in (data[:2], data[2:]):
+        opt.zero_grad()
+        sum(F.cross_entropy(reference(x), y) for x, y in window).div(len(window)).backward()
+        opt.step()
+    assert trainer.step == 2 and torch.allclose(model.weight, reference.weight, atol=1e-6)
 
 
 def test_accumulation_steps_the_optimizer_once_per_window():

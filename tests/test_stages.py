@@ -20,6 +20,7 @@ def test_three_stage_pipeline_hands_weights_along(tmp_path):
     assert list(results(run)) == ["stage0", "stage1", "stage2"]
     s0, s1 = (torch.load(run / f"stage{i}/last.pt", weights_only=True) for i in (0, 1))
     assert s0["config"]["stage"]["activations"] == "leaky_clip" and s0["config"]["stage"]["weights"] == "real"
+    assert s0["precision"] == {"activations": "clamp", "weights": "real"}  # its second half: clamp
     assert s1["init_from"] == str(run / "stage0/last.pt")
 
 

@@ -84,6 +84,7 @@ class _CIFAR100Files(datasets.CIFAR100):
 
 @DATASETS.register("cifar100")
 def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    _rgb_only(cfg)
     root = Path(str(cfg.root)).expanduser() if cfg.get("root") else None
     if cfg.download:
         if root is None:
@@ -121,7 +122,13 @@ def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
         raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
 
 
+def _rgb_only(cfg: DictConfig) -> None:
+    if cfg.channels != 3:
+        raise DataError(f"data={cfg.name} loads colour images (3 channels); got data.channels={cfg.channels}")
+
+
 def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    _rgb_only(cfg)
     root = _root(cfg)
     test_split = next((s for s in cfg.test_splits if (root / s).is_dir()), None)
     if not (root / cfg.train_split).is_dir() or test_split is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,9 @@ def init(device_kind: str) -> None:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
         try:
             from submitit.helpers import TorchDistributedEnvironment
-            TorchDistributedEnvironment().export()
-        except (ImportError, RuntimeError):  # not a submitit job: a plain srun, left alone
+            # Each task keeps every GPU visible and picks its own by LOCAL_RANK (resolve_device).
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except (ImportError, RuntimeError):  # submitit is not installed, or this is no SLURM job
             pass
     if not launched_by_torchrun():
         return
@@ -101,14 +102,26 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """All-reduce the gradients of parameters that live outside the DDP-wrapped model (the
+    centre-loss centres), as DDP does for the model's own."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size()
+
+
 def weights_agree(model: nn.Module) -> bool:
     """True when every rank holds the same parameters and buffers (checked by checksum): DDP's
     promise, verified once per stage because a silent divergence would waste the whole run."""
     if not dist.is_initialized():
         return True
-    with torch.no_grad():
-        local = torch.stack([t.detach().double().sum() for t in model.state_dict().values()
-                             if t.is_floating_point()]).cpu()
-    sums = [torch.zeros_like(local) for _ in range(world_size())]
-    dist.all_gather_object(sums, local)
-    return all(torch.equal(sums[0], s) for s in sums[1:])
+    sums = [t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()]
+    if not sums:
+        return True
+    local = torch.stack(sums).cpu()
+    gathered = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather_object(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])

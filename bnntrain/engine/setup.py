@@ -31,6 +31,12 @@ def trainer_options(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or null; got {cfg.amp!r}")
     if cfg.accumulate < 1:
         raise ConfigError(f"trainer.accumulate must be a positive integer; got {cfg.accumulate}")
+    if cfg.log_every < 1:
+        raise ConfigError(f"trainer.log_every must be a positive integer; got {cfg.log_every}")
+    if cfg.progress not in ("auto", "bar", "plain"):
+        raise ConfigError(f"trainer.progress must be auto, bar or plain; got {cfg.progress!r}")
+    if cfg.sync_bn and not cuda:
+        raise ConfigError("trainer.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else cuda
     return {"amp": amp, "channels_last": bool(channels_last), "grad_clip": cfg.grad_clip,
             "accumulate": cfg.accumulate, "log_every": cfg.log_every}

@@ -45,15 +45,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """Forward and backward one batch; step the optimizer when `update` (the last batch
-        of an accumulation window). DDP all-reduces gradients only on that batch."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, update: bool = True,
+                   window: int = 1) -> torch.Tensor:
+        """Forward and backward one batch of an accumulation window of `window` batches; step
+        the optimizer when `update` (its last batch). DDP all-reduces gradients only then."""
         sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with self.autocast():
                 loss = self.objective(self.model, images, targets)
-            self.scaler.scale(loss / self.accumulate).backward()
+            self.scaler.scale(loss / window).backward()
         if update:
+            if isinstance(self.objective, nn.Module):  # e.g. centre-loss centres, outside DDP
+                distributed.average_gradients(self.objective.parameters())
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -71,7 +74,10 @@ class Trainer:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             update = i % self.accumulate == 0 or i == last  # no gradients left over at the epoch's end
-            loss = self.train_step(images, targets, update)
+            # The epoch's last window may be shorter: its batches are averaged over its own size.
+            start = (i - 1) // self.accumulate * self.accumulate
+            window = min(self.accumulate, last - start) if last > 0 else self.accumulate
+            loss = self.train_step(images, targets, update, window)
             total += loss
             window += loss
             steps, window_steps = steps + 1, window_steps + 1
@@ -83,11 +89,11 @@ class Trainer:
                 window.zero_()
                 window_steps = 0
         mean = total.item() / max(steps, 1)
-        _check_finite(mean, self.step)
+        check_finite(mean, f"by step {self.step}, the training loss")
         return {"loss": mean, "steps": steps}
 
     def _report(self, loss: float, on_log: LogFn | None) -> None:
-        _check_finite(loss, self.step)
+        check_finite(loss, f"by step {self.step}, the training loss")
         if on_log is not None:
             on_log(self.step, loss)
 
@@ -109,6 +115,6 @@ class Trainer:
         return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 
 
-def _check_finite(loss: float, step: int) -> None:
+def check_finite(loss: float, what: str) -> None:
     if not math.isfinite(loss):
-        raise TrainingDiverged(f"the training loss became {loss} by step {step}; try a lower optimizer.lr")
+        raise TrainingDiverged(f"{what} became {loss}; try a lower optimizer.lr")

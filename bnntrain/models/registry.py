@@ -35,7 +35,8 @@ def model_from_checkpoint(state: dict[str, Any], source: str = "checkpoint") -> 
                         in_channels=weights["stem.0.weight"].shape[1])
     load_model_weights(model, weights, source)
     stage = config.get("stage", {})
-    # Stage 0 ends in its switched-to activation (clamp).
-    activations = (stage.get("switch") or {}).get("activations", stage.get("activations", "binary"))
-    set_precision(model, activations, stage.get("weights", "binary"))
+    # The precision the checkpoint was saved at (stage 0 switches from leaky-clip to clamp).
+    precision = state.get("precision") or {"activations": stage.get("activations", "binary"),
+                                           "weights": stage.get("weights", "binary")}
+    set_precision(model, precision["activations"], precision["weights"])
     return model

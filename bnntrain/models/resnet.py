@@ -5,7 +5,7 @@ The first conv and the classifier stay real-valued by default, as in every publi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -15,6 +15,25 @@ from ..nn.layers import BinaryConv2d, BinaryLinear
 from .registry import MODELS
 
 BASE_CHANNELS = (64, 128, 256, 512)
+
+
+def double_skip(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple[list[nn.Module], int]:
+    """A ResNet basic block as two seed blocks, each with its own shortcut (trick 3, Bi-Real)."""
+    return [BinaryBlock(cin, planes, stride, opts), BinaryBlock(planes, planes, 1, opts)], planes
+
+
+def single_skip(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple[list[nn.Module], int]:
+    """A ResNet basic block: two binary convs under one shortcut."""
+    return [BinaryBlock(cin, planes, stride, opts, convs=2)], planes
+
+
+def bottleneck(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple[list[nn.Module], int]:
+    """The seed's bottleneck; `skip` does not apply (its inner shortcut is part of the block)."""
+    return [SeedBottleneck(cin, planes, stride, opts)], planes * SeedBottleneck.expansion
+
+
+BasicBlockBuilder = Callable[[int, int, int, BlockOptions], tuple[list[nn.Module], int]]
+SKIPS: dict[str, BasicBlockBuilder] = {"double": double_skip, "single": single_skip}
 
 
 def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts: BlockOptions,
@@ -41,14 +60,15 @@ def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts:
 class BinaryResNet(nn.Module):
     """stem -> four stages of binary blocks -> global average pool -> classifier."""
 
-    def __init__(self, depths: tuple[int, ...], bottleneck: bool, num_classes: int, in_channels: int = 3,
+    def __init__(self, depths: tuple[int, ...], use_bottleneck: bool, num_classes: int, in_channels: int = 3,
                  stem: str = "cifar", stem_pool_order: str = "conv_bn_act_pool", width: float = 1.0,
                  widen: int = 1, skip: str = "double", binary_stem: bool = False, binary_classifier: bool = False,
                  **block_options: Any) -> None:
         super().__init__()
         opts = BlockOptions(**block_options)
-        if skip not in ("double", "single"):
-            raise ConfigError(f"unknown model.skip '{skip}'; expected double or single")
+        if skip not in SKIPS:
+            raise ConfigError(f"unknown model.skip '{skip}'; expected one of: {', '.join(SKIPS)}")
+        make_block = bottleneck if use_bottleneck else SKIPS[skip]
         # `width` scales every layer; `widen` (trick 15) multiplies the channels of the binary stages.
         stem_channels = max(1, round(BASE_CHANNELS[0] * width))
         self.stem = make_stem(in_channels, stem_channels, stem, stem_pool_order, opts, binary_stem)
@@ -56,18 +76,10 @@ class BinaryResNet(nn.Module):
         for i, depth in enumerate(depths):
             planes = max(1, round(BASE_CHANNELS[i] * width * widen))
             stride = 1 if i == 0 else 2
-            blocks = []
+            blocks: list[nn.Module] = []
             for j in range(depth):
-                s = stride if j == 0 else 1
-                if bottleneck:
-                    blocks.append(SeedBottleneck(cin, planes, s, opts))
-                    cin = planes * SeedBottleneck.expansion
-                elif skip == "double":  # each basic block becomes two seed blocks (trick 3)
-                    blocks += [BinaryBlock(cin, planes, s, opts), BinaryBlock(planes, planes, 1, opts)]
-                    cin = planes
-                else:
-                    blocks.append(BinaryBlock(cin, planes, s, opts, convs=2))
-                    cin = planes
+                new_blocks, cin = make_block(cin, planes, stride if j == 0 else 1, opts)
+                blocks += new_blocks
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -86,14 +98,14 @@ class BinaryResNet(nn.Module):
 
 @MODELS.register("resnet18")
 def resnet18(**kwargs: Any) -> BinaryResNet:
-    return BinaryResNet((2, 2, 2, 2), bottleneck=False, **kwargs)
+    return BinaryResNet((2, 2, 2, 2), use_bottleneck=False, **kwargs)
 
 
 @MODELS.register("resnet34")
 def resnet34(**kwargs: Any) -> BinaryResNet:
-    return BinaryResNet((3, 4, 6, 3), bottleneck=False, **kwargs)
+    return BinaryResNet((3, 4, 6, 3), use_bottleneck=False, **kwargs)
 
 
 @MODELS.register("resnet50")
 def resnet50(**kwargs: Any) -> BinaryResNet:
-    return BinaryResNet((3, 4, 6, 3), bottleneck=True, **kwargs)
+    return BinaryResNet((3, 4, 6, 3), use_bottleneck=True, **kwargs)

@@ -44,6 +44,9 @@ class BlockOptions:
                             binarize=self.binarize)
 
 
+ATTENTION = (None, "se")  # trick 13's choices
+
+
 class RPReLU(nn.Module):
     """ReActNet's RPReLU: a learnable shift before and after a PReLU."""
 
@@ -110,6 +113,8 @@ class BinaryBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1) -> None:
         super().__init__()
+        if opts.attention not in ATTENTION:
+            raise ConfigError(f"unknown model.attention '{opts.attention}'; expected se or null")
         self.norms = nn.ModuleList(opts.norm(cin if i == 0 else cout) for i in range(convs))
         # A grouped conv needs both channel counts divisible by the groups; the stem-facing
         # conv of a widened model may not be, so it falls back to a dense conv.
@@ -145,6 +150,8 @@ class SeedBottleneck(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int, opts: BlockOptions) -> None:
         super().__init__()
+        if opts.attention is not None:
+            raise ConfigError("model.attention is not available on the seed's bottleneck (resnet50)")
         cout = planes * self.expansion
         self.bn1, self.bn2, self.bn3, self.bn4 = (opts.norm(c) for c in (cin, planes, planes, cout))
         self.conv1 = opts.conv(cin, planes, 1, stride)

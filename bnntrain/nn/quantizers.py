@@ -118,7 +118,7 @@ def _approx_sign() -> Callable[[Tensor], Tensor]:
 
 
 @ACTIVATION_QUANTIZERS.register("swish_sign")
-def _swish_sign(beta: float = 5.0) -> Callable[[Tensor], Tensor]:
+def _swish_sign(beta: float = 5.0) -> Callable[[Tensor], Tensor]:  # BNN+'s default beta
     return lambda x: SwishSign.apply(x, beta)
 
 
