@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .engine import distributed, load_checkpoint
 from .errors import ConfigError, UserError

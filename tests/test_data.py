@@ -1,7 +1,6 @@
 """Datasets and loaders on files the tests write in the real on-disk formats."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from bnntrain.data import build_loaders
 from bnntrain.errors import DataError

@@ -2,7 +2,6 @@
 torchrun data parallelism with gloo, and the Hydra launchers."""
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nn.blocks import BinaryBlock, BlockOptions, SeedBottleneck
-from ..nn.layers import BinaryConv2d, BinaryLinear
+from ..nn.layers import BinaryLinear
 from .registry import MODELS
 
 BASE_CHANNELS = (64, 128, 256, 512)
