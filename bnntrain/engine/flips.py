@@ -12,7 +12,7 @@ from ..nn.layers import binary_layers
 
 
 class FlipTracker:
-    """Keeps one boolean sign snapshot per binary layer (sign(0) = +1, as the quantizer)."""
+    """Keeps one boolean sign snapshot per binary layer, read as the quantizer reads it."""
 
     def __init__(self, model: nn.Module) -> None:
         # The real-valued twin's layers never binarize their weights: nothing to watch.
@@ -21,7 +21,8 @@ class FlipTracker:
 
     @staticmethod
     def _signs(weight: torch.Tensor) -> torch.Tensor:
-        return weight.detach() >= 0
+        # The sign bit, as the weight binarizer's copysign reads it (negative zero is -1).
+        return ~torch.signbit(weight.detach())
 
     def update(self) -> dict[str, float]:
         """`train/flip_ratio` over all binary weights and `flip_ratio/<layer>` for each,
