@@ -64,7 +64,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
             raise CheckpointError(f"{resume} cannot be resumed: it lacks {', '.join(missing)}")
         init = saved["init_from"]
 
-    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter, seed=cfg.seed)
+    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter, seed=cfg.seed, device=device)
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
     distill = cfg.get("distill")
     teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None

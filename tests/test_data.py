@@ -43,11 +43,11 @@ def test_image_folder_makes_greyscale_rgb(tmp_path):
     root = write_image_folder(tmp_path / "imgs", size=20)
     data = loaders("data=folder", f"data.root={root}", "data.num_workers=2", "data.image_size=16",
                    "data.batch_size=4")
-    assert data.num_classes == 3 and data.train.num_workers == 2
+    assert data.num_classes == 3 and data.train.loader.num_workers == 2
     x, _ = next(iter(data.train))
     assert x.shape == (4, 3, 16, 16)
     grey, _ = data.test.dataset[0]  # the greyscale file
-    assert grey.shape == (3, 16, 16)
+    assert grey.shape == (3, 16, 16) and grey.dtype == torch.uint8
 
 
 def test_imagenet_layout_uses_val(tmp_path):
@@ -56,6 +56,15 @@ def test_imagenet_layout_uses_val(tmp_path):
                    "augment.train.random_resized_crop.size=32", "augment.test.resize=36", "augment.test.center_crop=32")
     x, _ = next(iter(data.test))
     assert x.shape == (2, 3, 32, 32) and data.num_classes == 3
+
+
+def test_training_batches_are_mixed_and_test_batches_are_not():
+    data = loaders("augment.mixup=0.2", "data.batch_size=16")
+    images, targets = next(iter(data.train))
+    assert images.shape == (16, 1, 8, 8) and targets.shape == (16, 10)  # class probabilities
+    assert torch.allclose(targets.sum(1), torch.ones(16))
+    _, test_targets = next(iter(data.test))
+    assert test_targets.dtype == torch.int64 and test_targets.dim() == 1
 
 
 def test_colour_jitter_only_where_the_stage_wants_it(tmp_path):

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torchvision.transforms import v2
 
-from bnntrain.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, MixingCollate, build_transform
+from bnntrain.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, BatchMixing, BatchNormalize, build_transform
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import ConfigError
@@ -36,31 +37,41 @@ def test_lighting_follows_the_pca_formula():
 def test_presets_give_normalised_images_of_the_right_size(preset, size_in, train_size, test_size):
     cfg = make(f"augment={preset}", "+augment.train.lighting.alphastd=0.1" if preset == "cifar100" else "seed=0")
     image = torch.randint(0, 256, (3, size_in, size_in + (20 if size_in > 32 else 0)), dtype=torch.uint8)
-    train = build_transform(cfg.augment.train, MEAN, STD)(image)
-    test = build_transform(cfg.augment.test, MEAN, STD)(image)
+    train = build_transform(cfg.augment.train)(image)
+    test = build_transform(cfg.augment.test)(image)
     assert train.shape == (3, train_size, train_size) and test.shape == (3, test_size, test_size)
-    assert train.dtype == torch.float32 and -2.2 < test.min() and test.max() < 2.7  # normalised [0, 1]
+    assert train.dtype == test.dtype == torch.uint8  # workers hand over bytes; the batch is normalised later
+    batch = BatchNormalize(MEAN, STD)(torch.stack([train, test]))
+    assert batch.dtype == torch.float32 and -2.2 < batch.min() and batch.max() < 2.7  # normalised [0, 1]
+
+
+def test_batch_normalisation_matches_torchvision_per_image():
+    images = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    expected = torch.stack([reference(image) for image in images])
+    assert torch.allclose(BatchNormalize(MEAN, STD)(images), expected, atol=1e-5)
+    floats = torch.rand(4, 3, 5, 6)  # in-memory datasets hold floats in [0, 1]
+    assert torch.allclose(BatchNormalize(MEAN, STD)(floats), reference(floats), atol=1e-6)
 
 
 def test_image_scale_setting_resizes_before_cropping():
     cfg = make("augment=imagenet_rescale")
-    names = [type(t).__name__ for t in build_transform(cfg.augment.train, MEAN, STD).transforms]
+    names = [type(t).__name__ for t in build_transform(cfg.augment.train).transforms]
     assert names[:2] == ["Resize", "RandomCrop"] and "RandomResizedCrop" not in names
-    test = build_transform(cfg.augment.test, MEAN, STD).transforms
+    test = build_transform(cfg.augment.test).transforms
     assert list(test[0].size) == [302] and list(test[1].size) == [224, 224]  # int(224 * 1.35)
 
 
 def test_autoaugment_is_one_override_away():
     cfg = make("augment=cifar100", "augment.train.autoaugment=cifar10")
-    names = [type(t).__name__ for t in build_transform(cfg.augment.train, MEAN, STD).transforms]
+    names = [type(t).__name__ for t in build_transform(cfg.augment.train).transforms]
     assert "AutoAugment" in names
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.2, None), (None, 1.0), (0.2, 1.0)])
 def test_batch_mixing_gives_soft_targets(mixup, cutmix):
     torch.manual_seed(0)
-    batch = [(torch.rand(3, 8, 8), i % 5) for i in range(6)]
-    images, targets = MixingCollate(5, mixup, cutmix)(batch)
+    images, targets = BatchMixing(5, mixup, cutmix)(torch.rand(6, 3, 8, 8), torch.arange(6) % 5)
     assert images.shape == (6, 3, 8, 8) and targets.shape == (6, 5)
     assert torch.allclose(targets.sum(1), torch.ones(6))
     assert F.cross_entropy(torch.randn(6, 5), targets).isfinite()

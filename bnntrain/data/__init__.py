@@ -1,7 +1,8 @@
-"""`build_loaders` turns the `data` and `augment` config groups and a stage into DataLoaders."""
+"""`build_loaders` turns the `data` and `augment` config groups and a stage into batches on a device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -10,13 +11,39 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ..engine import distributed
 from ..errors import DataError
 from .datasets import DATASETS
-from .transforms import build_collate, build_transform
+from .transforms import BatchNormalize, build_batch_mixing, build_transform
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DeviceBatches:
+    """A DataLoader's batches, moved to `device` and finished there as whole batches.
+
+    Workers deliver uint8 images; here they become normalised floats (and, for training,
+    are mixed), one vectorised op per batch on the device rather than one per image in a
+    worker. `dataset`, `sampler` and `len()` are the loader's.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, normalize: BatchNormalize,
+                 mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None) -> None:
+        self.loader, self.device, self.mix = loader, device, mix
+        self.normalize = normalize.to(device)
+        self.dataset, self.sampler = loader.dataset, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, targets in self.loader:
+            images = self.normalize(images.to(self.device, non_blocking=True))
+            targets = targets.to(self.device, non_blocking=True)
+            yield self.mix(images, targets) if self.mix is not None else (images, targets)
 
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    test: DataLoader
+    train: DeviceBatches
+    test: DeviceBatches
     num_classes: int
     channels: int
 
@@ -25,13 +52,15 @@ class Loaders:
         self.train.sampler.set_epoch(epoch)
 
 
-def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True, seed: int = 0) -> Loaders:
-    """Train and test loaders; under torchrun each rank gets its share of every batch.
+def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True, seed: int = 0,
+                  device: torch.device | str = "cpu") -> Loaders:
+    """Train and test batches on `device`; under torchrun each rank gets its share of every batch.
 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
     """
-    train_tf = build_transform(augment.get("train"), data.mean, data.std, color_jitter=color_jitter)
-    test_tf = build_transform(augment.get("test"), data.mean, data.std)
+    device = torch.device(device)
+    train_tf = build_transform(augment.get("train"), color_jitter=color_jitter)
+    test_tf = build_transform(augment.get("test"))
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
     if len(train_set) == 0 or len(test_set) == 0:
@@ -41,14 +70,15 @@ def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = Tr
     train_sampler = DistributedSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                        shuffle=True, seed=seed)
     common = dict(batch_size=data.batch_size, num_workers=data.num_workers,
-                  pin_memory=torch.cuda.is_available(),
+                  pin_memory=device.type == "cuda",
                   # Workers are started anew each epoch so that each epoch's augmentation
                   # follows from that epoch's seed: a resumed run replays the same batches.
                   persistent_workers=False)
-    train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size,
-                       collate_fn=build_collate(augment, num_classes), **common)
+    train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size, **common)
     test = DataLoader(test_set, sampler=distributed.ShardSampler(len(test_set)), **common)
-    return Loaders(train, test, num_classes, data.channels)
+    normalize = BatchNormalize(data.mean, data.std)
+    return Loaders(DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes)),
+                   DeviceBatches(test, device, normalize), num_classes, data.channels)
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:

@@ -8,8 +8,13 @@
     mixup: 0.2                              # batch mixing (alpha), applied when batches are collated
     cutmix: null
 
-Normalisation comes from the data preset and is always last. Colour jitter is left out of
-a stage whose config says `color_jitter: false` (stage 2 of the seed's recipe).
+Colour jitter is left out of a stage whose config says `color_jitter: false` (stage 2 of
+the seed's recipe).
+
+The listed transforms run per image in the loader's workers and end in a uint8 tensor.
+What is the same for every image runs once per batch on the training device instead
+(`BatchNormalize` with the data preset's statistics, then MixUp/CutMix): workers hand over
+a quarter of float32's bytes, and one vectorised op replaces a normalisation per image.
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
@@ -82,38 +86,52 @@ def _make(name: str, args: Any) -> Callable:
         raise ConfigError(f"augment option {name}={args!r} is invalid: {err}") from None
 
 
-def build_transform(spec: DictConfig | None, mean: list[float], std: list[float],
-                    color_jitter: bool = True) -> v2.Compose:
-    """PIL image or tensor -> normalised float tensor, with the listed transforms in between.
+def build_transform(spec: DictConfig | None, color_jitter: bool = True) -> v2.Compose:
+    """Per-image transform: PIL image or tensor in, the listed transforms, tensor out.
 
     The listed transforms see the image as it comes (a PIL image from the image datasets:
-    Pillow's resize and colour ops are faster than the tensor ones), then it becomes a float
-    tensor and is normalised.
+    Pillow's resize and colour ops are faster than the tensor ones). Images end as uint8
+    tensors (or stay float where the dataset holds floats in [0, 1]); `BatchNormalize`
+    turns the batch into normalised floats.
     """
     steps: list[Callable] = []
     for name, args in (OmegaConf.to_container(spec, resolve=True) if spec else {}).items():
         if args is None or args is False or (name == "color_jitter" and not color_jitter):
             continue
         steps.append(_make(name, args))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    steps.append(v2.ToImage())
     return v2.Compose(steps)
 
 
-class MixingCollate:
-    """Collate a batch, then mix it with MixUp or CutMix (one picked at random per batch).
+class BatchNormalize(torch.nn.Module):
+    """A batch of uint8 (0..255) or float (0..1) images -> float32, normalised per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:  # fold the /255 into the statistics: two in-place ops
+            return images.float().sub_(255 * self.mean).div_(255 * self.std)
+        return (images.float() - self.mean) / self.std
+
+
+class BatchMixing:
+    """Mix a batch with MixUp or CutMix (one picked at random per batch).
 
     The labels become class probabilities, which `CrossEntropyLoss` takes as they are, so
-    the training loop needs no special case. A class (not a lambda) so workers can pickle it.
+    the training loop needs no special case.
     """
 
     def __init__(self, num_classes: int, mixup: float | None, cutmix: float | None) -> None:
         mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if a]
         self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
-    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mix(*default_collate(batch))
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(images, targets)
 
 
-def build_collate(augment: DictConfig, num_classes: int) -> Callable | None:
+def build_batch_mixing(augment: DictConfig, num_classes: int) -> BatchMixing | None:
     mixup, cutmix = augment.get("mixup"), augment.get("cutmix")
-    return MixingCollate(num_classes, mixup, cutmix) if (mixup or cutmix) else None
+    return BatchMixing(num_classes, mixup, cutmix) if (mixup or cutmix) else None
