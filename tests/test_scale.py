@@ -164,3 +164,17 @@ def test_slurm_launcher_preset_composes():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 8, 8)
     assert launcher.timeout_min > 0 and cfg.data.name == "imagenet"
+
+
+def test_submitit_launcher_runs_a_job_as_two_ranks(tmp_path):
+    """The path a SLURM job takes, on this machine: Hydra's submitit launcher with its local
+    executor starts two tasks, submitit's variables make them two gloo ranks of one run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "stage=1",
+                   "trainer.device=cpu", f"hydra.sweep.dir={tmp_path}"] + TINY)
+    assert out.returncode == 0, out.stderr
+    log = (tmp_path / "0" / "cli.log").read_text()
+    assert "data parallel over 2 ranks, backend gloo" in log
+    assert log.count("stage1 epoch 1/1") == 1 and "stage1: weights identical on all 2 ranks" in log
+    assert len(list((tmp_path / "0" / "stage1").glob("events.out.tfevents.*"))) == 1  # rank 0 writes
+    assert results(tmp_path / "0")["stage1"]["epochs"] == 1

@@ -24,18 +24,18 @@ def launched_by_torchrun() -> bool:
 def init(device_kind: str) -> None:
     """Join the process group (once per process) and pick this rank's GPU.
 
-    Under torchrun the environment says who is who; in a SLURM job started by Hydra's
-    submitit launcher with several tasks, submitit translates SLURM's variables first.
+    Under torchrun the environment says who is who. In a job of Hydra's submitit launcher
+    with several tasks (SLURM, or its local executor) submitit translates its variables first.
     """
     if dist.is_initialized():
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
-        try:
-            from submitit.helpers import TorchDistributedEnvironment
+    if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
             # Each task keeps every GPU visible and picks its own by LOCAL_RANK (resolve_device).
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        except (ImportError, RuntimeError):  # submitit is not installed, or this is no SLURM job
-            pass
     if not launched_by_torchrun():
         return
     cuda = device_kind != "cpu" and torch.cuda.is_available()
