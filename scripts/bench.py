@@ -266,7 +266,7 @@ def main() -> None:
             sys.exit("error: --gpu needs a CUDA device")
         rows += bench_gpu(steps=20, batch=128)
         if args.imagenette:
-            rows += bench_data(args.imagenette, images=2560, workers=args.workers, device="cuda")
+            rows += bench_data(args.imagenette, images=1920, workers=args.workers, device="cuda")
     else:
         only = set(args.only.split(","))
         if "overhead" in only:

@@ -71,3 +71,20 @@ def test_torchrun_with_nccl_and_sync_batchnorm(tmp_path):
     assert out.returncode == 0, out.stderr
     assert list(results(tmp_path / "run")) == ["stage1", "stage2"]
     assert f"data parallel over {n} ranks, backend nccl" in out.stdout
+
+
+def test_batches_are_normalised_and_mixed_on_the_gpu(tmp_path):
+    from bnntrain.data import build_loaders
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", size=20)
+    cfg = make("data=folder", f"data.root={root}", "data.image_size=16", "data.batch_size=4", "data.num_workers=2",
+               "augment.mixup=0.2")
+    gpu = build_loaders(cfg.data, cfg.augment, device="cuda")
+    cpu = build_loaders(cfg.data, cfg.augment, device="cpu")
+    assert gpu.test.loader.pin_memory and not cpu.test.loader.pin_memory
+    (x, y), (x_cpu, y_cpu) = next(iter(gpu.test)), next(iter(cpu.test))
+    assert x.is_cuda and x.dtype == torch.float32 and torch.allclose(x.cpu(), x_cpu, atol=1e-5)
+    assert torch.equal(y.cpu(), y_cpu)
+    images, targets = next(iter(gpu.train))
+    assert images.is_cuda and targets.is_cuda and targets.shape == (4, 3)  # mixed: class probabilities
