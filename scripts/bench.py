@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -45,17 +46,25 @@ def model_for(cfg, num_classes: int = 100, device: str = "cpu") -> torch.nn.Modu
     return model.to(device)
 
 
-def interleaved(a: Callable[[], None], b: Callable[[], None], repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of a() and of b(), timed alternately so drift hits both alike."""
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each function per round. All run once per round, in an order drawn anew
+    each round, so that drift hits all alike and none always inherits another's caches."""
     for _ in range(warmup):
-        a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
-            start = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(list(fns), len(fns)):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(base: list[float], ours: list[float]) -> float:
+    """Median over rounds of ours / base: a round's two timings share the machine's state."""
+    return statistics.median(o / b for o, b in zip(ours, base))
 
 
 def row(name: str, baseline: str, base: float, ours: float, unit: str, target: str, ratio: float | None = None) -> dict:
@@ -70,14 +79,19 @@ def bench_overhead(steps: int, repeats: int) -> list[dict]:
     batches = [(images, targets)] * steps
     plain_model = model_for(cfg)
     ours_model = copy.deepcopy(plain_model)
-    plain_opt = torch.optim.Adam(plain_model.parameters(), 2e-4)
 
-    def plain() -> None:
-        for x, y in batches:
-            loss = F.cross_entropy(plain_model(x), y)
-            plain_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            plain_opt.step()
+    def hand_written(model: torch.nn.Module) -> Callable[[], None]:
+        opt = torch.optim.Adam(model.parameters(), 2e-4)
+
+        def loop() -> None:
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return loop
+
+    plain, plain_twin = hand_written(plain_model), hand_written(copy.deepcopy(plain_model))
 
     objective = build_objective(cfg, ours_model, 100, None)
     optimizer = build_optimizer(cfg.optimizer, ours_model, extra=objective.parameters())
@@ -90,9 +104,15 @@ def bench_overhead(steps: int, repeats: int) -> list[dict]:
             trainer.train_epoch(logger.batches(batches, 0), on_log=logger.train_loss)
             scheduler.step()
 
-        base, mine = interleaved(plain, ours, repeats)
+        times = interleaved({"plain": plain, "twin": plain_twin, "ours": ours}, repeats)
         logger.writer.close()
-    return [row("framework overhead (train step)", "hand-written loop", base / steps, mine / steps, "s/step", "<= 1.03")]
+    # Two copies of the hand-written loop, on two copies of the model: their mean per round is
+    # the baseline, and how far apart they land is the noise floor of this machine.
+    baseline = [(a + b) / 2 for a, b in zip(times["plain"], times["twin"])]
+    base, mine = statistics.median(baseline), statistics.median(times["ours"])
+    result = row("framework overhead (train step)", "hand-written loop", base / steps, mine / steps, "s/step", "<= 1.03",
+                 ratio=paired_ratio(baseline, times["ours"]))
+    return [{**result, "noise_floor_ratio": round(paired_ratio(times["plain"], times["twin"]), 3)}]
 
 
 def bench_binarization(repeats: int) -> list[dict]:
@@ -112,9 +132,10 @@ def bench_binarization(repeats: int) -> list[dict]:
                 loss.backward()
                 opt.step()
             steppers.append(step)
-        binary, real = interleaved(steppers[0], steppers[1], repeats)
-        out.append(row(f"binarization cost, {data} stem {size}px", "real-valued twin", real, binary, "s/step",
-                       "<= 1.15 (CPU)"))
+        times = interleaved({"binary": steppers[0], "real": steppers[1]}, repeats)
+        out.append(row(f"binarization cost, {data} stem {size}px", "real-valued twin",
+                       statistics.median(times["real"]), statistics.median(times["binary"]), "s/step", "<= 1.15 (CPU)",
+                       ratio=paired_ratio(times["real"], times["binary"])))
     return out
 
 
@@ -255,7 +276,7 @@ def main() -> None:
     parser.add_argument("--imagenette", type=Path, help="Imagenette folder (train/, val/) for the data benchmark")
     parser.add_argument("--cifar10", type=Path, help="CIFAR-10 JPEG folder (train/, test/) for the epoch benchmark")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--gpu", action="store_true", help="only the GPU throughput benchmark")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
@@ -281,6 +302,8 @@ def main() -> None:
             rows += bench_epoch(args.cifar10)
     for r in rows:
         ratio = f"  ratio {r['ratio']:.3f} (target {r['target']})" if "ratio" in r else ""
+        if "noise_floor_ratio" in r:
+            ratio += f", identical loops {r['noise_floor_ratio']:.3f}"
         print(f"{r['benchmark']:<55} {r['bnntrain_value']:>10.4g} {r['unit']}{ratio}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -30,6 +30,21 @@ def test_trainer_learns_and_logs():
     assert last["top5"] == 100.0  # top-5 of 2 classes
 
 
+def test_logged_loss_is_the_mean_over_the_logging_interval():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    data = batches()
+    with torch.no_grad():  # lr 0: the model stays as it is, so each batch's loss is known up front
+        step_losses = torch.stack([nn.functional.cross_entropy(model(x), y) for x, y in data])
+    trainer = Trainer(model, Objective(model), torch.optim.SGD(model.parameters(), 0.0), torch.device("cpu"),
+                      log_every=4)
+    logged = []
+    out = trainer.train_epoch(data, on_log=lambda step, loss: logged.append((step, loss)))
+    assert [s for s, _ in logged] == [4, 8]
+    assert [loss for _, loss in logged] == pytest.approx([step_losses[:4].mean().item(), step_losses[4:].mean().item()])
+    assert out["loss"] == pytest.approx(step_losses.mean().item())
+
+
 def test_evaluate_counts_exactly():
     model = nn.Linear(2, 3, bias=False)
     with torch.no_grad():

@@ -5,7 +5,7 @@
       horizontal_flip: true                 # true: the transform with its defaults
       rotation: 15                          # a scalar is its first argument
       color_jitter: null                    # null or false: left out
-    mixup: 0.2                              # batch mixing (alpha), applied when batches are collated
+    mixup: 0.2                              # batch mixing (alpha), applied to whole training batches
     cutmix: null
 
 Colour jitter is left out of a stage whose config says `color_jitter: false` (stage 2 of

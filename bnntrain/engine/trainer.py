@@ -68,7 +68,7 @@ class Trainer:
     def train_epoch(self, batches: Iterable, on_log: LogFn | None = None) -> dict[str, float]:
         self.model.train()
         total = torch.zeros((), device=self.device)
-        window, window_steps, steps = torch.zeros((), device=self.device), 0, 0
+        logged, logged_steps, steps = torch.zeros((), device=self.device), 0, 0  # losses since the last log
         last = len(batches) if hasattr(batches, "__len__") else -1
         for i, (images, targets) in enumerate(batches, start=1):
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -79,15 +79,15 @@ class Trainer:
             window = min(self.accumulate, last - start) if last > 0 else self.accumulate
             loss = self.train_step(images, targets, update, window)
             total += loss
-            window += loss
-            steps, window_steps = steps + 1, window_steps + 1
+            logged += loss
+            steps, logged_steps = steps + 1, logged_steps + 1
             if not update:
                 continue
             self.step += 1
             if self.step % self.log_every == 0:
-                self._report(window.item() / window_steps, on_log)
-                window.zero_()
-                window_steps = 0
+                self._report(logged.item() / logged_steps, on_log)
+                logged.zero_()
+                logged_steps = 0
         mean = total.item() / max(steps, 1)
         check_finite(mean, f"by step {self.step}, the training loss")
         return {"loss": mean, "steps": steps}
