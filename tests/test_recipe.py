@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.transforms import v2
 
-from bnntrain.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, BatchMixing, BatchNormalize, build_transform
+from bnntrain.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, BatchNormalize, build_batch_mixing, build_transform
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import ConfigError
@@ -71,7 +71,8 @@ def test_autoaugment_is_one_override_away():
 @pytest.mark.parametrize("mixup, cutmix", [(0.2, None), (None, 1.0), (0.2, 1.0)])
 def test_batch_mixing_gives_soft_targets(mixup, cutmix):
     torch.manual_seed(0)
-    images, targets = BatchMixing(5, mixup, cutmix)(torch.rand(6, 3, 8, 8), torch.arange(6) % 5)
+    mix = build_batch_mixing(OmegaConf.create({"mixup": mixup, "cutmix": cutmix}), num_classes=5)
+    images, targets = mix(torch.rand(6, 3, 8, 8), torch.arange(6) % 5)
     assert images.shape == (6, 3, 8, 8) and targets.shape == (6, 5)
     assert torch.allclose(targets.sum(1), torch.ones(6))
     assert F.cross_entropy(torch.randn(6, 5), targets).isfinite()

@@ -117,21 +117,12 @@ class BatchNormalize(torch.nn.Module):
         return (images.float() - self.mean) / self.std
 
 
-class BatchMixing:
-    """Mix a batch with MixUp or CutMix (one picked at random per batch).
-
-    The labels become class probabilities, which `CrossEntropyLoss` takes as they are, so
-    the training loop needs no special case.
-    """
-
-    def __init__(self, num_classes: int, mixup: float | None, cutmix: float | None) -> None:
-        mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if a]
-        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mix(images, targets)
-
-
-def build_batch_mixing(augment: DictConfig, num_classes: int) -> BatchMixing | None:
-    mixup, cutmix = augment.get("mixup"), augment.get("cutmix")
-    return BatchMixing(num_classes, mixup, cutmix) if (mixup or cutmix) else None
+def build_batch_mixing(augment: DictConfig, num_classes: int) -> Callable | None:
+    """MixUp or CutMix over whole (images, labels) batches; with both set, one is picked at
+    random per batch. The labels become class probabilities, which `CrossEntropyLoss` takes
+    as they are, so the training loop needs no special case."""
+    alphas = ((v2.MixUp, augment.get("mixup")), (v2.CutMix, augment.get("cutmix")))
+    mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in alphas if alpha]
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
