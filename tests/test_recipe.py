@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.transforms import v2
 
-from bnntrain.data.transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, BatchNormalize, build_batch_mixing, build_transform
+from bnntrain.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, BatchNormalize, Lighting, build_batch_mixing,
+                                      build_transform)
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import ConfigError
