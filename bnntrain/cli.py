@@ -1,28 +1,27 @@
-"""The command line: `python -m bnntrain [group=option ...] [key=value ...]`, a Hydra app."""
+"""The command line: `python -m bnntrain [group=option ...] [key=value ...]`, a Hydra app.
+
+Before Hydra starts (and makes a run folder), `prepare` composes and checks every stage
+through `bnntrain.config`, so a bad option or value is one `error:` line and nothing is
+written. `--cfg job` prints each stage's config as that stage will train.
+"""
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import runs
-from .errors import ConfigError, UserError
+from .checks import check_path
+from .config import (error_line, fail, is_sweep, normalize, override_value, plan, renamed_choices,
+                     task_overrides, to_yaml)
+from .errors import UserError
 
 log = logging.getLogger("bnntrain")
-CONFIG_MODULE = "bnntrain.configs"
-# Hydra flags that take a value, so the value is not mistaken for an override.
-FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
-                    "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    return hydra.compose(config_name="config", overrides=overrides)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -32,109 +31,79 @@ def app(cfg: DictConfig) -> None:
 
     distributed.init(cfg.trainer.device)  # a no-op unless launched as several processes
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports progress
-    elif cfg.get("resume") is None:  # a resumed run keeps the config.yaml it started with
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if distributed.launched_by_torchrun():
         log.info(f"data parallel over {distributed.world_size()} ranks, backend {distributed.backend()}")
     try:
-        pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task), _compose)
+        pipeline.run(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), distributed.world_size())
     except UserError as err:
-        # Raised in a DataLoader worker, the message carries the worker's traceback; its last
-        # line is ours.
-        message = str(err).strip().splitlines()[-1]
-        log.debug(f"error: {message}")  # into the run's log file
-        print(f"error: {message}", file=sys.stderr)
+        log.debug(error_line(err))  # into the run's log file
         if hydra_cfg.mode == RunMode.MULTIRUN:
+            print(error_line(err), file=sys.stderr)
             raise  # the launcher goes on with the other jobs, and Hydra reports the failure at the end
-        sys.exit(2)
-
-
-def quote_stage_choices(argv: list[str]) -> list[str]:
-    """`stage=1` -> `stage='1'`: Hydra rejects a config-group choice that parses as a number,
-    and the stage options are named 0, 1 and 2. Sweeps (`stage=1,2`) are quoted item by item."""
-    out = []
-    for arg in argv:
-        match = re.fullmatch(r"stage=(\d+(?:,\d+)*)", arg)
-        out.append("stage=" + ",".join(f"'{n}'" for n in match.group(1).split(",")) if match else arg)
-    return out
-
-
-def task_overrides(argv: list[str]) -> list[str] | None:
-    """The config overrides in argv, or None for a sweep (Hydra checks each job itself)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("-m", "--multirun"):
-            return None
-        elif arg in FLAGS_WITH_VALUE:
-            skip = True
-        elif not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
-            out.append(arg)
-    return out
-
-
-def compose_checked(overrides: list[str]) -> DictConfig | None:
-    """Compose once before the app runs, so that an unknown option or key is reported as
-    one line (a ConfigError) rather than Hydra's multi-line report. None for a sweep."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
-            return None  # a sweep (the preset may set hydra.mode=MULTIRUN): Hydra checks each job
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        reason = err.__cause__  # e.g. "Key 'lrr' is not in struct" behind "Could not override"
-        raise ConfigError(one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))) from None
-
-
-def one_line(message: str) -> str:
-    """Hydra's multi-line report as one line: the problem, then the options it expected."""
-    message = message.split("Config search path:")[0]
-    lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-    text = " ".join(lines)
-    # "Available options in 'data': a b c" reads better as a list.
-    return re.sub(r"(Available options in '[^']+':) (.*)$", lambda m: f"{m.group(1)} {', '.join(m.group(2).split())}",
-                  text)
+        fail(err)
 
 
 def main() -> None:
-    argv = quote_stage_choices(sys.argv[1:])
+    argv = normalize(sys.argv[1:])
+    overrides = task_overrides(argv)
     try:
-        argv, device = prepare(argv)
+        if overrides is not None and is_sweep(overrides):  # e.g. a preset that sets hydra.mode=MULTIRUN
+            overrides = None
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
+    for note in renamed_choices(overrides or []):
+        print(note, file=sys.stderr)
+    try:
+        if overrides is not None and job_config_request(argv) is not None:
+            print_job_config(overrides, job_config_request(argv) or None)
+            return
+        argv, device = prepare(argv, overrides)
+    except UserError as err:
+        fail(err)
     sys.argv = [sys.argv[0]] + under_torchrun(argv, device)
     app()
 
 
-def prepare(argv: list[str]) -> tuple[list[str], str]:
+def job_config_request(argv: list[str]) -> str | None:
+    """`--cfg job` (or `-c job`): the package asked for with `--package` ('' for all); None otherwise."""
+    pairs = list(zip(argv, argv[1:] + [""]))
+    if not any((flag in ("--cfg", "-c") and value == "job") or flag == "--cfg=job" for flag, value in pairs):
+        return None
+    return next((value for flag, value in pairs if flag in ("--package", "-p")), "")
+
+
+def print_job_config(overrides: list[str], package: str | None) -> None:
+    """Each stage's config, resolved, as it will train (a pipeline's labelled by stage)."""
+    resume = override_value(overrides, "resume")
+    if resume is not None:
+        _, overrides = runs.resume_target(Path(resume), overrides)
+        overrides += [f"resume={resume}"]
+    print(to_yaml(plan(overrides, check_init=False), package), end="")
+
+
+def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], str]:
     """Check the command before Hydra writes anything; return the arguments to run (a resume
     is pinned to the folder it continues) and the device the run will use."""
-    overrides = task_overrides(argv)
     if overrides is None:
-        return argv, "auto"
-    resume = runs.override_value(overrides, "resume")
+        return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        check_path(key, override_value(argv, key))
+    resume = override_value(overrides, "resume")
+    check_path("resume", resume)
     if resume is None:
         runs.refuse_existing_run(argv)
     else:
         # Hydra composes the resumed run's overrides plus today's, and the run goes on in its folder.
         run_dir, full = runs.resume_target(Path(resume), overrides)
         argv = [a for a in argv if a not in overrides] + full + [f"resume={resume}"]
-        overrides = full
-        if runs.override_value(argv, "hydra.run.dir") is None:
+        overrides = full + [f"resume={resume}"]
+        if override_value(argv, "hydra.run.dir") is None:
             # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
             argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
-    cfg = compose_checked(overrides)
-    return argv, "auto" if cfg is None else str(cfg.trainer.device)
+    stages = plan(overrides)
+    return argv, str(stages[0].trainer.device)
 
 
 def under_torchrun(argv: list[str], device: str) -> list[str]:

@@ -14,14 +14,17 @@ not counted, as in the papers.
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from .files import write_text
 from .nn.layers import BinaryMixin, binary_layers
 
 # Multiply-accumulates of one call, from the module and its output. A grouped conv's
@@ -89,6 +92,11 @@ class CostReport:
 
     def table(self) -> str:
         return format_table(self)
+
+    def save(self, folder: Path) -> None:
+        """cost.txt (the table) and cost.json (everything in it) in `folder`."""
+        write_text(folder / "cost.txt", self.table() + "\n")
+        write_text(folder / "cost.json", json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 @contextmanager

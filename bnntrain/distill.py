@@ -1,4 +1,4 @@
-"""Teachers for distillation (seed trick 12), always frozen and in eval mode.
+"""Teachers for distillation (trick 12), always frozen and in eval mode.
 
 A teacher is either a bnntrain checkpoint (rebuilt from the config saved in it: for
 instance a `model.binarize=false` run, or for label refinery the checkpoint this stage

@@ -20,7 +20,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import run_tool, split_args
 from .engine import load_checkpoint, load_model_weights
 from .engine.checkpoint import load_tensors
 from .errors import CheckpointError, ConfigError, UserError
+from .files import atomic_write
 from .models import build_model, model_from_checkpoint
 from .nn.layers import BinaryMixin, binary_layers, set_precision
-from .nn.quantizers import clamp, leaky_clip, sign
-from .tools import run_tool, split_args
+from .nn.quantizers import PRECISION_MODES, sign
 
 FORMAT, VERSION = "bnntrain-packed", 1
 USAGE = "usage: python -m bnntrain.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
+
+
 def compare_sign(x: Tensor) -> Tensor:
     """sign with sign(0) = +1 as a comparison and a select (ONNX's GreaterOrEqual and Where;
     ONNX has no copysign). It differs from training's sign only on IEEE negative zero."""
@@ -46,7 +48,7 @@ def compare_sign(x: Tensor) -> Tensor:
 
 # What a binary layer does to its input, per activation mode, in plain ops rather than the
 # training quantizers' autograd Functions, so that ONNX sees standard operators.
-INPUT_FUNCTIONS = {"binary": compare_sign, "real": lambda x: x, "leaky_clip": leaky_clip, "clamp": clamp}
+INPUT_FUNCTIONS = {"binary": compare_sign, **PRECISION_MODES}
 
 
 class InferenceBinaryLayer(nn.Module):
@@ -162,9 +164,7 @@ def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[s
             packed[layer] = list(value.shape)
         else:
             tensors[key] = value.detach().cpu().clone()  # a compact copy: torch.save writes whole storages
-    trained = state["model"]
-    config = {"model": state["config"]["model"], "num_classes": trained["classifier.weight"].shape[0],
-              "in_channels": trained["stem.0.weight"].shape[1],
+    config = {"model": state["config"]["model"], "num_classes": state["num_classes"], "in_channels": state["in_channels"],
               "image_size": state["config"]["data"]["image_size"], "activations": activations,
               "weights": weights, "stage": state["stage"], "checkpoint": str(source), "packed": packed,
               "folded": folded}
@@ -214,16 +214,6 @@ def _output(value: str, ckpt: Path, key: str) -> Path:
     return path
 
 
-def _write(blob: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves half a file
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-
-
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
     """Write the packed file of a checkpoint; return the sizes in bytes that `main` prints."""
     ckpt = Path(ckpt).expanduser()
@@ -231,7 +221,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
     state = load_checkpoint(ckpt)
     model = model_from_checkpoint(state, str(ckpt))
     blob = export_model(model, state, str(ckpt))
-    _write(blob, out)
+    atomic_write(out, lambda tmp: torch.save(blob, tmp))
     packed = [v for k, v in blob["tensors"].items() if k.endswith(".weight_bits")]
     shapes = json.loads(blob["config"])["packed"].values()
     return {"file": out.stat().st_size, "checkpoint": ckpt.stat().st_size, "fp32_weights": _nbytes(state["model"]),

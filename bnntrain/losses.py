@@ -2,7 +2,7 @@
 
 `Objective(model, images, targets)` returns the loss of one batch, so the training loop
 needs no special case for distillation, centre loss or mixed (soft) targets.
-- label smoothing (seed trick 14): `CrossEntropyLoss(label_smoothing=...)`;
+- label smoothing (trick 14): `CrossEntropyLoss(label_smoothing=...)`;
 - distillation from a teacher (trick 12): KL divergence of softened outputs, and matching of
   L2-normalised feature maps between named layers; label refinery is KL with weight 1
   against a previous model of the student itself;

@@ -14,8 +14,8 @@ from torch.optim import Optimizer, lr_scheduler
 from .errors import ConfigError
 from .registry import Registry
 
-OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer")
-OPTIMIZERS.register("adam")(torch.optim.Adam)      # seed trick 7: Adam with default betas
+OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
+OPTIMIZERS.register("adam")(torch.optim.Adam)      # trick 7: Adam with default betas
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
 
@@ -55,20 +55,20 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def centralize_gradients(weights: Iterable[nn.Parameter]) -> None:
-    """Gradient centralization (seed trick 17, Yong et al. 2020): before each step, subtract
+    """Gradient centralization (trick 17, Yong et al. 2020): before each step, subtract
     from every conv and linear weight's gradient its mean over all dimensions but the first."""
     for w in weights:
         if w.grad is not None and w.grad.dim() > 1:
             w.grad.sub_(w.grad.mean(dim=tuple(range(1, w.grad.dim())), keepdim=True))
 
 
-SCHEDULES: Registry[Callable[..., lr_scheduler.LRScheduler]] = Registry("schedule")
+SCHEDULES: Registry[Callable[..., lr_scheduler.LRScheduler]] = Registry("schedule.name")
 
 
 @SCHEDULES.register("multistep")
 def multistep(optimizer: Optimizer, epochs: int, milestones: list[int], gamma: float,
               warmup_epochs: int = 0, warmup_lr: float | None = None) -> lr_scheduler.LRScheduler:
-    """Step decay (seed trick 8), optionally after a constant warm-up at `warmup_lr`.
+    """Step decay (trick 8), optionally after a constant warm-up at `warmup_lr`.
 
     The warm-up is ConstantLR chained with the step decay: for the first `warmup_epochs`
     epochs the lr is warmup_lr, then optimizer.lr, then decayed by gamma at each milestone.

@@ -10,6 +10,7 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
+        """`kind` names the choice in errors, as the user sets it (e.g. `model.quantizer`)."""
         self.kind = kind
         self._items: dict[str, T] = {}
 
@@ -22,7 +23,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise ConfigError(f"unknown {self.kind} '{name}'; expected one of: {', '.join(sorted(self._items))}")
+            raise ConfigError(f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}")
         return self._items[name]

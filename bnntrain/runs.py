@@ -1,7 +1,6 @@
 """Run folders: finding the one to resume and refusing to write into one that holds a run.
 
-Nothing here imports torch, so the command line checks these before anything starts and
-before Hydra writes a file.
+The command line checks these before anything starts and before Hydra writes a file.
 """
 from __future__ import annotations
 
@@ -9,18 +8,10 @@ from pathlib import Path
 
 import yaml
 
+from .config import override_key, override_value
 from .errors import UserError
 
 COMMAND_FILE = Path(".hydra") / "overrides.yaml"  # Hydra's record of the overrides that made a run
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def override_value(overrides: list[str], key: str) -> str | None:
-    values = [o.split("=", 1)[1] for o in overrides if override_key(o) == key and "=" in o]
-    return values[-1] if values else None
 
 
 def has_checkpoint(run_dir: Path) -> bool:

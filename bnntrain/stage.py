@@ -11,24 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from .data import build_loaders
 from .engine import StageLogger, Trainer, distributed, load_checkpoint, load_model_weights, save_checkpoint
-from .engine.setup import prepare_model, resolve_device, scale_lr_for_world, trainer_options
+from .engine.setup import prepare_model, resolve_device, trainer_options
 from .engine.flips import FlipTracker
 from .engine.seeding import epoch_seed, seed_everything
 from .engine.trainer import check_finite
 from .distill import build_teacher
 from .errors import CheckpointError
+from .files import write_text
 from .losses import build_objective
 from .models import build_model
 from .nn import set_precision
 from .optim import build_optimizer, build_scheduler
-from .summary import write_report
+from .complexity import count_costs, format_totals, precision
 
 log = logging.getLogger("bnntrain")
 # What `resume` reads from a stage's last.pt, beyond the keys every checkpoint has.
-RESUME_KEYS = ("optimizer", "scheduler", "objective", "scaler", "metrics", "best_top1", "init_from")
+RESUME_KEYS = ("optimizer", "scheduler", "objective", "trainer", "metrics", "best_top1", "init_from")
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -47,8 +49,8 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resume: Path | None = None) -> dict:
-    """Train one stage; return its entry for results.json."""
-    cfg = scale_lr_for_world(cfg)
+    """Train one stage as `cfg` (a stage config from `config.plan`) says; return its entry for
+    results.json."""
     stage = cfg.stage
     name, epochs = stage.name, cfg.schedule.epochs
     device = resolve_device(cfg.trainer.device)
@@ -64,7 +66,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
             raise CheckpointError(f"{resume} cannot be resumed: it lacks {', '.join(missing)}")
         init = saved["init_from"]
 
-    loaders = build_loaders(cfg.data, cfg.augment, color_jitter=stage.color_jitter, seed=cfg.seed, device=device)
+    loaders = build_loaders(cfg.data, cfg.augment, seed=cfg.seed, device=device)
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
     distill = cfg.get("distill")
     teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None
@@ -93,22 +95,21 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     main = distributed.is_main()
     if main:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     trainer = Trainer(net, objective, optimizer, device, **options)
-    if saved is not None and saved["scaler"]:
-        trainer.scaler.load_state_dict(saved["scaler"])
-    trainer.step = start_epoch * math.ceil(len(loaders.train) / options["accumulate"])
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
     logger = StageLogger(stage_dir, name, epochs, enabled=main, progress=cfg.trainer.progress)
     if logger.enabled:
-        write_report(model, cfg, stage_dir, logger.writer)  # cost.txt, cost.json and TensorBoard text
+        _cost_report(model, cfg, stage_dir, logger)
     flips = FlipTracker(model) if stage.weights == "binary" else None  # sign changes per epoch
     config = OmegaConf.to_container(cfg, resolve=True)
     started = time.time()
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        precision = {"activations": _activations(stage, epoch, epochs), "weights": stage.weights}
-        set_precision(model, **precision)
+        mode = {"activations": _activations(stage, epoch, epochs), "weights": stage.weights}
+        set_precision(model, **mode)
         seed_everything(epoch_seed(cfg.seed, name, epoch))
         loaders.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -121,9 +122,9 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         logger.epoch(epoch, lr, train, metrics, time.time() - t0)
         improved = metrics["top1"] > best_top1
         best_top1 = max(best_top1, metrics["top1"])
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-                 "scaler": trainer.scaler.state_dict(), "precision": precision,
+        state = {"model": model.state_dict(), "num_classes": loaders.num_classes, "in_channels": loaders.channels,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "objective": objective.state_dict(), "trainer": trainer.state_dict(), "precision": mode,
                  "epoch": epoch + 1, "stage": name,
                  "metrics": metrics, "best_top1": best_top1, "config": config,
                  "init_from": None if init is None else str(init)}
@@ -143,6 +144,15 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
               "seconds": round(time.time() - started, 1)}
     logger.close(flat_hparams(cfg), {k: result[k] for k in ("top1", "top5", "best_top1")})
     return result
+
+
+def _cost_report(model: nn.Module, cfg: DictConfig, stage_dir: Path, logger: StageLogger) -> None:
+    """The stage's cost report at its precision: cost.txt, cost.json and TensorBoard text."""
+    with precision(model, cfg.stage.activations, cfg.stage.weights):
+        report = count_costs(model, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
+    report.save(stage_dir)
+    logger.text("cost", report.table())
+    log.info(f"{cfg.stage.name}: " + format_totals(report)[-1])
 
 
 def _activations(stage: DictConfig, epoch: int, epochs: int) -> str:

@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from bnntrain.config import last_stage
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
 from bnntrain.losses import build_objective
@@ -35,8 +35,8 @@ from bnntrain.optim import build_optimizer, build_scheduler
 
 
 def config(*overrides: str) -> DictConfig:
-    with initialize_config_module("bnntrain.configs", version_base="1.3"):
-        return compose(config_name="config", overrides=["stage='2'", *overrides])
+    """A fully binary stage's config (stage 2 with a placeholder init: nothing is loaded)."""
+    return last_stage(["stage=2", f"init={__file__}", *overrides])
 
 
 def model_for(cfg, num_classes: int = 100, device: str = "cpu") -> torch.nn.Module:
@@ -139,8 +139,8 @@ def bench_binarization(repeats: int) -> list[dict]:
     return out
 
 
-class SeedSign(torch.autograd.Function):
-    """The seed's BinActive: saves its float input for the backward pass."""
+class CollectionSign(torch.autograd.Function):
+    """The collection's BinActive: saves its float input for the backward pass."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -167,16 +167,16 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def bench_memory() -> list[dict]:
-    """Bytes saved for backward in one training step: ours against the seed's sign."""
+    """Bytes saved for backward in one training step: ours against the collection's sign."""
     cfg = config("data=cifar100")
     ours = model_for(cfg)
-    seed = model_for(cfg)
-    for _, layer in binary_layers(seed):
-        layer._binary_act, layer.fused_sign = SeedSign.apply, False
-    set_precision(seed, "binary", "binary")
+    theirs = model_for(cfg)
+    for _, layer in binary_layers(theirs):
+        layer._binary_act, layer.fused_sign = CollectionSign.apply, False
+    set_precision(theirs, "binary", "binary")
     x = torch.randn(32, 3, 32, 32)
-    base, mine = saved_bytes(seed, x), saved_bytes(ours, x)
-    return [row("memory saved for backward, resnet18 batch 32", "seed-style sign", base / 2**20, mine / 2**20, "MiB",
+    base, mine = saved_bytes(theirs, x), saved_bytes(ours, x)
+    return [row("memory saved for backward, resnet18 batch 32", "the collection's sign", base / 2**20, mine / 2**20, "MiB",
                 "<= 0.75")]
 
 
@@ -230,8 +230,8 @@ def bench_epoch(root: Path) -> list[dict]:
     """Seconds of one stage-1 epoch of the cifar10_folder_quick preset, as a figure to watch."""
     from bnntrain.stage import train_stage
 
-    cfg = config("experiment=cifar10_folder_quick", f"data.root={root}", "stage='1'", "schedule.epochs=1",
-                 "trainer.progress=plain")
+    cfg = last_stage(["experiment=cifar10_folder_quick", f"data.root={root}", "stage=1", "schedule.epochs=1",
+                      "trainer.progress=plain"])
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = train_stage(cfg, Path(tmp) / "stage1")

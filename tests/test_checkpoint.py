@@ -15,7 +15,7 @@ def tiny_model(**options):
 
 def test_roundtrip_with_weights_only(tmp_path):
     model = tiny_model()
-    state = {"model": model.state_dict(), "epoch": 3, "stage": "stage1", "config": {"a": [1, 2]}, "init_from": None}
+    state = {"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 3, "stage": "stage1", "config": {"a": [1, 2]}, "init_from": None}
     save_checkpoint(state, tmp_path / "last.pt")
     assert not list(tmp_path.glob("*.tmp"))
     loaded = torch.load(tmp_path / "last.pt", weights_only=True)

@@ -6,8 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TINY, results, run_cli, write_cifar100, write_image_folder
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "stage", "metrics", "best_top1", "config", "init_from",
-                   "objective", "scaler", "precision"}
+CHECKPOINT_KEYS = {"model", "num_classes", "in_channels", "optimizer", "scheduler", "epoch", "stage", "metrics",
+                   "best_top1", "config", "init_from", "objective", "trainer", "precision"}
 
 
 def test_default_pipeline_runs_both_stages_and_hands_over(tmp_path):

@@ -124,7 +124,7 @@ def test_summary_of_a_config(capsys):
 def test_summary_of_a_checkpoint(tmp_path, capsys):
     cfg = make("stage='2'", "data=synthetic", "data.image_size=16", "model.width=0.125")
     model = build_model(cfg.model, num_classes=7, in_channels=3)
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "stage": "stage2",
+    save_checkpoint({"model": model.state_dict(), "num_classes": 7, "in_channels": 3, "epoch": 1, "stage": "stage2",
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "last.pt")
     summary_main([f"ckpt={tmp_path / 'last.pt'}"])
     out = capsys.readouterr().out

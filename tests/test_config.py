@@ -2,16 +2,18 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-from bnntrain.cli import one_line, quote_stage_choices, task_overrides
+from bnntrain.config import compose, last_stage, normalize, one_line, plan, task_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bnntrain" / "configs"
 
 
 def make(*overrides: str):
-    with initialize_config_module("bnntrain.configs", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    """The config of the (last) stage these overrides describe, as it trains. A stage that
+    starts from a checkpoint gets this file as its init: composing loads nothing."""
+    extra = [] if any(o.startswith("init=") for o in overrides) else [f"init={__file__}"]
+    return last_stage([*overrides, *extra])
 
 
 def test_stage1_imagenet_recipe():
@@ -32,14 +34,15 @@ def test_stage2_cifar100_recipe():
 
 
 def test_warmup_schedule_is_the_one_stage_recipe():
-    cfg = make("stage='2'", "data=imagenet", "schedule=imagenet_warmup")
-    assert cfg.optimizer.lr == 4e-3  # the schedule's lr wins over the stage's
+    cfg = make("experiment=imagenet_one_stage")
+    assert cfg.optimizer.lr == 4e-3  # the one-stage recipe's lr, stated by the experiment
     assert cfg.schedule.warmup_epochs == 5 and cfg.schedule.warmup_lr == 1e-3
 
 
 def test_default_is_two_stage_on_digits():
+    assert list(compose([]).stage.run) == ["1", "2"]
     cfg = make()
-    assert list(cfg.stage.run) == ["1", "2"] and cfg.data.name == "digits"
+    assert cfg.data.name == "digits"
     for key in ("seed", "init", "resume"):
         assert key in cfg
     assert {"lr", "weight_decay"} <= set(cfg.optimizer) and "epochs" in cfg.schedule
@@ -51,19 +54,35 @@ def test_the_model_stem_follows_the_data():
     assert make("data=cifar100").model.stem == "cifar"
 
 
+# What some options need before they describe a run: values no recipe states for them, a teacher.
+NEEDS = {"optimizer=sgd": ["optimizer.lr=0.1", "optimizer.weight_decay=1e-4"],
+         "optimizer=adamw": ["optimizer.lr=1e-3", "optimizer.weight_decay=1e-2"],
+         "distill": ["distill.teacher.torchvision=resnet18", f"distill.teacher.weights={__file__}"],
+         "experiment=imagenet_kd": ["distill.teacher.torchvision=resnet34", f"distill.teacher.weights={__file__}"]}
+
+
 @pytest.mark.parametrize("group", ["model", "data", "optimizer", "schedule", "augment", "stage", "distill",
                                    "experiment"])
 def test_every_option_of_every_group_composes(group):
+    """Every option plans into stages whose every value is resolved and checked, with an lr
+    and weight decay for the optimizer it trains with."""
     for path in sorted((CONFIGS / group).glob("*.yaml")):
-        choice = path.stem if not path.stem.isdigit() else f"'{path.stem}'"
-        cfg = make(f"{group}={choice}")
-        assert cfg is not None
+        choice = f"{group}={path.stem}"
+        extra = NEEDS.get(choice, NEEDS.get(group, []) if group == "distill" else [])
+        if group == "schedule" and path.stem == "imagenet_warmup":
+            extra = ["optimizer.lr=4e-3"]  # the warm-up leads up to an lr above its own
+        stages = plan([choice, *extra, f"init={__file__}"])
+        for cfg in stages:
+            assert "${" not in OmegaConf.to_yaml(cfg), choice
+            assert cfg.optimizer.lr > 0 and cfg.optimizer.weight_decay >= 0, choice
+            assert "recipe" not in cfg.stage and "stages" not in cfg, choice
 
 
 def test_stage_choices_are_quoted_for_hydra():
-    assert quote_stage_choices(["stage=1", "data=imagenet"]) == ["stage='1'", "data=imagenet"]
-    assert quote_stage_choices(["stage=1,2"]) == ["stage='1','2'"]
-    assert quote_stage_choices(["stage=two_stage", "stage.weights=binary"]) == ["stage=two_stage", "stage.weights=binary"]
+    assert normalize(["stage=1", "data=imagenet"]) == ["stage='1'", "data=imagenet"]
+    assert normalize(["stage=1,2"]) == ["stage='1','2'"]
+    assert normalize(["stage=two_stage", "stage.weights=binary"]) == ["stage=two_stage", "stage.weights=binary"]
+    assert normalize(["stages.stage2.optimizer.lr=1"]) == ["++stages.stage2.optimizer.lr=1"]
 
 
 def test_task_overrides_skip_flags_and_hydra_keys():
@@ -79,12 +98,14 @@ def test_one_line_lists_the_available_options():
 def test_experiment_presets_encode_their_recipes():
     cifar = make("experiment=cifar100_two_stage")
     assert (cifar.data.name, cifar.schedule.epochs, cifar.augment.mixup) == ("cifar100", 350, 0.2)
-    assert list(cifar.stage.run) == ["1", "2"] and cifar.model.quantizer == "ste_sign"
-    inet = make("experiment=imagenet_two_stage")
+    assert list(compose(["experiment=cifar100_two_stage"]).stage.run) == ["1", "2"]
+    assert cifar.model.quantizer == "ste_sign"
+    inet1, inet = plan(["experiment=imagenet_two_stage"])
     assert (inet.data.name, inet.schedule.epochs, inet.loss.label_smoothing) == ("imagenet", 75, 0.1)
     assert (inet.model.quantizer, inet.model.skip, inet.model.downsample) == ("approx_sign", "double", "v1")
-    assert inet.augment.train.color_jitter.brightness == 0.4
-    kd = make("experiment=imagenet_kd")
+    assert inet1.augment.train.color_jitter.brightness == 0.4
+    assert inet.augment.train.color_jitter is None  # stage 2 trains without it, and its config says so
+    kd = make("experiment=imagenet_kd", *NEEDS["experiment=imagenet_kd"])
     assert kd.distill.kd_weight == 1.0 and kd.loss.label_smoothing == 0.1 and kd.data.name == "imagenet"
     one = make("experiment=imagenet_one_stage")
     assert (one.stage.weights, one.stage.needs_init, one.optimizer.lr, one.schedule.warmup_lr) == \

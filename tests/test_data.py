@@ -8,9 +8,9 @@ from conftest import write_cifar100, write_image_folder
 from test_config import make
 
 
-def loaders(*overrides, color_jitter=True):
+def loaders(*overrides):
     cfg = make(*overrides)
-    return build_loaders(cfg.data, cfg.augment, color_jitter=color_jitter)
+    return build_loaders(cfg.data, cfg.augment)
 
 
 def test_digits_fixed_seeded_split():
@@ -71,8 +71,8 @@ def test_colour_jitter_only_where_the_stage_wants_it(tmp_path):
     root = write_image_folder(tmp_path / "inet", size=40, test_split="val")
     args = ("data=imagenet", f"data.root={root}", "data.num_workers=0")
     names = lambda d: [type(t).__name__ for t in d.train.dataset.transform.transforms]  # noqa: E731
-    assert "ColorJitter" in names(loaders(*args, color_jitter=True))
-    assert "ColorJitter" not in names(loaders(*args, color_jitter=False))
+    assert "ColorJitter" in names(loaders(*args, "stage=1"))
+    assert "ColorJitter" not in names(loaders(*args, "stage=2"))
 
 
 @pytest.mark.parametrize("setup, words", [

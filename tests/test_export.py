@@ -79,7 +79,7 @@ def test_round_trip_gives_the_checkpoints_test_outputs(trained, tmp_path):
     cfg = OmegaConf.create(state["config"])
     worst = 0.0
     with torch.no_grad():
-        for images, _ in build_loaders(cfg.data, cfg.augment, color_jitter=False).test:
+        for images, _ in build_loaders(cfg.data, cfg.augment).test:
             want, got = reference(images), deployed(images)
             assert torch.equal(want.argmax(1), got.argmax(1))
             worst = max(worst, (want - got).abs().max().item())
@@ -103,7 +103,7 @@ def test_every_variant_round_trips(variant, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, in_channels=3)
     randomize_batchnorms(model)
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "stage": cfg.stage.name,
+    save_checkpoint({"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": cfg.stage.name,
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
     export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
     x = torch.randn(8, 3, 16, 16)
@@ -120,7 +120,8 @@ def test_full_resnet18_shrinks_tenfold(data, at_least, tmp_path):
     """The binary convs shrink 32x; the stem, 1x1 shortcuts and classifier stay fp32."""
     cfg = make("stage='2'", "model=resnet18", f"data={data}")
     model = build_model(cfg.model, num_classes=cfg.data.num_classes, in_channels=3)
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "stage": "stage2",
+    save_checkpoint({"model": model.state_dict(), "num_classes": cfg.data.num_classes, "in_channels": 3, "epoch": 1,
+                     "stage": "stage2",
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
     sizes = export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
     assert sizes["binary_fp32"] == 43_941_888 and sizes["binary_packed"] == 43_941_888 // 32

@@ -6,7 +6,7 @@ from torch import nn
 
 from bnntrain.engine import load_model_weights
 from bnntrain.models import build_model
-from bnntrain.nn import BinaryBlock, BinaryConv2d, BlockOptions, SeedBottleneck, set_precision
+from bnntrain.nn import BinaryBlock, BinaryConv2d, BlockOptions, TricksBottleneck, set_precision
 from test_config import make
 
 
@@ -16,7 +16,7 @@ def model_from(*overrides, data="synthetic", num_classes=10, channels=3):
 
 
 TRICKS = {
-    "seed block (default)": [],
+    "collection block (default)": [],
     "single skip": ["model.skip=single"],
     "relu after the add": ["model.activation=relu"],
     "identity after the add": ["model.activation=identity"],
@@ -106,13 +106,13 @@ def test_downsampling_shortcuts(variant, types):
 
 def test_seed_bottleneck_as_written():
     opts = BlockOptions()
-    down = SeedBottleneck(256, 128, 2, opts)
+    down = TricksBottleneck(256, 128, 2, opts)
     assert down.has_branch and isinstance(down.branch[2], nn.AvgPool2d) and down.branch[2].kernel_size == 2
-    assert down.conv1.stride == (2, 2) and down.conv1.kernel_size == (1, 1)  # the seed strides the 1x1
+    assert down.conv1.stride == (2, 2) and down.conv1.kernel_size == (1, 1)  # the collection strides the 1x1
     assert down(torch.randn(1, 256, 8, 8)).shape == (1, 512, 4, 4)
-    first = SeedBottleneck(64, 64, 1, opts)
+    first = TricksBottleneck(64, 64, 1, opts)
     assert first.has_branch and first.branch[2].kernel_size == 3 and first.branch[2].stride == 1
-    plain = SeedBottleneck(256, 64, 1, opts)
+    plain = TricksBottleneck(256, 64, 1, opts)
     assert not plain.has_branch and not hasattr(plain, "act")
 
 
@@ -127,11 +127,11 @@ def test_options_reach_the_layers():
 
 
 def resnet18_parameter_count(stem_kernel: int, num_classes: int) -> int:
-    """Worked out from the layer list of the seed ResNet-18 (double skip, v1 shortcuts, PReLU)."""
+    """Worked out from the layer list of the collection's ResNet-18 (double skip, v1 shortcuts, PReLU)."""
     count = 3 * 64 * stem_kernel ** 2 + 2 * 64  # stem conv + BN
     cin = 64
     for planes in (64, 128, 256, 512):
-        for i in range(4):  # two basic blocks = four seed blocks per stage
+        for i in range(4):  # two basic blocks = four of the collection's blocks per stage
             count += 2 * cin + cin * planes * 9 + planes  # BN, binary 3x3 conv, PReLU
             if cin != planes:
                 count += cin * planes + 2 * planes  # real 1x1 conv + BN of the v1 shortcut

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bnntrain.nn.quantizers import ACTIVATION_QUANTIZERS, binarize_weight, clamp, leaky_clip
+from bnntrain.nn.quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight, clamp, leaky_clip
 
 X = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.5, 0.999, 1.0, 2.0])
 
@@ -18,18 +18,18 @@ def grad_of(fn, x):
 
 @pytest.mark.parametrize("name", ["ste_sign", "approx_sign", "swish_sign"])
 def test_binary_forward_is_sign_with_plus_one_at_zero(name):
-    y, _ = grad_of(ACTIVATION_QUANTIZERS.get(name)(), X)
+    y, _ = grad_of(SIGN_ESTIMATORS.get(name)(), X)
     assert torch.equal(y, torch.where(X >= 0, 1.0, -1.0))
     assert y[X == 0].item() == 1.0
 
 
 def test_ste_sign_backward_passes_gradient_inside_unit_interval_only():
-    _, g = grad_of(ACTIVATION_QUANTIZERS.get("ste_sign")(), X)
+    _, g = grad_of(SIGN_ESTIMATORS.get("ste_sign")(), X)
     assert torch.equal(g, (X.abs() < 1).float())  # |x| = 1 gets 0
 
 
 def test_approx_sign_backward():
-    _, g = grad_of(ACTIVATION_QUANTIZERS.get("approx_sign")(), X)
+    _, g = grad_of(SIGN_ESTIMATORS.get("approx_sign")(), X)
     expected = torch.where(X.abs() < 1, 2 - 2 * X.abs(), torch.zeros_like(X))
     assert torch.allclose(g, expected)
     assert g[X == 0].item() == 2.0 and g[X == 1].item() == 0.0
@@ -37,14 +37,14 @@ def test_approx_sign_backward():
 
 @pytest.mark.parametrize("beta", [5.0, 2.0])
 def test_swish_sign_backward(beta):
-    _, g = grad_of(ACTIVATION_QUANTIZERS.get("swish_sign")(beta=beta), X)
+    _, g = grad_of(SIGN_ESTIMATORS.get("swish_sign")(beta=beta), X)
     expected = [beta * (2 - beta * x * math.tanh(beta * x / 2)) / (1 + math.cosh(beta * x)) for x in X.tolist()]
     assert torch.allclose(g, torch.tensor(expected), atol=1e-6)
     assert g[X == 0].item() == pytest.approx(beta)  # the peak: beta * 2 / 2
 
 
 def test_identity_passes_everything():
-    y, g = grad_of(ACTIVATION_QUANTIZERS.get("identity")(), X)
+    y, g = grad_of(PRECISION_MODES["real"], X)
     assert torch.equal(y, X) and torch.equal(g, torch.ones_like(X))
 
 
@@ -52,7 +52,7 @@ def test_ste_sign_saves_a_boolean_mask_not_the_input():
     saved = []
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ACTIVATION_QUANTIZERS.get("ste_sign")()(x * 1.0)
+        SIGN_ESTIMATORS.get("ste_sign")()(x * 1.0)
     assert [t.dtype for t in saved] == [torch.bool]
 
 

@@ -108,7 +108,7 @@ def test_feature_matching():
 def test_teacher_of_another_architecture_loads_from_its_checkpoint(tmp_path):
     cfg = make("model=resnet34", "model.width=0.125", "model.binarize=false", "stage='1'")
     real34 = build_model(cfg.model, num_classes=10, in_channels=3)
-    save_checkpoint({"model": real34.state_dict(), "epoch": 1, "stage": "stage1", "init_from": None,
+    save_checkpoint({"model": real34.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": "stage1", "init_from": None,
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "teacher.pt")
     teacher = build_teacher(OmegaConf.create({"teacher": {"checkpoint": str(tmp_path / "teacher.pt")}}), None, 10)
     x = torch.randn(2, 3, 16, 16)

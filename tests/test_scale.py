@@ -120,7 +120,7 @@ def test_torchrun_two_ranks_match_one_process_over_the_same_global_batch(tmp_pat
     closely but not exactly; a process with the per-rank batch is the contrast."""
     common = ["data=synthetic", "data.image_size=16", "data.train_size=512", "data.test_size=64",
               "model.width=0.125", "model.binarize=false", "schedule.epochs=1", "stage=1", "trainer.device=cpu",
-              "optimizer=sgd", "optimizer.lr=0.02", "optimizer.momentum=0"]
+              "optimizer=sgd", "optimizer.lr=0.02", "optimizer.momentum=0", "optimizer.weight_decay=0"]
     ddp = tmp_path / "ddp"
     out = subprocess.run(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "bnntrain", *common,
                           "data.batch_size=64", f"hydra.run.dir={ddp}"], capture_output=True, text=True, timeout=300)

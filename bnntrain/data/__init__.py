@@ -52,14 +52,14 @@ class Loaders:
         self.train.sampler.set_epoch(epoch)
 
 
-def build_loaders(data: DictConfig, augment: DictConfig, color_jitter: bool = True, seed: int = 0,
+def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0,
                   device: torch.device | str = "cpu") -> Loaders:
     """Train and test batches on `device`; under torchrun each rank gets its share of every batch.
 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
     """
     device = torch.device(device)
-    train_tf = build_transform(augment.get("train"), color_jitter=color_jitter)
+    train_tf = build_transform(augment.get("train"))
     test_tf = build_transform(augment.get("test"))
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))

@@ -18,7 +18,7 @@ from ..errors import DataError
 from ..registry import Registry
 
 Splits = tuple[Dataset, Dataset, int]
-DATASETS: Registry[Callable[[DictConfig, Callable, Callable], Splits]] = Registry("dataset")
+DATASETS: Registry[Callable[[DictConfig, Callable, Callable], Splits]] = Registry("data.name")
 
 
 class TensorImages(Dataset):
@@ -84,7 +84,6 @@ class _CIFAR100Files(datasets.CIFAR100):
 
 @DATASETS.register("cifar100")
 def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
-    _rgb_only(cfg)
     root = Path(str(cfg.root)).expanduser() if cfg.get("root") else None
     if cfg.download:
         if root is None:
@@ -122,13 +121,7 @@ def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
         raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
 
 
-def _rgb_only(cfg: DictConfig) -> None:
-    if cfg.channels != 3:
-        raise DataError(f"data={cfg.name} loads colour images (3 channels); got data.channels={cfg.channels}")
-
-
 def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
-    _rgb_only(cfg)
     root = _root(cfg)
     test_split = next((s for s in cfg.test_splits if (root / s).is_dir()), None)
     if not (root / cfg.train_split).is_dir() or test_split is None:
@@ -144,4 +137,5 @@ def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable)
 
 DATASETS.register("imagenet")(_class_folder_splits)
 DATASETS.register("folder")(_class_folder_splits)
+RGB_DATASETS = ("cifar100", "imagenet", "folder")  # they load colour images (checked with the config)
 

@@ -8,8 +8,8 @@
     mixup: 0.2                              # batch mixing (alpha), applied to whole training batches
     cutmix: null
 
-Colour jitter is left out of a stage whose config says `color_jitter: false` (stage 2 of
-the seed's recipe).
+A stage without colour jitter (stage 2 of the collection's recipe) has it set to null in
+its config (see `bnntrain.config`).
 
 The listed transforms run per image in the loader's workers and end in a uint8 tensor.
 What is the same for every image runs once per batch on the training device instead
@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from ..errors import ConfigError
 from ..registry import Registry
 
-# ImageNet's RGB principal components (seed trick 9), for Lighting.
+# ImageNet's RGB principal components (trick 9), for Lighting.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                    (-0.5808, -0.0045, -0.8140),
@@ -61,7 +61,7 @@ class Lighting(torch.nn.Module):
         return image + shift
 
 
-TRANSFORMS: Registry[Callable[..., Callable]] = Registry("transform")
+TRANSFORMS: Registry[Callable[..., Callable]] = Registry("augment transform")
 TRANSFORMS.register("resize")(lambda size: v2.Resize(size, antialias=True))
 TRANSFORMS.register("center_crop")(v2.CenterCrop)
 TRANSFORMS.register("random_crop")(v2.RandomCrop)
@@ -86,7 +86,7 @@ def _make(name: str, args: Any) -> Callable:
         raise ConfigError(f"augment option {name}={args!r} is invalid: {err}") from None
 
 
-def build_transform(spec: DictConfig | None, color_jitter: bool = True) -> v2.Compose:
+def build_transform(spec: DictConfig | None) -> v2.Compose:
     """Per-image transform: PIL image or tensor in, the listed transforms, tensor out.
 
     The listed transforms see the image as it comes (a PIL image from the image datasets:
@@ -96,7 +96,7 @@ def build_transform(spec: DictConfig | None, color_jitter: bool = True) -> v2.Co
     """
     steps: list[Callable] = []
     for name, args in (OmegaConf.to_container(spec, resolve=True) if spec else {}).items():
-        if args is None or args is False or (name == "color_jitter" and not color_jitter):
+        if args is None or args is False:
             continue
         steps.append(_make(name, args))
     steps.append(v2.ToImage())

@@ -1,12 +1,13 @@
 """Checkpoints: plain dicts of tensors and containers, written atomically, read with weights_only.
 
-A checkpoint holds `model`, `optimizer`, `scheduler`, `epoch` (epochs completed), `stage`,
-`metrics` (of the last evaluation), `best_top1`, `config` (the resolved stage config as
-plain containers) and `init_from` (the checkpoint this stage started from, or None).
+A checkpoint holds `model`, `num_classes` and `in_channels` (what the model was built
+for), `optimizer`, `scheduler`, `objective`, `trainer` (the loop's step and gradient
+scaler), `epoch` (epochs completed), `stage`, `precision`, `metrics` (of the last
+evaluation), `best_top1`, `config` (the resolved stage config as plain containers) and
+`init_from` (the checkpoint this stage started from, or None).
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,16 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import atomic_write
 
-REQUIRED_KEYS = ("model", "epoch", "stage", "config")
+REQUIRED_KEYS = ("model", "num_classes", "in_channels", "epoch", "stage", "config")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file and rename it into place: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Written whole or not at all (see `atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:

@@ -49,6 +49,11 @@ class StageLogger:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
+    def text(self, tag: str, text: str) -> None:
+        if self.writer:
+            # Indented four spaces, TensorBoard's markdown shows a table as it is printed.
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+
     def close(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
@@ -24,17 +24,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def trainer_options(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """Resolve `auto` settings: AMP (bf16) and channels_last on CUDA, both off on the CPU."""
+    """Resolve `auto` settings: AMP (bf16) and channels_last on CUDA, both off on the CPU.
+    (The values themselves are checked with the rest of the config, in checks.py.)"""
     cuda = device.type == "cuda"
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else None)
-    if amp not in (None, "bf16", "fp16"):
-        raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or null; got {cfg.amp!r}")
-    if cfg.accumulate < 1:
-        raise ConfigError(f"trainer.accumulate must be a positive integer; got {cfg.accumulate}")
-    if cfg.log_every < 1:
-        raise ConfigError(f"trainer.log_every must be a positive integer; got {cfg.log_every}")
-    if cfg.progress not in ("auto", "bar", "plain"):
-        raise ConfigError(f"trainer.progress must be auto, bar or plain; got {cfg.progress!r}")
     if cfg.sync_bn and not cuda:
         raise ConfigError("trainer.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else cuda
@@ -48,15 +41,3 @@ def prepare_model(model: nn.Module, device: torch.device, cfg: DictConfig, chann
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     net = distributed.wrap(model, device, sync_bn=cfg.sync_bn)
     return torch.compile(net) if cfg.compile else net
-
-
-def scale_lr_for_world(cfg: DictConfig) -> DictConfig:
-    """Linear scaling: lr (and warm-up lr) x the number of ranks, where asked for."""
-    world = distributed.world_size()
-    if not cfg.trainer.scale_lr or world == 1:
-        return cfg
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    cfg.optimizer.lr *= world
-    if cfg.schedule.get("warmup_lr"):
-        cfg.schedule.warmup_lr *= world
-    return cfg

@@ -40,6 +40,15 @@ class Trainer:
         self.grad_clip, self.accumulate = grad_clip, accumulate
         self.step = 0  # optimizer steps taken in this stage, across epochs
 
+    def state_dict(self) -> dict:
+        """What the loop itself carries between epochs: the step count and the gradient scaler."""
+        return {"step": self.step, "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        if state["scaler"]:  # empty when the scaler is off
+            self.scaler.load_state_dict(state["scaler"])
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()

@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name")
 
 
 def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
@@ -26,14 +26,13 @@ def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
 
 def model_from_checkpoint(state: dict[str, Any], source: str = "checkpoint") -> nn.Module:
     """Rebuild the model a bnntrain checkpoint was trained as: architecture from its saved
-    config, class and input-channel counts from its weights, precision from its stage."""
+    config, class and input-channel counts as recorded, precision from its stage."""
     from ..engine.checkpoint import load_model_weights
     from ..nn import set_precision
 
-    weights, config = state["model"], state["config"]
-    model = build_model(config["model"], num_classes=weights["classifier.weight"].shape[0],
-                        in_channels=weights["stem.0.weight"].shape[1])
-    load_model_weights(model, weights, source)
+    config = state["config"]
+    model = build_model(config["model"], num_classes=state["num_classes"], in_channels=state["in_channels"])
+    load_model_weights(model, state["model"], source)
     stage = config.get("stage", {})
     # The precision the checkpoint was saved at (stage 0 switches from leaky-clip to clamp).
     precision = state.get("precision") or {"activations": stage.get("activations", "binary"),

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nn.blocks import BinaryBlock, BlockOptions, SeedBottleneck
+from ..nn.blocks import BinaryBlock, BlockOptions, TricksBottleneck
 from ..nn.layers import BinaryLinear
 from .registry import MODELS
 
@@ -18,7 +18,7 @@ BASE_CHANNELS = (64, 128, 256, 512)
 
 
 def double_skip(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple[list[nn.Module], int]:
-    """A ResNet basic block as two seed blocks, each with its own shortcut (trick 3, Bi-Real)."""
+    """A ResNet basic block as two of the collection's blocks, each with its own shortcut (trick 3, Bi-Real)."""
     return [BinaryBlock(cin, planes, stride, opts), BinaryBlock(planes, planes, 1, opts)], planes
 
 
@@ -28,8 +28,8 @@ def single_skip(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple
 
 
 def bottleneck(cin: int, planes: int, stride: int, opts: BlockOptions) -> tuple[list[nn.Module], int]:
-    """The seed's bottleneck; `skip` does not apply (its inner shortcut is part of the block)."""
-    return [SeedBottleneck(cin, planes, stride, opts)], planes * SeedBottleneck.expansion
+    """The collection's bottleneck; `skip` does not apply (its inner shortcut is part of the block)."""
+    return [TricksBottleneck(cin, planes, stride, opts)], planes * TricksBottleneck.expansion
 
 
 BasicBlockBuilder = Callable[[int, int, int, BlockOptions], tuple[list[nn.Module], int]]

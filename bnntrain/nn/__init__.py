@@ -1,6 +1,6 @@
-from .blocks import BinaryBlock, BlockOptions, SeedBottleneck
+from .blocks import BinaryBlock, BlockOptions, TricksBottleneck
 from .layers import BinaryConv2d, BinaryLinear, binary_layers, set_precision
-from .quantizers import ACTIVATION_QUANTIZERS, binarize_weight, sign
+from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight, sign
 
-__all__ = ["ACTIVATION_QUANTIZERS", "BinaryBlock", "BinaryConv2d", "BinaryLinear", "BlockOptions",
-           "SeedBottleneck", "binarize_weight", "binary_layers", "set_precision", "sign"]
+__all__ = ["PRECISION_MODES", "SIGN_ESTIMATORS", "BinaryBlock", "BinaryConv2d", "BinaryLinear", "BlockOptions",
+           "TricksBottleneck", "binarize_weight", "binary_layers", "set_precision", "sign"]

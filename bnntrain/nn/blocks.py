@@ -1,9 +1,9 @@
 """Binary residual blocks, one configurable class per block shape.
 
-`BinaryBlock` is the seed's BasicBlock (trick 1): BN -> sign -> binary conv -> + shortcut
+`BinaryBlock` is the collection's BasicBlock (trick 1): BN -> sign -> binary conv -> + shortcut
 -> activation. With `convs=1` two of them make one ResNet basic block (double skip,
 trick 3, Bi-Real style); with `convs=2` one block holds both convs under one shortcut.
-`SeedBottleneck` is the seed's second listing, for ResNet-50-style models.
+`TricksBottleneck` is the collection's second listing, for ResNet-50-style models.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class RPReLU(nn.Module):
         return self.prelu(x - self.shift_in) + self.shift_out
 
 
-ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("block activation")
+ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("model.activation")
 ACTIVATIONS.register("prelu")(nn.PReLU)
 ACTIVATIONS.register("relu")(lambda channels: nn.ReLU(inplace=True))
 ACTIVATIONS.register("identity")(lambda channels: nn.Identity())
@@ -137,8 +137,8 @@ class BinaryBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-class SeedBottleneck(nn.Module):
-    """The seed's Bottleneck (trick 1, second listing), as written there.
+class TricksBottleneck(nn.Module):
+    """The collection's Bottleneck (trick 1, second listing), as written there.
 
     1x1 (stride) -> 3x3 with an inner shortcut around it -> 1x1 to 4x planes, each
     behind BN and sign; the outer shortcut is a real-valued branch where the shape
@@ -151,7 +151,7 @@ class SeedBottleneck(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int, opts: BlockOptions) -> None:
         super().__init__()
         if opts.attention is not None:
-            raise ConfigError("model.attention is not available on the seed's bottleneck (resnet50)")
+            raise ConfigError("model.attention is not available on the collection's bottleneck (resnet50)")
         cout = planes * self.expansion
         self.bn1, self.bn2, self.bn3, self.bn4 = (opts.norm(c) for c in (cin, planes, planes, cout))
         self.conv1 = opts.conv(cin, planes, 1, stride)

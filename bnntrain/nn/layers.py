@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .quantizers import ACTIVATION_QUANTIZERS, binarize_weight
+from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight
 from .sign_conv import SignConv2d
 
-ACTIVATION_MODES = ("binary", "real", "leaky_clip", "clamp")
+ACTIVATION_MODES = ("binary", *PRECISION_MODES)
 WEIGHT_MODES = ("binary", "real")
 
 
@@ -28,7 +28,11 @@ class BinaryMixin:
                      learnable_threshold: bool, binarize: bool, in_features: int, spatial: bool) -> None:
         self.binarize = binarize  # False: the real-valued twin, whatever the stage says
         self.weight_scale = weight_scale
-        self._binary_act = ACTIVATION_QUANTIZERS.get(quantizer)(**(quantizer_args or {}))
+        if quantizer in PRECISION_MODES:
+            raise ConfigError(f"model.quantizer={quantizer} is a precision mode, which the stage sets "
+                              f"(stage.activations={quantizer}); model.quantizer is a sign estimator, one of: "
+                              f"{', '.join(SIGN_ESTIMATORS.names())}")
+        self._binary_act = SIGN_ESTIMATORS.get(quantizer)(**(quantizer_args or {}))
         # ReActNet's RSign: a learnable per-channel threshold in front of the sign.
         shape = (1, in_features, 1, 1) if spatial else (1, in_features)
         self.threshold = nn.Parameter(torch.zeros(shape)) if learnable_threshold else None
@@ -41,10 +45,7 @@ class BinaryMixin:
         if not self.binarize:
             activations, weights = "real", "real"
         self.activations, self.weights = activations, weights
-        if activations == "binary":
-            self._input_quantizer = self._binary_act
-        else:
-            self._input_quantizer = ACTIVATION_QUANTIZERS.get("identity" if activations == "real" else activations)()
+        self._input_quantizer = self._binary_act if activations == "binary" else PRECISION_MODES[activations]
 
     @property
     def input_bits(self) -> int:

@@ -24,7 +24,7 @@ def sign(x: Tensor) -> Tensor:
 
 
 class SteSign(torch.autograd.Function):
-    """The seed's BinActive: gradient g where |x| < 1, else 0."""
+    """The collection's BinActive: gradient g where |x| < 1, else 0."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -104,34 +104,27 @@ def clamp(x: Tensor) -> Tensor:
     return x.clamp(-1, 1)
 
 
-ACTIVATION_QUANTIZERS: Registry[Callable[..., Callable[[Tensor], Tensor]]] = Registry("activation quantizer")
+# The sign estimators a model's binary layers choose from (`model.quantizer`): the forward is
+# always sign(x); they differ in the gradient.
+SIGN_ESTIMATORS: Registry[Callable[..., Callable[[Tensor], Tensor]]] = Registry("model.quantizer")
 
 
-@ACTIVATION_QUANTIZERS.register("ste_sign")
+@SIGN_ESTIMATORS.register("ste_sign")
 def _ste_sign() -> Callable[[Tensor], Tensor]:
     return SteSign.apply
 
 
-@ACTIVATION_QUANTIZERS.register("approx_sign")
+@SIGN_ESTIMATORS.register("approx_sign")
 def _approx_sign() -> Callable[[Tensor], Tensor]:
     return ApproxSign.apply
 
 
-@ACTIVATION_QUANTIZERS.register("swish_sign")
+@SIGN_ESTIMATORS.register("swish_sign")
 def _swish_sign(beta: float = 5.0) -> Callable[[Tensor], Tensor]:  # BNN+'s default beta
     return lambda x: SwishSign.apply(x, beta)
 
 
-@ACTIVATION_QUANTIZERS.register("identity")
-def _identity() -> Callable[[Tensor], Tensor]:
-    return lambda x: x
-
-
-@ACTIVATION_QUANTIZERS.register("leaky_clip")
-def _leaky_clip() -> Callable[[Tensor], Tensor]:
-    return leaky_clip
-
-
-@ACTIVATION_QUANTIZERS.register("clamp")
-def _clamp() -> Callable[[Tensor], Tensor]:
-    return clamp
+# What a binary layer does to its input in a stage whose activations are not binary
+# (`stage.activations`): the stage sets these, never the model.
+PRECISION_MODES: dict[str, Callable[[Tensor], Tensor]] = {"real": lambda x: x, "leaky_clip": leaky_clip,
+                                                          "clamp": clamp}

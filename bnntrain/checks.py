@@ -1,0 +1,207 @@
+"""Every value a user can set, checked on a stage's resolved config before anything is
+trained or written (`config.plan` calls `check_stage`).
+
+First the types and ranges in `RULES`, the paths and the values that depend on each
+other; then the choices: the model, optimizer, schedule and transforms are built once,
+the model on the meta device (no memory, no compute), so that an unknown name fails here
+with its registry's error listing the valid ones, and a bad combination fails as it would
+in training.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import CheckpointError, ConfigError, DataError
+
+Check = tuple[Callable[[Any], bool], str]  # (is it valid?, what a valid value is)
+
+
+def whole(minimum: int | None = None) -> Check:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum),
+            "a whole number" if minimum is None else f"a whole number >= {minimum}")
+
+
+def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           what: str | None = None) -> Check:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:  # v != v: NaN
+            return False
+        return (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+
+    above = f"> {low}" if low_open else f">= {low}"
+    return ok, what or f"a number {above}" + ("" if high is None else f" and {'<' if high_open else '<='} {high}")
+
+
+def flag() -> Check:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def one_of(*choices: Any) -> Check:
+    names = ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+    return (lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices)), f"one of {names}"
+
+
+def optional(check: Check) -> Check:
+    ok, what = check
+    return (lambda v: v is None or ok(v)), f"null or {what}"
+
+
+POSITIVE = number(0, low_open=True, what="a positive number")
+NON_NEGATIVE = number(0, what="zero or a positive number")
+FRACTION = number(0, 1)
+ACTIVATIONS = ("binary", "real", "leaky_clip", "clamp")  # precision modes a stage sets
+
+RULES: dict[str, Check] = {
+    "seed": whole(),
+    "stage.activations": one_of(*ACTIVATIONS),
+    "stage.weights": one_of("binary", "real"),
+    "stage.color_jitter": flag(),
+    "stage.needs_init": flag(),
+    "stage.switch.at": FRACTION,
+    "stage.switch.activations": one_of(*ACTIVATIONS),
+    "data.batch_size": whole(1),
+    "data.num_workers": whole(0),
+    "data.image_size": whole(1),
+    "data.channels": whole(1),
+    "data.num_classes": optional(whole(2)),
+    "data.train_limit": optional(whole(1)),
+    "data.test_limit": optional(whole(1)),
+    "data.download": flag(),
+    "model.width": POSITIVE,
+    "model.widen": whole(1),
+    "model.groups": whole(1),
+    "model.bn_momentum": FRACTION,
+    "model.se_reduction": whole(1),
+    "model.weight_scale": flag(),
+    "model.learnable_threshold": flag(),
+    "model.binary_stem": flag(),
+    "model.binary_classifier": flag(),
+    "model.binarize": flag(),
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.momentum": number(0, 1, high_open=True),
+    "optimizer.weight_decay_norm_and_bias": flag(),
+    "optimizer.gradient_centralization": flag(),
+    "schedule.epochs": whole(1),
+    "schedule.gamma": POSITIVE,
+    "schedule.warmup_epochs": whole(0),
+    "schedule.warmup_lr": optional(POSITIVE),
+    "schedule.min_lr": NON_NEGATIVE,
+    "augment.mixup": optional(POSITIVE),
+    "augment.cutmix": optional(POSITIVE),
+    "loss.label_smoothing": number(0, 1, high_open=True),
+    "loss.center.weight": NON_NEGATIVE,
+    "distill.kd_weight": FRACTION,
+    "distill.temperature": POSITIVE,
+    "distill.feature_weight": NON_NEGATIVE,
+    "trainer.amp": one_of("auto", "bf16", "fp16", None),
+    "trainer.channels_last": one_of("auto", True, False),
+    "trainer.compile": flag(),
+    "trainer.grad_clip": optional(POSITIVE),
+    "trainer.accumulate": whole(1),
+    "trainer.sync_bn": flag(),
+    "trainer.scale_lr": flag(),
+    "trainer.log_every": whole(1),
+    "trainer.progress": one_of("auto", "bar", "plain"),
+}
+PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")
+ABSENT = object()
+
+
+def check_stage(cfg: DictConfig) -> None:
+    check_values(cfg)
+    for key in PATHS:
+        check_path(key, OmegaConf.select(cfg, key, default=None))
+    check_relations(cfg)
+    check_builds(cfg)
+
+
+def check_values(cfg: DictConfig) -> None:
+    for key, (ok, what) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT and not ok(value):  # a key this config lacks (momentum for Adam) is no error
+            raise ConfigError(f"{key} must be {what}; got {value!r}")
+
+
+def check_path(key: str, value: Any) -> None:
+    """A path that the file system cannot hold fails here, not as an OSError deep inside a run."""
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    existing = next((p for p in path.absolute().parents if os.path.isdir(p)), Path("/"))  # isdir never raises
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)), default="")
+    if len(os.fsencode(longest)) > name_max:
+        raise ConfigError(f"{key}: a name in the path is {len(os.fsencode(longest))} bytes long ('{longest[:24]}...'); "
+                          f"the file system allows {name_max}")
+    if len(os.fsencode(str(path.absolute()))) >= path_max:
+        raise ConfigError(f"{key}: the path is {len(os.fsencode(str(path.absolute())))} bytes long; "
+                          f"the file system allows {path_max - 1}")
+
+
+def check_relations(cfg: DictConfig) -> None:
+    """Values that are fine alone but not together."""
+    schedule, data = cfg.schedule, cfg.data
+    late = [m for m in schedule.get("milestones", []) if not isinstance(m, int) or m >= schedule.epochs]
+    if late:
+        raise ConfigError(f"schedule.milestones {late} lie past the last epoch (schedule.epochs={schedule.epochs}); "
+                          f"each milestone must be a whole number below the number of epochs")
+    if schedule.get("warmup_epochs") and not schedule.get("warmup_lr"):
+        raise ConfigError("schedule.warmup_epochs is set but schedule.warmup_lr is not")
+    if (schedule.get("warmup_lr") or 0) > cfg.optimizer.lr:
+        raise ConfigError(f"schedule.warmup_lr ({schedule.warmup_lr}) must not exceed optimizer.lr "
+                          f"({cfg.optimizer.lr}): the warm-up leads up to the lr")
+    distill = cfg.get("distill")
+    if distill and cfg.stage.name in distill.stages:
+        teacher = distill.teacher
+        if not teacher.get("checkpoint") and not teacher.get("torchvision"):
+            raise ConfigError("distillation needs a teacher: distill.teacher.checkpoint=PATH (a bnntrain checkpoint) "
+                              "or distill.teacher.torchvision=NAME with distill.teacher.weights=PATH")
+        if teacher.get("torchvision") and not teacher.get("weights"):
+            raise ConfigError(f"distill.teacher.torchvision={teacher.torchvision} needs distill.teacher.weights=PATH "
+                              f"(a state dict)")
+        for key in ("checkpoint", "weights"):
+            path = teacher.get(key)
+            if path and path != "init" and not Path(path).expanduser().is_file():
+                raise CheckpointError(f"distill.teacher.{key}={path} does not exist")
+
+
+def check_builds(cfg: DictConfig) -> None:
+    """Build what the stage will build, once, where it costs nothing."""
+    import torch
+
+    from .data.datasets import DATASETS, RGB_DATASETS
+    from .data.transforms import build_batch_mixing, build_transform
+    from .engine.setup import resolve_device, trainer_options
+    from .models import build_model
+    from .nn import set_precision
+    from .optim import build_optimizer, build_scheduler
+
+    DATASETS.get(cfg.data.name)
+    if cfg.data.name in RGB_DATASETS and cfg.data.channels != 3:
+        raise DataError(f"data={cfg.data.name} loads colour images (3 channels); got data.channels={cfg.data.channels}")
+    for key in ("mean", "std"):
+        if len(cfg.data[key]) != cfg.data.channels:
+            raise ConfigError(f"data.{key} has {len(cfg.data[key])} values for data.channels={cfg.data.channels}")
+    build_transform(cfg.augment.get("train"))
+    build_transform(cfg.augment.get("test"))
+    num_classes = cfg.data.get("num_classes") or 10  # a folder dataset counts its classes when it loads
+    build_batch_mixing(cfg.augment, num_classes)
+    trainer_options(cfg.trainer, resolve_device(cfg.trainer.device))
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes=num_classes, in_channels=cfg.data.channels)
+    set_precision(model, cfg.stage.activations, cfg.stage.weights)
+    build_scheduler(cfg.schedule, build_optimizer(cfg.optimizer, model))
+    distill = cfg.get("distill")
+    if distill and cfg.stage.name in distill.stages:
+        layers = dict(model.named_modules())
+        missing = [student for student, _ in distill.get("feature_pairs") or [] if student not in layers]
+        if distill.get("feature_weight") and missing:
+            raise ConfigError(f"distill.feature_pairs: the model has no layer '{missing[0]}'")
