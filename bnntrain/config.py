@@ -113,9 +113,10 @@ def is_sweep(overrides: list[str]) -> bool:
         raise ConfigError(one_line(str(err))) from None
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     """The config Hydra composes from these overrides (one stage, or a pipeline that lists its
-    stages in `stage.run`), unresolved. An unknown option or key is a ConfigError of one line."""
+    stages in `stage.run`), unresolved; with Hydra's own (`hydra.*`, launchers) where asked.
+    An unknown option or key is a ConfigError of one line."""
     from hydra import compose as hydra_compose
     from hydra.errors import HydraException
 
@@ -124,7 +125,7 @@ def compose(overrides: list[str]) -> DictConfig:
         raise ConfigError("a sweep (a,b) describes several runs; give single values here")
     try:
         with _hydra():
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         reason = err.__cause__  # e.g. "Key 'lrr' is not in struct" behind "Could not override"
         raise ConfigError(one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))) from None

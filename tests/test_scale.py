@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from torch import nn
 
+from bnntrain.config import compose
 from bnntrain.engine import Trainer
 from bnntrain.losses import Objective
 from bnntrain.models import build_model
@@ -157,9 +157,8 @@ def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
 
 def test_slurm_launcher_preset_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_module("bnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                                       "experiment=imagenet_two_stage"], return_hydra_config=True)
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=imagenet_two_stage"],
+                  hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 8, 8)
