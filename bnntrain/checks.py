@@ -86,6 +86,7 @@ RULES: dict[str, Check] = {
     "optimizer.momentum": number(0, 1, high_open=True),
     "optimizer.weight_decay_norm_and_bias": flag(),
     "optimizer.gradient_centralization": flag(),
+    "optimizer.weight_clip": optional(POSITIVE),
     "schedule.epochs": whole(1),
     "schedule.gamma": POSITIVE,
     "schedule.warmup_epochs": whole(0),
@@ -169,8 +170,16 @@ def check_relations(cfg: DictConfig) -> None:
                               f"(a state dict)")
         for key in ("checkpoint", "weights"):
             path = teacher.get(key)
-            if path and path != "init" and not Path(path).expanduser().is_file():
+            if not path or path == "init" or (key == "weights" and _published(teacher.torchvision, path)):
+                continue
+            if not Path(path).expanduser().is_file():
                 raise CheckpointError(f"distill.teacher.{key}={path} does not exist")
+
+
+def _published(architecture: str | None, weights: str) -> bool:
+    from .distill import torchvision_weights
+
+    return bool(architecture) and torchvision_weights(architecture, weights) is not None
 
 
 def check_builds(cfg: DictConfig) -> None:

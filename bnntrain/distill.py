@@ -42,13 +42,29 @@ def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Mod
     return teacher
 
 
+def torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum | None:
+    """torchvision's published weights of architecture `name` called `weights` (e.g.
+    IMAGENET1K_V1), or None where `weights` names no such thing (then it is a file)."""
+    try:
+        return torchvision.models.get_model_weights(name).__members__.get(weights)
+    except ValueError:
+        return None
+
+
 def _torchvision_teacher(name: str, weights: str | None, num_classes: int) -> nn.Module:
+    if not weights:
+        raise ConfigError(f"distill.teacher.torchvision={name} needs distill.teacher.weights=PATH (a state dict) "
+                          f"or the name of torchvision's weights (IMAGENET1K_V1)")
+    published = torchvision_weights(name, weights)
+    if published is not None:  # downloaded into torch's cache the first time
+        if len(published.meta["categories"]) != num_classes:
+            raise ConfigError(f"torchvision's {name} {weights} predicts {len(published.meta['categories'])} classes, "
+                              f"this data has {num_classes}")
+        return torchvision.models.get_model(name, weights=published)
     try:
         model = torchvision.models.get_model(name, num_classes=num_classes)
     except ValueError as err:
         raise ConfigError(f"distill.teacher.torchvision={name}: {err}") from None
-    if not weights:
-        raise ConfigError(f"distill.teacher.torchvision={name} needs distill.teacher.weights=PATH (a state dict)")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise CheckpointError(f"teacher weights {path} do not exist")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
 from .errors import ConfigError
+from .nn import binary_layers
 from .registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
@@ -27,6 +28,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
     name = options.pop("name")
     decay_norm_and_bias = options.pop("weight_decay_norm_and_bias", True)
     centralize = options.pop("gradient_centralization", False)
+    clip = options.pop("weight_clip", None)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
     groups = param_groups(model, options.get("weight_decay", 0.0), decay_norm_and_bias)
@@ -40,7 +42,18 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
     if centralize:
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: centralize_gradients(weights))
+    if clip:
+        latent = [layer.weight for _, layer in binary_layers(model) if layer.binarize]
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: clip_weights(latent, clip))
     return optimizer
+
+
+@torch.no_grad()
+def clip_weights(weights: Iterable[nn.Parameter], bound: float) -> None:
+    """Latent-weight clipping (BinaryConnect; larq's `weight_clip`): after each step, every
+    binary layer's latent weights back into [-bound, bound]."""
+    for w in weights:
+        w.clamp_(-bound, bound)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -79,6 +92,13 @@ def multistep(optimizer: Optimizer, epochs: int, milestones: list[int], gamma: f
     base_lr = optimizer.param_groups[0]["lr"]
     warmup = lr_scheduler.ConstantLR(optimizer, factor=warmup_lr / base_lr, total_iters=warmup_epochs)
     return lr_scheduler.ChainedScheduler([warmup, decay], optimizer=optimizer)
+
+
+@SCHEDULES.register("linear")
+def linear(optimizer: Optimizer, epochs: int) -> lr_scheduler.LRScheduler:
+    """Linear decay to zero as Bi-Real Net's and ReActNet's code does it: their LambdaLR
+    steps before each epoch, so epoch e (from 0) trains at lr x (1 - (e + 1) / epochs)."""
+    return lr_scheduler.LambdaLR(optimizer, lambda epoch: 1 - (epoch + 1) / epochs)
 
 
 @SCHEDULES.register("cosine")

@@ -36,19 +36,26 @@ BasicBlockBuilder = Callable[[int, int, int, BlockOptions], tuple[list[nn.Module
 SKIPS: dict[str, BasicBlockBuilder] = {"double": double_skip, "single": single_skip}
 
 
+STEM_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "identity": nn.Identity}
+
+
 def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts: BlockOptions,
-              binary: bool) -> nn.Sequential:
+              binary: bool, activation: str = "relu") -> nn.Sequential:
     """CIFAR stem (3x3 conv, no pooling) or ImageNet stem (7x7 stride 2 + 3x3 max-pool).
 
     `pool_order` (trick 11): `conv_bn_act_pool` as in ResNet, or `conv_pool_bn_act`,
-    which pools before BN and the activation.
+    which pools before BN and the activation. `activation`: ReLU as in ResNet, or none
+    (`identity`) as in Bi-Real Net and ReActNet, whose stem ends in BN.
     """
     if kind not in ("cifar", "imagenet"):
         raise ConfigError(f"unknown model.stem '{kind}'; expected cifar or imagenet")
+    if activation not in STEM_ACTIVATIONS:
+        raise ConfigError(f"unknown model.stem_activation '{activation}'; expected one of: "
+                          f"{', '.join(STEM_ACTIVATIONS)}")
     kernel, stride = (3, 1) if kind == "cifar" else (7, 2)
     conv = (opts.conv(in_channels, channels, kernel, stride) if binary
             else nn.Conv2d(in_channels, channels, kernel, stride, kernel // 2, bias=False))
-    layers = {"conv": conv, "bn": opts.norm(channels), "act": nn.ReLU(inplace=True)}
+    layers = {"conv": conv, "bn": opts.norm(channels), "act": STEM_ACTIVATIONS[activation]()}
     if kind == "imagenet":
         layers["pool"] = nn.MaxPool2d(3, 2, 1)
     orders = {"conv_bn_act_pool": ("conv", "bn", "act", "pool"), "conv_pool_bn_act": ("conv", "pool", "bn", "act")}
@@ -61,9 +68,9 @@ class BinaryResNet(nn.Module):
     """stem -> four stages of binary blocks -> global average pool -> classifier."""
 
     def __init__(self, depths: tuple[int, ...], use_bottleneck: bool, num_classes: int, in_channels: int = 3,
-                 stem: str = "cifar", stem_pool_order: str = "conv_bn_act_pool", width: float = 1.0,
-                 widen: int = 1, skip: str = "double", binary_stem: bool = False, binary_classifier: bool = False,
-                 **block_options: Any) -> None:
+                 stem: str = "cifar", stem_pool_order: str = "conv_bn_act_pool", stem_activation: str = "relu",
+                 width: float = 1.0, widen: int = 1, skip: str = "double", binary_stem: bool = False,
+                 binary_classifier: bool = False, **block_options: Any) -> None:
         super().__init__()
         opts = BlockOptions(**block_options)
         if skip not in SKIPS:
@@ -71,7 +78,7 @@ class BinaryResNet(nn.Module):
         make_block = bottleneck if use_bottleneck else SKIPS[skip]
         # `width` scales every layer; `widen` (trick 15) multiplies the channels of the binary stages.
         stem_channels = max(1, round(BASE_CHANNELS[0] * width))
-        self.stem = make_stem(in_channels, stem_channels, stem, stem_pool_order, opts, binary_stem)
+        self.stem = make_stem(in_channels, stem_channels, stem, stem_pool_order, opts, binary_stem, stem_activation)
         stages, cin = [], stem_channels
         for i, depth in enumerate(depths):
             planes = max(1, round(BASE_CHANNELS[i] * width * widen))
@@ -84,9 +91,7 @@ class BinaryResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
-        self.classifier = (BinaryLinear(cin, num_classes, quantizer=opts.quantizer, quantizer_args=opts.quantizer_args,
-                                        weight_scale=opts.weight_scale, binarize=opts.binarize)
-                           if binary_classifier else nn.Linear(cin, num_classes))
+        self.classifier = binary_or_real_classifier(cin, num_classes, opts, binary_classifier)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features (what the classifier sees), for centre loss and distillation."""
@@ -94,6 +99,13 @@ class BinaryResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+def binary_or_real_classifier(features: int, num_classes: int, opts: BlockOptions, binary: bool) -> nn.Module:
+    if not binary:
+        return nn.Linear(features, num_classes)
+    return BinaryLinear(features, num_classes, quantizer=opts.quantizer, quantizer_args=opts.quantizer_args,
+                        weight_scale=opts.weight_scale, binarize=opts.binarize, weight_gradient=opts.weight_gradient)
 
 
 @MODELS.register("resnet18")

@@ -1,8 +1,11 @@
 """Binary residual blocks, one configurable class per block shape.
 
-`BinaryBlock` is the collection's BasicBlock (trick 1): BN -> sign -> binary conv -> + shortcut
--> activation. With `convs=1` two of them make one ResNet basic block (double skip,
-trick 3, Bi-Real style); with `convs=2` one block holds both convs under one shortcut.
+`BinaryBlock` is one binary conv (or two) under one shortcut. Where its BN sits is an
+option: before the sign, as in the collection's BasicBlock (trick 1: BN -> sign -> binary
+conv -> + shortcut -> activation), or after the binary conv, as in Bi-Real Net and ReActNet
+(sign -> binary conv -> BN -> + shortcut -> activation). With `convs=1` two of them make one
+ResNet basic block (double skip, trick 3, Bi-Real style); with `convs=2` one block holds both
+convs under one shortcut; `kernel=1` gives ReActNet-A's pointwise half.
 `TricksBottleneck` is the collection's second listing, for ResNet-50-style models.
 """
 from __future__ import annotations
@@ -16,6 +19,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .layers import BinaryConv2d
+from .shortcuts import halve, shortcut
+
+BN_POSITIONS = ("before_sign", "after_conv")
 
 
 @dataclass
@@ -25,9 +31,12 @@ class BlockOptions:
     quantizer: str = "ste_sign"            # trick 1: ste_sign | approx_sign | swish_sign
     quantizer_args: dict = field(default_factory=dict)
     weight_scale: bool = True              # per-channel mean |w| (XNOR-Net / Bi-Real)
+    weight_gradient: str = "scaled"        # scaled (larq) | unscaled (Bi-Real/ReActNet code)
+    binary_init: str = "default"           # default | small_positive (Bi-Real's U[0, 0.001))
     learnable_threshold: bool = False      # ReActNet's RSign
+    bn_position: str = "before_sign"       # before_sign (the collection) | after_conv (Bi-Real, ReActNet)
     activation: str = "prelu"              # trick 2: prelu | relu | identity | rprelu
-    downsample: str = "v1"                 # trick 4: v1 | v2 | v3 | conv
+    downsample: str = "v1"                 # trick 4: v1 | v2 | v3 | conv | pool
     bn_momentum: float = 0.1               # trick 10 (PyTorch convention)
     attention: str | None = None           # trick 13: se | None
     se_reduction: int = 16
@@ -41,14 +50,18 @@ class BlockOptions:
         return BinaryConv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups,
                             quantizer=self.quantizer, quantizer_args=self.quantizer_args,
                             weight_scale=self.weight_scale, learnable_threshold=self.learnable_threshold,
-                            binarize=self.binarize)
+                            binarize=self.binarize, weight_gradient=self.weight_gradient, init=self.binary_init)
+
+    def shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
+        return shortcut(cin, cout, stride, self.downsample, self.norm)
 
 
 ATTENTION = (None, "se")  # trick 13's choices
 
 
 class RPReLU(nn.Module):
-    """ReActNet's RPReLU: a learnable shift before and after a PReLU."""
+    """ReActNet's RPReLU: a learnable per-channel shift added before and after a PReLU
+    (their move1 -> prelu -> move2)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -57,7 +70,7 @@ class RPReLU(nn.Module):
         self.shift_out = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.prelu(x - self.shift_in) + self.shift_out
+        return self.prelu(x + self.shift_in) + self.shift_out
 
 
 ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("model.activation")
@@ -85,53 +98,38 @@ class ChannelAttention(nn.Module):
         return torch.sigmoid(self.fc2(s))
 
 
-def _halve() -> nn.AvgPool2d:
-    # ceil_mode so that odd feature maps (7x7) shrink exactly as the strided 3x3 conv does.
-    return nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
-
-
-def shortcut(cin: int, cout: int, stride: int, opts: BlockOptions) -> nn.Module:
-    """Real-valued shortcut (trick 4); identity when the shape does not change."""
-    if stride == 1 and cin == cout:
-        return nn.Identity()
-    proj = lambda s=1: nn.Conv2d(cin, cout, 1, stride=s, bias=False)  # noqa: E731
-    if stride == 1:
-        return nn.Sequential(proj(), opts.norm(cout))
-    variants = {
-        "v1": lambda: nn.Sequential(proj(), opts.norm(cout), _halve()),
-        "v2": lambda: nn.Sequential(_halve(), proj(), opts.norm(cout)),
-        "v3": lambda: nn.Sequential(proj(), opts.norm(cout), nn.AvgPool2d(3, 2, 1)),
-        "conv": lambda: nn.Sequential(proj(stride), opts.norm(cout)),
-    }
-    if opts.downsample not in variants:
-        raise ConfigError(f"unknown model.downsample '{opts.downsample}'; expected one of: {', '.join(variants)}")
-    return variants[opts.downsample]()
-
-
 class BinaryBlock(nn.Module):
-    """`convs` x (BN -> sign -> binary 3x3 conv [x SE]) -> + shortcut -> activation."""
+    """`convs` x (sign -> binary conv, with a BN before the sign or after the conv [x SE])
+    -> + shortcut -> activation."""
 
-    def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1,
+                 kernel: int = 3) -> None:
         super().__init__()
         if opts.attention not in ATTENTION:
             raise ConfigError(f"unknown model.attention '{opts.attention}'; expected se or null")
-        self.norms = nn.ModuleList(opts.norm(cin if i == 0 else cout) for i in range(convs))
+        if opts.bn_position not in BN_POSITIONS:
+            raise ConfigError(f"unknown model.bn_position '{opts.bn_position}'; expected one of: "
+                              f"{', '.join(BN_POSITIONS)}")
+        self.norm_first = opts.bn_position == "before_sign"
+        ins = [cin if i == 0 else cout for i in range(convs)]
+        self.norms = nn.ModuleList(opts.norm(c if self.norm_first else cout) for c in ins)
         # A grouped conv needs both channel counts divisible by the groups; the stem-facing
         # conv of a widened model may not be, so it falls back to a dense conv.
         groups = lambda c_in: opts.groups if c_in % opts.groups == 0 and cout % opts.groups == 0 else 1  # noqa: E731
-        self.convs = nn.ModuleList(
-            opts.conv(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, groups(cin if i == 0 else cout))
-            for i in range(convs))
-        self.attention = (nn.ModuleList(ChannelAttention(cin if i == 0 else cout, cout, opts.se_reduction)
-                                        for i in range(convs)) if opts.attention == "se" else None)
-        self.shortcut = shortcut(cin, cout, stride, opts)
+        self.convs = nn.ModuleList(opts.conv(c, cout, kernel, stride if i == 0 else 1, groups(c))
+                                   for i, c in enumerate(ins))
+        self.attention = (nn.ModuleList(ChannelAttention(c, cout, opts.se_reduction) for c in ins)
+                          if opts.attention == "se" else None)
+        self.shortcut = opts.shortcut(cin, cout, stride)
         self.act = ACTIVATIONS.get(opts.activation)(cout)
 
     def forward(self, x: Tensor) -> Tensor:
         out = x
         for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
-            real = norm(out)
+            real = norm(out) if self.norm_first else out
             out = conv(real)  # the conv binarizes its own input
+            if not self.norm_first:
+                out = norm(out)
             if self.attention is not None:
                 out = out * self.attention[i](real)
         return self.act(out + self.shortcut(x))
@@ -159,7 +157,7 @@ class TricksBottleneck(nn.Module):
         self.conv3 = opts.conv(planes, cout, 1)
         self.has_branch = stride != 1 or cin != cout
         if self.has_branch:
-            pool = _halve() if stride == 2 else nn.AvgPool2d(3, 1, 1)
+            pool = halve() if stride == 2 else nn.AvgPool2d(3, 1, 1)
             self.branch = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), opts.norm(cout), pool)
             self.act = ACTIVATIONS.get(opts.activation)(cout)
 

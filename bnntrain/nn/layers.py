@@ -18,6 +18,7 @@ from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight
 from .sign_conv import SignConv2d
 
 ACTIVATION_MODES = ("binary", *PRECISION_MODES)
+WEIGHT_INITS = ("default", "small_positive")  # PyTorch's conv/linear init, or Bi-Real's U[0, 0.001)
 WEIGHT_MODES = ("binary", "real")
 
 
@@ -25,9 +26,15 @@ class BinaryMixin:
     """Shared by BinaryConv2d and BinaryLinear: which quantizers apply right now."""
 
     def _init_binary(self, quantizer: str, quantizer_args: dict | None, weight_scale: bool,
-                     learnable_threshold: bool, binarize: bool, in_features: int, spatial: bool) -> None:
+                     learnable_threshold: bool, binarize: bool, in_features: int, spatial: bool,
+                     weight_gradient: str = "scaled", init: str = "default") -> None:
         self.binarize = binarize  # False: the real-valued twin, whatever the stage says
-        self.weight_scale = weight_scale
+        self.weight_scale, self.weight_gradient = weight_scale, weight_gradient
+        if init not in WEIGHT_INITS:
+            raise ConfigError(f"unknown model.binary_init '{init}'; expected one of: {', '.join(WEIGHT_INITS)}")
+        if init == "small_positive":  # Bi-Real's HardBinaryConv: U[0, 0.001), every sign +1 at first
+            with torch.no_grad():
+                self.weight.uniform_(0, 1e-3)
         if quantizer in PRECISION_MODES:
             raise ConfigError(f"model.quantizer={quantizer} is a precision mode, which the stage sets "
                               f"(stage.activations={quantizer}); model.quantizer is a sign estimator, one of: "
@@ -56,7 +63,9 @@ class BinaryMixin:
         return 1 if self.weights == "binary" else 32
 
     def quantized_weight(self) -> Tensor:
-        return binarize_weight(self.weight, self.weight_scale) if self.weights == "binary" else self.weight
+        if self.weights != "binary":
+            return self.weight
+        return binarize_weight(self.weight, self.weight_scale, self.weight_gradient)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.threshold is not None:
@@ -68,10 +77,11 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, groups: int = 1, bias: bool = False, *, quantizer: str = "ste_sign",
                  quantizer_args: dict | None = None, weight_scale: bool = True,
-                 learnable_threshold: bool = False, binarize: bool = True) -> None:
+                 learnable_threshold: bool = False, binarize: bool = True, weight_gradient: str = "scaled",
+                 init: str = "default") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
-                          in_channels, spatial=True)
+                          in_channels, spatial=True, weight_gradient=weight_gradient, init=init)
         # The straight-through sign needs only a mask for its gradient, so it and the conv can
         # share one byte per element (sign_conv.py); the other quantizers need x itself.
         self.fused_sign = quantizer == "ste_sign"
@@ -88,10 +98,11 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
 class BinaryLinear(BinaryMixin, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quantizer: str = "ste_sign",
                  quantizer_args: dict | None = None, weight_scale: bool = True,
-                 learnable_threshold: bool = False, binarize: bool = True) -> None:
+                 learnable_threshold: bool = False, binarize: bool = True, weight_gradient: str = "scaled",
+                 init: str = "default") -> None:
         super().__init__(in_features, out_features, bias=bias)
         self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
-                          in_features, spatial=False)
+                          in_features, spatial=False, weight_gradient=weight_gradient, init=init)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)

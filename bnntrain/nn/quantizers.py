@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 
@@ -82,16 +83,43 @@ class WeightSign(torch.autograd.Function):
         return grad * inside
 
 
-def binarize_weight(w: Tensor, scale: bool) -> Tensor:
+class MagnitudeSign(torch.autograd.Function):
+    """The weight binarizer of Bi-Real Net's and ReActNet's official code: forward
+    alpha * sign(w), alpha the per-output-channel mean |w| (detached); backward g where
+    |w| < 1 (the gradient of their clamp(w, -1, 1)), not multiplied by alpha."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w.abs() < 1)
+        return sign(w) * channel_scale(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inside,) = ctx.saved_tensors
+        return grad * inside
+
+
+def channel_scale(w: Tensor) -> Tensor:
+    """The per-output-channel mean |w| (XNOR-Net, Bi-Real), detached."""
+    return w.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+
+
+WEIGHT_GRADIENTS = ("scaled", "unscaled")
+
+
+def binarize_weight(w: Tensor, scale: bool, gradient: str = "scaled") -> Tensor:
     """sign(w), optionally times the per-output-channel mean |w| (XNOR-Net, Bi-Real).
 
-    The scale is detached, as in Bi-Real Net: the gradient reaches w only through the
-    sign's straight-through estimator.
+    The scale is detached in both estimators. `scaled` (larq's magnitude-aware sign): the
+    product's gradient, alpha * g where |w| <= 1. `unscaled` (Bi-Real Net's and ReActNet's
+    official code): g where |w| < 1.
     """
+    if gradient not in WEIGHT_GRADIENTS:
+        raise ConfigError(f"unknown model.weight_gradient '{gradient}'; expected one of: {', '.join(WEIGHT_GRADIENTS)}")
+    if scale and gradient == "unscaled":
+        return MagnitudeSign.apply(w)
     b = WeightSign.apply(w)
-    if scale:
-        b = b * w.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
-    return b
+    return b * channel_scale(w) if scale else b
 
 
 def leaky_clip(x: Tensor) -> Tensor:
