@@ -29,6 +29,7 @@ class BinaryMixin:
                      learnable_threshold: bool, binarize: bool, in_features: int, spatial: bool,
                      weight_gradient: str = "scaled", init: str = "default") -> None:
         self.binarize = binarize  # False: the real-valued twin, whatever the stage says
+        self.quantizer = quantizer
         self.weight_scale, self.weight_gradient = weight_scale, weight_gradient
         if init not in WEIGHT_INITS:
             raise ConfigError(f"unknown model.binary_init '{init}'; expected one of: {', '.join(WEIGHT_INITS)}")

@@ -1,0 +1,90 @@
+"""Evaluate a checkpoint on a dataset's test split:
+`python -m bnntrain.evaluate ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH ...]`.
+
+The model is the checkpoint's, at the precision its stage ended with. The data is the
+checkpoint's own data config (image size, normalisation, test transforms) with any
+`data.*` / `trainer.*` overrides, or another data preset where `data=NAME` is given. Prints
+top-1, top-5 and the mean loss, and writes them as JSON (`out=`, by default
+`<checkpoint>.eval.json`). Under torchrun the test set is split across ranks.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from .config import last_stage, one_line, run_tool, split_args
+from .engine import Trainer, distributed, load_checkpoint
+from .engine.setup import resolve_device, trainer_options
+from .errors import ConfigError
+from .files import write_text
+from .models import model_from_checkpoint
+
+USAGE = "usage: python -m bnntrain.evaluate ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH] [key=value ...]"
+
+
+def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """`data`, `augment` and `trainer` to evaluate with: the checkpoint's, or a preset's."""
+    if any(o.startswith("data=") for o in overrides):
+        return last_stage(["stage=1", *overrides])
+    saved = OmegaConf.create({k: state["config"][k] for k in ("data", "augment", "trainer")})
+    OmegaConf.set_struct(saved, True)
+    try:
+        return OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{one_line(str(err))} (evaluate takes data.*, augment.* and trainer.* keys)") from None
+
+
+def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
+    from .data import build_loaders
+
+    state = load_checkpoint(ckpt)
+    cfg = eval_config(state, overrides)
+    device = resolve_device(cfg.trainer.device)
+    distributed.init(str(device))
+    loaders = build_loaders(cfg.data, cfg.augment, device=device)
+    if cfg.data.channels != state["in_channels"]:
+        raise ConfigError(f"{ckpt} takes {state['in_channels']}-channel images; data={cfg.data.name} has "
+                          f"{cfg.data.channels}")
+    if loaders.num_classes != state["num_classes"]:
+        raise ConfigError(f"{ckpt} predicts {state['num_classes']} classes; data={cfg.data.name} has "
+                          f"{loaders.num_classes}")
+    model = model_from_checkpoint(state, str(ckpt))
+    options = trainer_options(cfg.trainer, device)
+    model.to(device)
+    trainer = Trainer(model, None, None, device, amp=options["amp"], channels_last=options["channels_last"])
+    show = distributed.is_main() and (cfg.trainer.progress == "bar" or
+                                      (cfg.trainer.progress == "auto" and sys.stderr.isatty()))
+    batches = tqdm(loaders.test, desc="evaluating", leave=False, dynamic_ncols=True) if show else loaders.test
+    start = time.time()
+    metrics = trainer.evaluate(batches)
+    return {"checkpoint": str(ckpt), "stage": state["stage"], "data": cfg.data.name, "root": cfg.data.get("root"),
+            "images": len(loaders.test.dataset), **metrics, "seconds": round(time.time() - start, 1)}
+
+
+def run(argv: list[str]) -> None:
+    own, overrides = split_args(argv, ("ckpt", "out"))
+    if "ckpt" not in own:
+        raise ConfigError("expected ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH]")
+    out = Path(own.get("out") or own["ckpt"] + ".eval.json").expanduser()
+    if not out.parent.is_dir():
+        raise ConfigError(f"out={out}: the folder {out.parent} does not exist")
+    result = evaluate(own["ckpt"], overrides)
+    if distributed.is_main():
+        write_text(out, json.dumps(result, indent=2) + "\n")
+        print(f"{result['checkpoint']} on {result['data']} ({result['images']} test images): top1 {result['top1']:.2f}  "
+              f"top5 {result['top5']:.2f}  loss {result['loss']:.4f}  ->  {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tool(run, argv, USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Bi-Real Net's and ReActNet's networks as their official PyTorch code defines them, written
+here from a reading of that code (liuzechun/Bi-Real-net `pytorch_implementation/BiReal18_34/
+birealnet.py`; liuzechun/ReActNet `resnet/*/birealnet.py`, `mobilenet/*/reactnet.py`), with
+their module names, parameter shapes and arithmetic: torch.sign (0 at 0), the piecewise
+polynomial straight-through gradient, the `a.detach() - b.detach() + b` weight binarizer,
+flat (N, 1) step-2 weights. The tests compare bnntrain's presets and converter against them.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BinaryActivation(nn.Module):
+    def forward(self, x):
+        m1, m2, m3 = (x < -1).float(), (x < 0).float(), (x < 1).float()
+        out1 = -1 * m1 + (x * x + 2 * x) * (1 - m1)
+        out2 = out1 * m2 + (-x * x + 2 * x) * (1 - m2)
+        out3 = out2 * m3 + 1 * (1 - m3)
+        return torch.sign(x).detach() - out3.detach() + out3
+
+
+class HardBinaryConv(nn.Module):
+    """flat=True: step 2's (N, 1) `weights`; flat=False: ReActNet's later 4-D `weight`."""
+
+    def __init__(self, cin, cout, kernel=3, stride=1, padding=1, flat=True):
+        super().__init__()
+        self.stride, self.padding, self.shape, self.flat = stride, padding, (cout, cin, kernel, kernel), flat
+        init = torch.rand(self.shape) * 0.001
+        if flat:
+            self.weights = nn.Parameter(init.reshape(-1, 1))
+        else:
+            self.weight = nn.Parameter(init)
+
+    def forward(self, x):
+        w = self.weights.view(self.shape) if self.flat else self.weight
+        scale = torch.mean(torch.mean(torch.mean(abs(w), dim=3, keepdim=True), dim=2, keepdim=True), dim=1,
+                           keepdim=True).detach()
+        binary_no_grad = scale * torch.sign(w)
+        clipped = torch.clamp(w, -1.0, 1.0)
+        binary = binary_no_grad.detach() - clipped.detach() + clipped
+        return F.conv2d(x, binary, stride=self.stride, padding=self.padding)
+
+
+class LearnableBias(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.bias.expand_as(x)
+
+
+def binary_conv(cin, cout, kernel, stride, step, flat):
+    if step == 1:  # step 1: a real conv behind the binary activation
+        return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+    return HardBinaryConv(cin, cout, kernel, stride, kernel // 2, flat)
+
+
+class BasicBlock(nn.Module):
+    """Bi-Real's block; react=True adds ReActNet's move0 and move1 -> PReLU -> move2."""
+
+    def __init__(self, cin, cout, stride, downsample, react, step, flat):
+        super().__init__()
+        self.react = react
+        if react:
+            self.move0 = LearnableBias(cin)
+        self.binary_activation = BinaryActivation()
+        self.binary_conv = binary_conv(cin, cout, 3, stride, step, flat)
+        self.bn1 = nn.BatchNorm2d(cout)
+        if react:
+            self.move1, self.prelu, self.move2 = LearnableBias(cout), nn.PReLU(cout), LearnableBias(cout)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x
+        out = self.move0(x) if self.react else x
+        out = self.bn1(self.binary_conv(self.binary_activation(out)))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out = out + residual
+        if self.react:
+            out = self.move2(self.prelu(self.move1(out)))
+        return out
+
+
+class BiRealNet(nn.Module):
+    def __init__(self, layers=(4, 4, 4, 4), num_classes=1000, react=False, step=2, flat=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if i > 0 and b == 0 else 1
+                down = None
+                if stride != 1 or cin != planes:
+                    down = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(cin, planes, 1, bias=False),
+                                         nn.BatchNorm2d(planes))
+                blocks.append(BasicBlock(cin, planes, stride, down, react, step, flat))
+                cin = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.bn1(self.conv1(x)))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class ReActBlock(nn.Module):
+    def __init__(self, cin, cout, stride, step):
+        super().__init__()
+        self.stride, self.double = stride, cout != cin
+        self.move11 = LearnableBias(cin)
+        self.binary_3x3 = binary_conv(cin, cin, 3, stride, step, True)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.move12, self.prelu1, self.move13 = LearnableBias(cin), nn.PReLU(cin), LearnableBias(cin)
+        self.move21 = LearnableBias(cin)
+        if self.double:
+            self.binary_pw_down1 = binary_conv(cin, cin, 1, 1, step, True)
+            self.binary_pw_down2 = binary_conv(cin, cin, 1, 1, step, True)
+            self.bn2_1, self.bn2_2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cin)
+        else:
+            self.binary_pw = binary_conv(cin, cin, 1, 1, step, True)
+            self.bn2 = nn.BatchNorm2d(cin)
+        self.move22, self.prelu2, self.move23 = LearnableBias(cout), nn.PReLU(cout), LearnableBias(cout)
+        self.binary_activation = BinaryActivation()
+        if self.double:
+            self.pooling = nn.AvgPool2d(2, 2)
+
+    def forward(self, x):
+        out1 = self.bn1(self.binary_3x3(self.binary_activation(self.move11(x))))
+        if self.stride == 2:
+            x = self.pooling(x)
+        out1 = self.move13(self.prelu1(self.move12(x + out1)))
+        out2 = self.binary_activation(self.move21(out1))
+        if self.double:
+            out2 = torch.cat([self.bn2_1(self.binary_pw_down1(out2)) + out1,
+                              self.bn2_2(self.binary_pw_down2(out2)) + out1], dim=1)
+        else:
+            out2 = self.bn2(self.binary_pw(out2)) + out1
+        return self.move23(self.prelu2(self.move22(out2)))
+
+
+class FirstConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+
+    def forward(self, x):
+        return self.bn1(self.conv1(x))
+
+
+class ReActNetA(nn.Module):
+    CHANNELS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+
+    def __init__(self, num_classes=1000, step=2):
+        super().__init__()
+        c = self.CHANNELS
+        self.feature = nn.ModuleList([FirstConv()])
+        for i in range(1, len(c)):
+            stride = 2 if c[i - 1] != c[i] and c[i] != 64 else 1
+            self.feature.append(ReActBlock(c[i - 1], c[i], stride, step))
+        self.pool1 = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        for block in self.feature:
+            x = block(x)
+        return self.fc(self.pool1(x).flatten(1))
