@@ -84,7 +84,7 @@ RULES: dict[str, Check] = {
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.momentum": number(0, 1, high_open=True),
-    "optimizer.weight_decay_norm_and_bias": flag(),
+    "optimizer.weight_decay_on": one_of("all", "weights", "4d"),
     "optimizer.gradient_centralization": flag(),
     "optimizer.weight_clip": optional(POSITIVE),
     "schedule.epochs": whole(1),

@@ -144,7 +144,9 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
     else:
         composed = [top]
     names = [cfg.stage.name for cfg in composed]
-    unknown = sorted(set(top.stages) - set(names))
+    # A stage named on the command line must run (a preset may set up stages a run leaves out).
+    asked = {override_key(o).split(".")[1] for o in normalize(overrides) if override_key(o).startswith("stages.")}
+    unknown = sorted(asked - set(names))
     if unknown:
         raise ConfigError(f"stages.{unknown[0]} is set, but this run trains {', '.join(names)}")
     stages = []

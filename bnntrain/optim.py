@@ -26,12 +26,12 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
     which never take weight decay)."""
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     name = options.pop("name")
-    decay_norm_and_bias = options.pop("weight_decay_norm_and_bias", True)
+    decay_on = options.pop("weight_decay_on", "all")
     centralize = options.pop("gradient_centralization", False)
     clip = options.pop("weight_clip", None)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    groups = param_groups(model, options.get("weight_decay", 0.0), decay_norm_and_bias)
+    groups = param_groups(model, options.get("weight_decay", 0.0), decay_on)
     extra = list(extra)
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
@@ -56,13 +56,26 @@ def clip_weights(weights: Iterable[nn.Parameter], bound: float) -> None:
         w.clamp_(-bound, bound)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """One group, or two where only conv and linear weights take weight decay and BN,
-    PReLU, biases and learnable thresholds/shifts are exempt."""
+# Which parameters take weight decay (`optimizer.weight_decay_on`).
+DECAYED: dict[str, Callable[[nn.Module], set[int]]] = {
+    # Every parameter, as Adam(model.parameters(), weight_decay=...) does (the collection's code).
+    "all": lambda model: {id(p) for p in model.parameters()},
+    # Conv and linear weights; BN, PReLU, biases and learnable thresholds/shifts are exempt.
+    "weights": lambda model: {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))},
+    # Every 4-D tensor: conv weights and the per-channel thresholds and shifts, not BN, PReLU or the
+    # classifier (ReActNet's code: `p.ndimension() == 4`).
+    "4d": lambda model: {id(p) for p in model.parameters() if p.dim() == 4},
+}
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str = "all") -> list[dict]:
+    """One group where every parameter takes weight decay, else a decayed and an exempt group."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_and_bias:
+    if decay_on not in DECAYED:
+        raise ConfigError(f"unknown optimizer.weight_decay_on '{decay_on}'; expected one of: {', '.join(DECAYED)}")
+    if decay_on == "all":
         return [{"params": params}]
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    decayed = DECAYED[decay_on](model)
     return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 

@@ -321,3 +321,19 @@ def test_evaluate_through_the_cli(tmp_path):
                         "trainer.device=cpu"], capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert json.loads((tmp_path / "ddp.json").read_text())["top1"] == pytest.approx(result["top1"])
+
+
+def test_reactnets_weight_decay_takes_the_4d_tensors():
+    """ReActNet's code decays `p.ndimension() == 4`: convs and the learnable shifts, not BN,
+    PReLU or the classifier."""
+    from bnntrain.optim import build_optimizer
+
+    cfg = make("experiment=reactnet18_paper", "model.width=0.125", "stage=1")
+    model = build_model(cfg.model, num_classes=10, in_channels=3)
+    decayed, exempt = build_optimizer(cfg.optimizer, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 1e-5 and exempt["weight_decay"] == 0
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in decayed["params"]} == {"weight", "threshold", "shift_in",
+                                                                           "shift_out"}
+    assert all(p.dim() == 4 for p in decayed["params"]) and all(p.dim() < 4 for p in exempt["params"])
+    assert any(names[id(p)] == "classifier.weight" for p in exempt["params"])
