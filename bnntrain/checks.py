@@ -107,6 +107,7 @@ RULES: dict[str, Check] = {
     "trainer.sync_bn": flag(),
     "trainer.scale_lr": flag(),
     "trainer.log_every": whole(1),
+    "trainer.bn_recalibrate": whole(0),
     "trainer.progress": one_of("auto", "bar", "plain"),
 }
 PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")

@@ -37,8 +37,10 @@ def app(cfg: DictConfig) -> None:
         log.info(f"data parallel over {distributed.world_size()} ranks, backend {distributed.backend()}")
     try:
         pipeline.run(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), distributed.world_size())
+        distributed.shutdown()
     except UserError as err:
         log.debug(error_line(err))  # into the run's log file
+        distributed.shutdown(wait=False)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             print(error_line(err), file=sys.stderr)
             raise  # the launcher goes on with the other jobs, and Hydra reports the failure at the end

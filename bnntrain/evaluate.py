@@ -5,7 +5,9 @@ The model is the checkpoint's, at the precision its stage ended with. The data i
 checkpoint's own data config (image size, normalisation, test transforms) with any
 `data.*` / `trainer.*` overrides, or another data preset where `data=NAME` is given. Prints
 top-1, top-5 and the mean loss, and writes them as JSON (`out=`, by default
-`<checkpoint>.eval.json`). Under torchrun the test set is split across ranks.
+`<checkpoint>.eval.json`). `trainer.bn_recalibrate=N` first re-estimates the BN statistics
+from N training batches (and reports top-1 before it too). Under torchrun the test set is
+split across ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from .config import last_stage, one_line, run_tool, split_args
 from .engine import Trainer, distributed, load_checkpoint
+from .engine.recalibrate import recalibrate_batchnorm
 from .engine.setup import resolve_device, trainer_options
 from .errors import ConfigError
 from .files import write_text
@@ -63,8 +66,13 @@ def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
                                       (cfg.trainer.progress == "auto" and sys.stderr.isatty()))
     batches = tqdm(loaders.test, desc="evaluating", leave=False, dynamic_ncols=True) if show else loaders.test
     start = time.time()
+    recalibrated = {}
+    if cfg.trainer.get("bn_recalibrate"):
+        recalibrated["before_recalibration"] = trainer.evaluate(loaders.test)
+        recalibrated["recalibration_seconds"] = recalibrate_batchnorm(
+            model, loaders.train.unmixed(), cfg.trainer.bn_recalibrate, device, trainer.memory_format, trainer.autocast)
     metrics = trainer.evaluate(batches)
-    return {"checkpoint": str(ckpt), "stage": state["stage"], "data": cfg.data.name, "root": cfg.data.get("root"),
+    return {**recalibrated, "checkpoint": str(ckpt), "stage": state["stage"], "data": cfg.data.name, "root": cfg.data.get("root"),
             "images": len(loaders.test.dataset), **metrics, "seconds": round(time.time() - start, 1)}
 
 
@@ -80,6 +88,7 @@ def run(argv: list[str]) -> None:
         write_text(out, json.dumps(result, indent=2) + "\n")
         print(f"{result['checkpoint']} on {result['data']} ({result['images']} test images): top1 {result['top1']:.2f}  "
               f"top5 {result['top5']:.2f}  loss {result['loss']:.4f}  ->  {out}")
+    distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from .config import run_tool, split_args
 from .engine import load_checkpoint, load_model_weights
 from .engine.checkpoint import load_tensors
 from .errors import CheckpointError, ConfigError, UserError
-from .files import atomic_write
+from .files import save_tensors
 from .models import build_model, model_from_checkpoint
 from .nn.layers import BinaryMixin, binary_layers, set_precision
 from .nn.quantizers import PRECISION_MODES, sign
@@ -221,7 +221,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
     state = load_checkpoint(ckpt)
     model = model_from_checkpoint(state, str(ckpt))
     blob = export_model(model, state, str(ckpt))
-    atomic_write(out, lambda tmp: torch.save(blob, tmp))
+    save_tensors(blob, out)
     packed = [v for k, v in blob["tensors"].items() if k.endswith(".weight_bits")]
     shapes = json.loads(blob["config"])["packed"].values()
     return {"file": out.stat().st_size, "checkpoint": ckpt.stat().st_size, "fp32_weights": _nbytes(state["model"]),

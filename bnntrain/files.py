@@ -1,9 +1,12 @@
 """Writing files so that a crash or a full disk never leaves half of one."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import torch
 
 from .errors import UserError
 
@@ -28,3 +31,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """`torch.save`, written whole or not at all."""
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:
+            # torch's file writer reports a failed write (a full disk) as an unexplained
+            # RuntimeError; written again through Python's file object, it is the OS error it is.
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            tmp.write_bytes(buffer.getbuffer())
+    atomic_write(path, write)

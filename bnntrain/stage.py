@@ -17,6 +17,7 @@ from .data import build_loaders
 from .engine import StageLogger, Trainer, distributed, load_checkpoint, load_model_weights, save_checkpoint
 from .engine.setup import prepare_model, resolve_device, trainer_options
 from .engine.flips import FlipTracker
+from .engine.recalibrate import recalibrate_batchnorm
 from .engine.seeding import epoch_seed, seed_everything
 from .engine.trainer import check_finite
 from .distill import build_teacher
@@ -117,6 +118,12 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         if flips is not None:
             logger.scalars(flips.update(), epoch + 1)
         metrics = trainer.evaluate(loaders.test)
+        if cfg.trainer.bn_recalibrate:  # BN statistics for the weights as they are now
+            before = metrics
+            seconds = recalibrate_batchnorm(model, loaders.train.unmixed(), cfg.trainer.bn_recalibrate, device,
+                                            trainer.memory_format, trainer.autocast)
+            metrics = trainer.evaluate(loaders.test)
+            logger.recalibration(epoch, cfg.trainer.bn_recalibrate, before, metrics, seconds)
         check_finite(metrics["loss"], f"{name} epoch {epoch + 1}: the test loss")  # never save broken weights
         scheduler.step()
         logger.epoch(epoch, lr, train, metrics, time.time() - t0)

@@ -193,7 +193,7 @@ def bench_data(root: Path, images: int, workers: int, device: str = "cpu", round
 
     cfg = config("data=imagenet", f"data.root={root}", f"data.num_workers={workers}", "data.batch_size=64",
                  "stage='1'")
-    ours = build_loaders(cfg.data, cfg.augment, color_jitter=True, device=device).train
+    ours = build_loaders(cfg.data, cfg.augment, device=device).train
     plain_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                    transforms.ColorJitter(0.4, 0.4, 0.4, 0.1), transforms.ToTensor(),
                                    transforms.Normalize(list(cfg.data.mean), list(cfg.data.std))])

@@ -1,6 +1,7 @@
 """Cost accounting: BOPs, FLOPs, OPs and model size in the BNN literature's convention,
 checked against numbers worked out by hand, and the `python -m bnntrain.summary` tool."""
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, BinaryLinear
 from bnntrain.summary import main as summary_main
 from test_config import make
+from test_readme_claims import agrees, readme_rows
 
 
 def hand_built() -> nn.Sequential:
@@ -85,29 +87,83 @@ def test_every_mac_of_a_full_model_is_counted_once():
         assert report.binary_params + report.real_params == sum(p.numel() for p in model.parameters())
 
 
-def resnet18_imagenet_macs(shortcut_at_input_resolution: bool) -> tuple[int, int]:
-    """ResNet-18 at 224 px, each basic block two binary blocks: (BOPs, FLOPs)."""
-    bops, cin = 0, 64
-    for planes, size in ((64, 56), (128, 28), (256, 14), (512, 7)):
-        bops += cin * planes * 9 * size * size + 3 * planes * planes * 9 * size * size
+def resnet18_by_hand(image: int, imagenet_stem: bool, classes: int, shortcut_at_input_resolution: bool = True,
+                     width: float = 1.0) -> dict[str, int]:
+    """The collection's ResNet-18 (double skip: each basic block two binary 3x3 convs, each
+    with its own shortcut; PReLU; a 1x1 conv + BN shortcut where the shape changes) worked out
+    from its layer shapes: BOPs, FLOPs (MACs of the real-valued layers) and parameters."""
+    channels = [round(base * width) for base in (64, 128, 256, 512)]
+    kernel = 7 if imagenet_stem else 3
+    size = image // 2 if imagenet_stem else image  # the stem conv's output (7x7 stride 2, or 3x3)
+    flops = channels[0] * size * size * 3 * kernel ** 2
+    real = 3 * channels[0] * kernel ** 2 + 2 * channels[0]  # stem conv, BN
+    size = size // 2 if imagenet_stem else size  # the max-pool
+    bops = binary = 0
+    cin = channels[0]
+    for i, planes in enumerate(channels):
+        if i > 0:
+            size //= 2  # the first conv of stages 1-3 has stride 2
+        for j in range(4):  # four binary convs per stage
+            c_in = cin if j == 0 else planes
+            bops += c_in * planes * 9 * size * size
+            binary += c_in * planes * 9
+            real += 2 * c_in + planes  # the BN in front of the sign, the PReLU after the addition
+        if cin != planes:  # v1 convolves before the 2x2 pooling, at 4x the positions; v2 after it
+            at = 2 * size if shortcut_at_input_resolution else size
+            flops += cin * planes * at * at
+            real += cin * planes + 2 * planes
         cin = planes
-    stem = 64 * 112 * 112 * 3 * 49
-    shortcuts = sum(cin * cout * (size * (2 if shortcut_at_input_resolution else 1)) ** 2
-                    for cin, cout, size in ((64, 128, 28), (128, 256, 14), (256, 512, 7)))
-    return bops, stem + shortcuts + 512 * 1000
+    flops += cin * classes
+    real += cin * classes + classes
+    return {"bops": bops, "flops": flops, "binary_params": binary, "real_params": real}
+
+
+# Bi-Real Net 18's published cost (Liu et al., ECCV 2018; repeated by Real-to-Binary and ReActNet).
+BIREAL_BOPS, BIREAL_FLOPS, BIREAL_OPS = 1.68e9, 1.39e8, 1.63e8
 
 
 @pytest.mark.parametrize("downsample", ["v1", "v2"])
 def test_resnet18_at_224_matches_the_published_counts(downsample):
-    """Bi-Real Net 18 reports 1.68e9 BOPs and 1.39e8 FLOPs (pool, then the 1x1 shortcut: v2);
-    v1 runs the shortcut conv before the pooling, at 4x the FLOPs."""
+    """Bi-Real Net 18 reports 1.68e9 BOPs, 1.39e8 FLOPs and 1.63e8 OPs; its shortcut pools
+    first, then convolves (v2). v1 runs the shortcut conv before the pooling, at 4x its FLOPs."""
     cfg = make("model=resnet18", "data=imagenet", f"model.downsample={downsample}")
     report = count_costs(build_model(cfg.model, num_classes=1000, in_channels=3), (3, 224, 224))
-    bops, flops = resnet18_imagenet_macs(shortcut_at_input_resolution=downsample == "v1")
-    assert (report.bops, report.flops) == (bops, flops)
-    assert bops == 1_676_279_808 and round(report.bops / 1e9, 2) == 1.68
-    if downsample == "v2":
-        assert flops == 137_793_536 and round(report.ops / 1e8, 2) == 1.64
+    hand = resnet18_by_hand(224, imagenet_stem=True, classes=1000, shortcut_at_input_resolution=downsample == "v1")
+    assert (report.bops, report.flops) == (hand["bops"], hand["flops"])
+    assert (report.binary_params, report.real_params) == (hand["binary_params"], hand["real_params"])
+    # Measured: BOPs 1.676e9 (0.2% under the paper), FLOPs 1.378e8 (0.9% under), OPs 1.640e8 (0.6% over).
+    published = (report.bops, report.flops, report.ops) == pytest.approx((BIREAL_BOPS, BIREAL_FLOPS, BIREAL_OPS),
+                                                                         rel=0.03)
+    assert published == (downsample == "v2")  # v1 (FLOPs 1.956e8) is not Bi-Real's shortcut
+    assert report.bops == pytest.approx(BIREAL_BOPS, rel=0.03)  # the binary convs are the same in both
+
+
+COST_TABLE = readme_rows("| model (default `downsample=v1` unless said) | input | BOPs | FLOPs | OPs | deployed size |")
+
+
+@pytest.mark.parametrize("row", COST_TABLE, ids=[row[0] for row in COST_TABLE])
+def test_readme_cost_table(row):
+    """README's cost table, row by row: the counts worked out by hand from the layer shapes,
+    and the report's, at the printed precision; the deployed size (binary weights at 1 bit,
+    every other parameter at 32) and its ratio to the 32-bit model."""
+    model, image, bops, flops, ops, deployed = row
+    data = "imagenet" if "1000 classes" in model else "cifar100"
+    assert ("100 classes" in model) == (data == "cifar100")
+    downsample = "v2" if "model.downsample=v2" in model else "v1"
+    cfg = make("model=resnet18", f"data={data}", f"model.downsample={downsample}")
+    assert int(image) == cfg.data.image_size
+    report = count_costs(build_model(cfg.model, num_classes=cfg.data.num_classes, in_channels=3),
+                         (3, cfg.data.image_size, cfg.data.image_size))
+    hand = resnet18_by_hand(cfg.data.image_size, imagenet_stem=data == "imagenet", classes=cfg.data.num_classes,
+                            shortcut_at_input_resolution=downsample == "v1")
+    assert (report.bops, report.flops, report.binary_params, report.real_params) == tuple(hand.values())
+    deployed_bits = hand["binary_params"] + 32 * hand["real_params"]
+    ratio = 32 * (hand["binary_params"] + hand["real_params"]) / deployed_bits
+    size_mb, size_ratio = re.fullmatch(r"([\d.]+) MB \(([\d.]+)x\)", deployed).groups()
+    assert agrees(size_mb, deployed_bits / 8 / 1e6) and agrees(size_ratio, ratio), (deployed, deployed_bits, ratio)
+    assert report.totals()["deployed_bytes"] == deployed_bits / 8 and report.compression == pytest.approx(ratio)
+    for printed, value in ((bops, hand["bops"]), (flops, hand["flops"]), (ops, hand["flops"] + hand["bops"] / 64)):
+        assert printed == f"{value:.3e}".replace("e+0", "e"), (printed, value)
 
 
 def test_summary_of_a_config(capsys):
@@ -128,12 +184,17 @@ def test_summary_of_a_checkpoint(tmp_path, capsys):
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "last.pt")
     summary_main([f"ckpt={tmp_path / 'last.pt'}"])
     out = capsys.readouterr().out
-    with precision(model, "binary", "binary"):
-        expected = count_costs(model, (3, 16, 16))
+    hand = resnet18_by_hand(16, imagenet_stem=False, classes=7, width=0.125)
+    # Worked out above from the layer shapes: at 1/8 width on 16x16 images, 1/64 of the full
+    # model's binary weights; BOPs of four stages at 16, 8, 4 and 2 px; FLOPs of the stem, the
+    # v1 shortcuts and a 64-in, 7-out classifier.
+    assert hand == {"bops": 2_138_112, "flops": 154_048, "binary_params": 10_985_472 // 64, "real_params": 4_927}
     assert "stage2; binary activations, binary weights; input 3x16x16" in out
     classifier = next(line for line in out.splitlines() if line.startswith("classifier"))
     assert classifier.split()[1:5] == ["Linear", "32", "32", "7"]  # the class count of the weights
-    assert f"BOPs {expected.bops:.4g}  FLOPs {expected.flops:.4g}" in out and expected.bops > 0
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split() == ["total", "171,648", "4,927", "2,138,112", "154,048"]
+    assert "BOPs 2.138e+06  FLOPs 1.54e+05  OPs 1.875e+05" in out  # 154,048 + 2,138,112 / 64 = 187,456
 
 
 @pytest.mark.parametrize("args, words", [

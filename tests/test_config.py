@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from bnntrain.config import compose, last_stage, normalize, one_line, plan, task_overrides
@@ -61,6 +62,7 @@ NEEDS = {"optimizer=sgd": ["optimizer.lr=0.1", "optimizer.weight_decay=1e-4"],
          "experiment=imagenet_kd": ["distill.teacher.torchvision=resnet34", f"distill.teacher.weights={__file__}"]}
 
 
+@pytest.mark.slow  # every option of a group composed and checked: seconds per group
 @pytest.mark.parametrize("group", ["model", "data", "optimizer", "schedule", "augment", "stage", "distill",
                                    "experiment"])
 def test_every_option_of_every_group_composes(group):
@@ -95,6 +97,7 @@ def test_one_line_lists_the_available_options():
     assert one_line(msg) == "In 'config': Could not find 'data/nope' Available options in 'data': a, b"
 
 
+@pytest.mark.slow
 def test_experiment_presets_encode_their_recipes():
     cifar = make("experiment=cifar100_two_stage")
     assert (cifar.data.name, cifar.schedule.epochs, cifar.augment.mixup) == ("cifar100", 350, 0.2)
@@ -113,3 +116,43 @@ def test_experiment_presets_encode_their_recipes():
     quick = make("experiment=cifar10_folder_quick")
     assert (quick.data.name, quick.data.train_limit, quick.model.width) == ("folder", 5000, 0.25)
     assert make().data.name == "digits" and make("data=imagenet").data.name == "imagenet"  # CLI beats the preset
+
+
+def flat(node, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}; an empty mapping stays a value."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+ABLATIONS = sorted(path.stem for path in (CONFIGS / "ablation").glob("*.yaml"))
+
+
+def test_the_ablation_sweep_lists_every_toggle():
+    preset = yaml.safe_load((CONFIGS / "experiment" / "ablation.yaml").read_text())
+    listed = preset["hydra"]["sweeper"]["params"]["+ablation"].split(",")
+    assert listed[0] == "baseline" and sorted(listed) == ABLATIONS and len(ABLATIONS) == 13
+
+
+@pytest.fixture(scope="module")
+def baseline_stages():
+    stages = [flat(OmegaConf.to_container(cfg)) for cfg in plan(["+ablation=baseline", f"init={__file__}"])]
+    plain = [flat(OmegaConf.to_container(cfg)) for cfg in plan([f"init={__file__}"])]
+    assert stages == plain  # the baseline is the preset as it is
+    return stages
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_each_ablation_toggle_changes_exactly_what_its_file_says(name, baseline_stages):
+    says = flat(yaml.safe_load((CONFIGS / "ablation" / f"{name}.yaml").read_text()) or {})
+    assert bool(says) == (name != "baseline")
+    toggled = [flat(OmegaConf.to_container(cfg)) for cfg in plan([f"+ablation={name}", f"init={__file__}"])]
+    assert [cfg["stage.name"] for cfg in toggled] == ["stage1", "stage2"]
+    for base, cfg in zip(baseline_stages, toggled):
+        assert set(cfg) == set(base), name
+        changed = {key: cfg[key] for key in cfg if cfg[key] != base[key]}
+        assert changed == says, name  # in every stage of the pipeline, and nothing else

@@ -100,7 +100,7 @@ INVALID = {
     "unknown block activation": (["model.activation=gelu"], ["model.activation", "identity, prelu, relu, rprelu"]),
     "unknown optimizer": (["optimizer.name=lion", "optimizer.lr=1e-3", "optimizer.weight_decay=0"],
                           ["optimizer.name", "adam, adamw, sgd"]),
-    "unknown schedule": (["schedule.name=linear"], ["schedule.name", "cosine, multistep"]),
+    "unknown schedule": (["schedule.name=poly"], ["schedule.name", "cosine, linear, multistep"]),
     "unknown transform": (["+augment.train.posterize=4"], ["augment transform", "center_crop"]),
     "per-stage key the config lacks": (["stages.stage2.optimizer.lrr=1"], ["stages.stage2", "lrr"]),
     "per-stage override of a stage not run": (["stage=1", "stages.stage2.optimizer.lr=1"],

@@ -26,7 +26,41 @@ def test_synthetic_shapes():
     data = loaders("data=synthetic", "data.image_size=16", "data.train_size=40", "data.batch_size=8")
     x, y = next(iter(data.train))
     assert x.shape == (8, 3, 16, 16) and y.max() < 10
-    assert len(data.train) == 5  # 40 / 8, last partial batch dropped
+
+
+def test_the_last_partial_batch_is_dropped_for_training_and_kept_for_testing():
+    data = loaders("data=synthetic", "data.image_size=8", "data.train_size=44", "data.test_size=44",
+                   "data.batch_size=8")
+    train = [len(y) for _, y in data.train]
+    test = [len(y) for _, y in data.test]
+    assert train == [8] * 5 and len(data.train) == 5  # 44 = 5 x 8 + 4: the 4 left over are not trained on
+    assert test == [8] * 5 + [4] and len(data.test) == 6  # every test image is evaluated
+    labels = torch.cat([y for _, y in data.test])
+    assert torch.equal(labels, data.test.dataset.labels)  # in order, each once
+
+
+@pytest.mark.parametrize("name", ["folder", "cifar100"])
+def test_train_and_test_limits_keep_a_fixed_subset_of_that_size(tmp_path, name):
+    if name == "folder":
+        root = write_image_folder(tmp_path / "imgs", per_class=6)  # 18 train, 18 test
+        args = ["data=folder", f"data.root={root}", "data.image_size=16"]
+    else:
+        root = write_cifar100(tmp_path / "cifar")  # 40 train, 20 test
+        args = ["data=cifar100", f"data.root={root}"]
+    args += ["data.num_workers=0", "data.batch_size=4", "data.train_limit=7", "data.test_limit=5"]
+    first, second = loaders(*args), loaders(*args)
+    full = loaders(*args[:-2])
+    assert len(first.train.dataset) == 7 and len(first.test.dataset) == 5
+    assert sum(len(y) for _, y in first.test) == 5
+    first.set_epoch(0)
+    assert sorted(first.train.sampler) == list(range(7))  # an epoch draws from exactly these 7
+    for split in ("train", "test"):
+        a, b = getattr(first, split).dataset, getattr(second, split).dataset
+        assert a.indices == b.indices  # the same subset on every run
+        assert len(set(a.indices)) == len(a.indices) and max(a.indices) < len(getattr(full, split).dataset)
+        items = [a[i][1] for i in range(len(a))]
+        assert items == [getattr(full, split).dataset[j][1] for j in a.indices]  # the subset is of the full split
+    assert len(full.train.dataset) == (18 if name == "folder" else 40)
 
 
 def test_cifar100_pickles(tmp_path):

@@ -38,12 +38,16 @@ def bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    write_image_folder(tmp_path / "mismatch")
+    (tmp_path / "mismatch" / "test" / "frog").rename(tmp_path / "mismatch" / "test" / "toad")
 
 
 CASES = {
     "missing data.root": (["data=folder", "data.root={tmp}/nope"], ["data.root", "does not exist"]),
     "empty data.root": (["data=folder", "data.root={tmp}/empty"], ["is empty"]),
     "wrong layout": (["data=folder", "data.root={tmp}/flat"], ["must hold train/"]),
+    "train and test classes differ": (["data=folder", "data.root={tmp}/mismatch"],
+                                      ["{tmp}/mismatch/train and {tmp}/mismatch/test", "different class folders"]),
     "no data.root": (["data=imagenet"], ["data.root is not set"]),
     "unknown group option": (["data=nope"], ["data/nope", "cifar100, digits"]),
     "unknown key": (["optimizer.lrr=1"], ["optimizer.lrr"]),
@@ -70,12 +74,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+# Refused by the first checks, before torch is imported: about a second each. The others
+# build the model or load data first, or fail inside the run: several seconds each.
+QUICK = {"unknown group option", "unknown key", "resume missing", "resume not a run", "negative lr",
+         "negative batch size", "milestone past the end", "warm-up above the lr", "lr not a number",
+         "log_every zero", "unknown progress style"}
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_bad_input(case, tmp_path, earlier_run):
     before = fingerprint(earlier_run)
     bad_files(tmp_path)
     args, words = CASES[case]
     args = [a.format(tmp=tmp_path, earlier=earlier_run) for a in args]
+    words = [w.format(tmp=tmp_path) for w in words]
     base = TINY if not any(a.startswith("data=") for a in args) else ["model.width=0.125"]
     out = run_cli(base + args, tmp_path / "run")
     assert_one_line_error(out, *words)
@@ -89,12 +101,14 @@ def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path, earlier_run
     assert fingerprint(earlier_run) == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
     out = run_cli(TINY + ["stage=1", "optimizer.lr=1e30"], tmp_path / "run")
     assert_one_line_error(out, "loss became nan")
     assert not (tmp_path / "run/stage1/last.pt").exists()
 
 
+@pytest.mark.slow
 def test_divergence_after_resume_keeps_the_last_good_checkpoint(tmp_path, earlier_run):
     run = tmp_path / "run"
     shutil.copytree(earlier_run, run)
@@ -109,6 +123,7 @@ def test_divergence_after_resume_keeps_the_last_good_checkpoint(tmp_path, earlie
         {k: v for k, v in before.items() if k.suffix == ".pt"}
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     (root / "train" / "dog" / "1.jpg").write_bytes(b"not a jpeg")

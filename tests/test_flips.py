@@ -6,8 +6,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from bnntrain.engine import save_checkpoint
 from bnntrain.engine.flips import FlipTracker
-from bnntrain.nn import BinaryConv2d, BinaryLinear
+from bnntrain.models import build_model
+from bnntrain.nn import BinaryConv2d, BinaryLinear, binary_layers
 from bnntrain.stage import train_stage
 from test_config import make
 
@@ -68,3 +70,23 @@ def test_real_weight_stage_logs_no_flip_ratio_and_counts_no_bops(tmp_path):
     assert "val/top1" in tags and not any("flip_ratio" in tag for tag in tags)
     cost = json.loads((tmp_path / "stage1" / "cost.json").read_text())["totals"]
     assert cost["bops"] == 0 and cost["flops"] > 0 and cost["binary_params"] == 0  # binary inputs, real weights
+
+
+def test_logged_flip_ratio_is_the_sign_changes_between_the_start_and_the_checkpoint(tmp_path):
+    """Counted here from the weights the stage started from and the weights it saved."""
+    cfg = stage_config("stage.weights=binary", "schedule.epochs=1", "optimizer.lr=0.01")
+    start = build_model(cfg.model, num_classes=10, in_channels=3)
+    init = tmp_path / "init.pt"
+    save_checkpoint({"model": start.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": "stage1",
+                     "config": {}, "init_from": None}, init)
+    train_stage(cfg, tmp_path / "stage1", init=str(init))
+    _, tags = scalars(tmp_path / "stage1")
+    saved = torch.load(tmp_path / "stage1/last.pt", weights_only=True)["model"]
+    flipped = total = 0
+    for name, layer in binary_layers(start):
+        before, after = layer.weight.detach(), saved[f"{name}.weight"]
+        n = (torch.signbit(before) != torch.signbit(after)).sum().item()
+        assert tags[f"flip_ratio/{name}"] == [(1, pytest.approx(n / before.numel(), abs=1e-7))]
+        flipped, total = flipped + n, total + before.numel()
+    assert flipped > 0  # lr 0.01 for 4 steps flips some signs
+    assert tags["train/flip_ratio"] == [(1, pytest.approx(flipped / total, rel=1e-6))]

@@ -103,3 +103,31 @@ def test_fused_sign_conv_equals_sign_then_conv(groups, bias, stride):
         conv(x.detach() * 1.0)
     assert torch.uint8 in [t.dtype for t in saved] and not any(t.shape == x.shape and t.is_floating_point()
                                                                for t in saved)
+
+
+@pytest.mark.parametrize("quantizer, args, reference", [
+    ("approx_sign", {}, lambda x: SIGN_ESTIMATORS.get("approx_sign")()(x)),
+    ("swish_sign", {"beta": 3.0}, lambda x: SIGN_ESTIMATORS.get("swish_sign")(beta=3.0)(x))])
+def test_fused_surrogate_sign_conv_equals_sign_then_conv(quantizer, args, reference):
+    """ApproxSign and SignSwish fused with the conv: the same gradients, and x is all the
+    step keeps of the input (not x and the +-1 tensor)."""
+    from bnntrain.nn import BinaryConv2d
+
+    torch.manual_seed(0)
+    conv = BinaryConv2d(4, 6, 3, stride=2, padding=1, learnable_threshold=True, quantizer=quantizer,
+                        quantizer_args=args, weight_gradient="unscaled")
+    conv.set_precision("binary", "binary")
+    x = (torch.randn(2, 4, 7, 7) * 1.5).requires_grad_(True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fused = (y.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.threshold.grad.clone())
+    x.grad = conv.weight.grad = conv.threshold.grad = None
+    ref = torch.nn.functional.conv2d(reference(x + conv.threshold), conv.quantized_weight(), None, 2, 1)
+    ref.backward(g)
+    for a, b in zip(fused, (ref.detach(), x.grad, conv.weight.grad, conv.threshold.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        conv(x.detach() * 1.0)
+    assert sum(t.shape == x.shape for t in saved) == 1  # x itself, no +-1 copy

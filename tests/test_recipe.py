@@ -1,4 +1,6 @@
 """Recipe tricks as units: transforms, batch mixing, distillation, centre loss, optimizer options."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from bnntrain.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, BatchNor
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import ConfigError
-from bnntrain.losses import CenterLoss, Objective, feature_loss, kd_loss
+from bnntrain.losses import CenterLoss, Objective, build_objective, feature_loss, kd_loss
 from bnntrain.models import build_model
 from bnntrain.optim import build_optimizer
 from test_config import make
@@ -91,6 +93,59 @@ def test_kl_is_zero_when_the_teacher_is_the_student():
     assert objective(model, x, y).abs() < 1e-6
 
 
+class FixedLogits(nn.Module):
+    """A 'network' that answers every batch with the same logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits))
+
+    def forward(self, images):
+        return self.logits.clone()  # an op, as a real network's output is
+
+
+# Two classes, two samples, worked out by hand. Teacher logits [0, 0]: p_t = (1/2, 1/2) at any
+# temperature. Student sample 1: [0, 2 ln 3], which at T = 2 is [0, ln 3]: p_s = (1/4, 3/4),
+# and at T = 1 softmax (1/10, 9/10). Student sample 2: [0, 0], equal to the teacher (KL 0).
+STUDENT = [[0.0, 2 * math.log(3)], [0.0, 0.0]]
+TEACHER = [[0.0, 0.0], [0.0, 0.0]]
+LABELS = [0, 1]
+# KL(teacher || student) of sample 1 at T = 2: 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = 1/2 ln(4/3).
+KL_T2 = 0.5 * math.log(4 / 3)
+# Averaged over the batch of two (sample 2 adds 0), times T^2 = 4: ln(4/3) = 0.2877.
+KD_T2 = 4 * KL_T2 / 2
+# Cross-entropy with the labels: sample 1 -ln(1/10), sample 2 -ln(1/2); their mean.
+CE = (math.log(10) + math.log(2)) / 2
+
+
+def test_kd_loss_worked_out_by_hand():
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    assert kd_loss(student, teacher, 2.0).item() == pytest.approx(KD_T2, rel=1e-6)
+    # The other direction, KL(student || teacher) = 1/4 ln((1/4)/(1/2)) + 3/4 ln((3/4)/(1/2)), is
+    # another number: the loss is not that one, nor the KL without T^2 or without the mean.
+    reverse = 4 * (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    for wrong in (reverse, KL_T2 / 2, 4 * KL_T2):
+        assert kd_loss(student, teacher, 2.0).item() != pytest.approx(wrong, rel=1e-3)
+    # T = 1: p_s = (1/10, 9/10); KL = 1/2 ln(5) + 1/2 ln(5/9) = 1/2 ln(25/9), halved by the mean.
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx(0.5 * math.log(25 / 9) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("kd_weight", [0.25, 1.0])
+def test_objective_mixes_label_and_distillation_loss_by_hand(kd_weight):
+    """(1 - kd_weight) x cross-entropy + kd_weight x T^2 KL(teacher || student), with kd_weight
+    and temperature taken from `distill=kd` in the config."""
+    cfg = make("distill=kd", f"distill.kd_weight={kd_weight}", "distill.temperature=2.0",
+               "distill.teacher.torchvision=resnet18", f"distill.teacher.weights={__file__}")
+    student, teacher = FixedLogits(STUDENT), FixedLogits(TEACHER)
+    objective = build_objective(cfg, student, 2, teacher)
+    loss = objective(student, torch.zeros(2, 1), torch.tensor(LABELS))
+    assert loss.item() == pytest.approx((1 - kd_weight) * CE + kd_weight * KD_T2, rel=1e-6)
+    loss.backward()
+    assert student.logits.grad is not None and teacher.logits.grad is None  # the teacher is not trained
+    # Without a teacher the objective is the cross-entropy alone.
+    assert Objective(student)(student, torch.zeros(2, 1), torch.tensor(LABELS)).item() == pytest.approx(CE, rel=1e-6)
+
+
 def test_feature_matching():
     a = torch.randn(4, 8, 5, 5)
     assert feature_loss(a, a) < 1e-10
@@ -151,7 +206,7 @@ def test_weight_decay_exemption():
     model = build_model(make("model.width=0.125", "model=reactnet18").model, num_classes=10, in_channels=3)
     cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 1e-5}
     assert len(build_optimizer(OmegaConf.create(cfg), model).param_groups) == 1
-    decayed, exempt = build_optimizer(OmegaConf.create({**cfg, "weight_decay_norm_and_bias": False}),
+    decayed, exempt = build_optimizer(OmegaConf.create({**cfg, "weight_decay_on": "weights"}),
                                       model).param_groups
     assert decayed["weight_decay"] == 1e-5 and exempt["weight_decay"] == 0.0
     conv_linear = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -1,36 +1,139 @@
-"""A run killed part-way and resumed ends with the same weights as one never interrupted."""
+"""A run killed part-way and resumed ends with the same weights as one never interrupted:
+killed inside stage 1, right after stage 1 finished, inside stage 2, and under torchrun."""
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from conftest import results, run_cli
 
-# Two stages of three epochs on synthetic data, slow enough to be killed in the middle.
+pytestmark = pytest.mark.slow  # each test trains through the CLI two or three times
+
+# Two stages of three epochs on synthetic data (about half a second an epoch: slow enough
+# to be killed in the middle of one).
 ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=256", "data.batch_size=16",
-        "model.width=0.25", "schedule.epochs=3", "seed=3"]
+        "model.width=0.125", "schedule.epochs=3", "seed=3", "loss.center.weight=0.01"]  # centres in stage 2
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+
+# `python -m bnntrain`, killed with SIGKILL the moment it has written one file: `<stage>/last.pt`
+# holding a given number of epochs, or `results.json` (a stage has just finished). An
+# interruption at an exact point between two epochs or two stages, whatever the machine's speed.
+CRASH = """
+import os, signal, sys
+from pathlib import Path
+
+import bnntrain.pipeline
+import bnntrain.stage
+from bnntrain.cli import main
+
+target, epoch = sys.argv.pop(1), int(sys.argv.pop(1))
+save_checkpoint, write_text = bnntrain.stage.save_checkpoint, bnntrain.pipeline.write_text
 
 
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
+def save_then_die(state, path):
+    save_checkpoint(state, path)
+    if f"{Path(path).parent.name}/{Path(path).name}" == target and state["epoch"] == epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert run_cli(ARGS, straight).returncode == 0
+def write_then_die(path, text):
+    write_text(path, text)
+    if Path(path).name == target:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+bnntrain.stage.save_checkpoint, bnntrain.pipeline.write_text = save_then_die, write_then_die
+main()
+"""
+
+
+def crash_run(args, run_dir, after: str, epoch: int = 0) -> None:
+    """Run ARGS in `run_dir` and kill it right after it writes `after` ('stage2/last.pt' of
+    `epoch` epochs, or 'results.json')."""
+    out = subprocess.run([sys.executable, "-c", CRASH, after, str(epoch), *args, f"hydra.run.dir={run_dir}"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == -signal.SIGKILL, f"the run was not killed after {after}: {out.stderr}"
+
+
+def fingerprint(folder):
+    """Every file under `folder` and a hash of its bytes."""
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def assert_same(a, b, where=""):
+    """Equal tensors (exactly), numbers and containers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where} differs"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_stage_matches(straight, resumed, stage):
+    """The resumed stage ends exactly as the uninterrupted one: its last.pt and best.pt hold
+    the same weights, optimizer, schedule, centres, loop state, epoch, metrics and best top-1
+    (all but the config and the paths, which name the run folder), and results.json agrees."""
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(straight / stage / name, weights_only=True)
+        b = torch.load(resumed / stage / name, weights_only=True)
+        for key in sorted((set(a) | set(b)) - {"config", "init_from"}):
+            assert_same(a.get(key), b.get(key), f"{stage}/{name}[{key!r}]")
+    a, b = results(straight)[stage], results(resumed)[stage]
+    for key in ("top1", "top5", "loss", "best_top1", "epochs"):
+        assert a[key] == b[key], f"results.json {stage} {key}: {a[key]} vs {b[key]}"
+
+
+def shared_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(run_dir)` once per test session, for runs the tests only read: under xdist the
+    first worker to ask makes it and the other waits for it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    run, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(run, ignore_errors=True)  # a half-made one, from a worker that failed
+            make(run)
+            done.touch()
+    return run
+
+
+def train(args, run_dir) -> None:
+    out = run_cli(args, run_dir)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The run never interrupted."""
+    run = shared_run(tmp_path_factory, "resume-straight", lambda run: train(ARGS, run))
+    assert list(results(run)) == ["stage1", "stage2"]
+    return run
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, straight):
+    broken = tmp_path / "broken"
     proc = subprocess.Popen([sys.executable, "-m", "bnntrain", *ARGS, f"hydra.run.dir={broken}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240
     while not (broken / "stage1" / "last.pt").exists():  # killed after stage 1's first epoch
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     epoch_at_kill = torch.load(broken / "stage1/last.pt", weights_only=True)["epoch"]
@@ -43,29 +146,50 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "outputs").exists() and (broken / ".hydra/overrides.yaml").read_text() == hydra_record
     assert "resuming the run" in (broken / "cli.log").read_text()
+    assert f"stage1 epoch {epoch_at_kill + 1}/3" in out.stdout and f"stage1 epoch {epoch_at_kill}/3" not in out.stdout
     assert list(results(broken)) == ["stage1", "stage2"]
     for stage in ("stage1", "stage2"):
-        a, b = weights(straight / stage / "last.pt"), weights(broken / stage / "last.pt")
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{stage} {key} differs after resume"
-    assert results(broken)["stage2"]["top1"] == pytest.approx(results(straight)["stage2"]["top1"])
+        assert_stage_matches(straight, broken, stage)
 
 
-def test_resume_from_a_last_pt_skips_finished_stages(tmp_path):
-    run = tmp_path / "run"
-    small = ARGS[:3] + ["data.train_size=32", "model.width=0.125", "schedule.epochs=1"]
-    assert run_cli(small, run).returncode == 0
-    before = (run / "stage1/last.pt").stat().st_mtime_ns
-    out = run_cli([f"resume={run / 'stage2/last.pt'}"], tmp_path / "again")
+def test_resume_from_a_last_pt_skips_finished_stages(tmp_path, straight):
+    """Killed right after stage 1 finished (results.json names it, stage 2 has not begun), then
+    resumed from stage 1's last.pt: stage 1 is not touched, stage 2 trains as it would have."""
+    broken = tmp_path / "broken"
+    crash_run(ARGS, broken, "results.json")
+    assert list(results(broken)) == ["stage1"] and not (broken / "stage2").exists()
+    finished, entry = fingerprint(broken / "stage1"), results(broken)["stage1"]
+
+    out = run_cli([f"resume={broken / 'stage1' / 'last.pt'}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert (run / "stage1/last.pt").stat().st_mtime_ns == before  # finished: not retrained
+    assert "stage1 epoch" not in out.stdout and "stage2 epoch 1/3" in out.stdout and "stage2 epoch 3/3" in out.stdout
+    assert fingerprint(broken / "stage1") == finished  # not retrained, not rewritten: every byte as it was
+    assert results(broken)["stage1"] == entry
+    assert_stage_matches(straight, broken, "stage1")
+    assert_stage_matches(straight, broken, "stage2")
+
+
+def test_run_killed_inside_stage_2_resumes_there(tmp_path, straight):
+    broken = tmp_path / "broken"
+    crash_run(ARGS, broken, "stage2/last.pt", epoch=1)  # stage 2 has trained one of its three epochs
+    assert list(results(broken)) == ["stage1"]
+    assert torch.load(broken / "stage2/last.pt", weights_only=True)["epoch"] == 1
+    finished = fingerprint(broken / "stage1")
+
+    out = run_cli([f"resume={broken}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "stage2: resuming from" in out.stdout and "after epoch 1" in out.stdout
+    assert "stage1 epoch" not in out.stdout and "stage2 epoch 1/3" not in out.stdout
+    assert "stage2 epoch 2/3" in out.stdout and "stage2 epoch 3/3" in out.stdout
+    assert fingerprint(broken / "stage1") == finished
+    assert list(results(broken)) == ["stage1", "stage2"]
+    assert_stage_matches(straight, broken, "stage2")
 
 
 def children(pid: int) -> list[int]:
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is installed with torch")
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="finds the ranks to kill through Linux's /proc")
 def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
@@ -74,19 +198,18 @@ def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
     args = ["data=synthetic", "data.image_size=16", "data.train_size=384", "data.test_size=64",
             "data.batch_size=16", "model.width=0.25", "stage=1", "schedule.epochs=3", "seed=5",
             "trainer.device=cpu", "trainer.progress=plain"]
-    torchrun = ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "bnntrain"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bnntrain"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     out = subprocess.run(torchrun + args + [f"hydra.run.dir={straight}"], capture_output=True, text=True,
-                         timeout=300, env=env)
+                         timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr
 
     proc = subprocess.Popen(torchrun + args + [f"hydra.run.dir={broken}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+                            stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240
     while not (broken / "stage1" / "last.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     # torchrun starts each rank in a session of its own: kill the launcher and its ranks
     # one by one, as a lost node would.
     ranks = children(proc.pid)
@@ -97,12 +220,10 @@ def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
     assert torch.load(broken / "stage1/last.pt", weights_only=True)["epoch"] < 3
     assert not (broken / "results.json").exists()
 
-    out = subprocess.run(torchrun + [f"resume={broken}"], capture_output=True, text=True, timeout=300, env=env,
+    out = subprocess.run(torchrun + [f"resume={broken}"], capture_output=True, text=True, timeout=300, env=ENV,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("stage1 epoch 3/3") == 1 and "stage1 epoch 1/3" not in out.stdout  # rank 0 only
     assert "stage1: weights identical on all 2 ranks" in out.stdout
     assert not (tmp_path / "outputs").exists() and results(broken)["stage1"]["epochs"] == 3
-    a, b = weights(straight / "stage1/last.pt"), weights(broken / "stage1/last.pt")
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume under torchrun"
+    assert_stage_matches(straight, broken, "stage1")

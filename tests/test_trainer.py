@@ -63,3 +63,47 @@ def test_nan_loss_stops_training():
     trainer = Trainer(model, Objective(model), torch.optim.Adam(model.parameters()), torch.device("cpu"))
     with pytest.raises(TrainingDiverged, match="loss became nan"):
         trainer.train_epoch(batches())
+
+
+def test_accumulated_windows_step_like_one_batch_of_their_size():
+    """SGD over windows of 3 batches (and the epoch's last window of 2) moves the weights
+    exactly as one step per window on the concatenated batches."""
+    data = batches(n=5, bs=8)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    reference = nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    trainer = Trainer(model, Objective(model), torch.optim.SGD(model.parameters(), 0.5), torch.device("cpu"),
+                      accumulate=3)
+    out = trainer.train_epoch(data)
+    assert out["steps"] == 5 and trainer.step == 2  # ceil(5 / 3) optimizer steps
+    ref_trainer = Trainer(reference, Objective(reference), torch.optim.SGD(reference.parameters(), 0.5),
+                          torch.device("cpu"))
+    windows = [data[:3], data[3:]]
+    ref_trainer.train_epoch([(torch.cat([x for x, _ in w]), torch.cat([y for _, y in w])) for w in windows])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # nothing left over for the next epoch
+
+
+def test_grad_clip_bounds_the_update():
+    """With SGD at lr 1, the step is minus the gradient: clipped, its norm is the clip value."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = batches(n=1, bs=16)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x) * 100, y)  # a steep loss: a gradient norm far above 0.01
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.cat([g.flatten() for g in grads]).norm() > 1.0
+
+    class Steep(Objective):
+        def forward(self, model, images, targets):
+            return nn.functional.cross_entropy(model(images) * 100, targets)
+
+    trainer = Trainer(model, Steep(model), torch.optim.SGD(model.parameters(), 1.0), torch.device("cpu"),
+                      grad_clip=0.01)
+    trainer.train_epoch([(x, y)])
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    expected = torch.cat([g.flatten() for g in grads])
+    assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
+    assert torch.allclose(step / step.norm(), -expected / expected.norm(), atol=1e-5)  # same direction

@@ -34,10 +34,13 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, targets in self.loader:
-            images = self.normalize(images.to(self.device, non_blocking=True))
-            targets = targets.to(self.device, non_blocking=True)
+        for images, targets in self.unmixed():
             yield self.mix(images, targets) if self.mix is not None else (images, targets)
+
+    def unmixed(self) -> Iterator[Batch]:
+        """The batches with their per-image transforms, normalised, without batch mixing."""
+        for images, targets in self.loader:
+            yield self.normalize(images.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
 
 
 @dataclass

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..files import atomic_write
+from ..files import save_tensors
 
 REQUIRED_KEYS = ("model", "num_classes", "in_channels", "epoch", "stage", "config")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Written whole or not at all (see `atomic_write`)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_tensors(state, path)
 
 
 def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:

@@ -44,6 +44,16 @@ def init(device_kind: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group before the process exits: a group left to the interpreter's
+    exit can abort the process while its communication threads still run. `wait`: after
+    the other ranks get here (not when this rank stops on an error)."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

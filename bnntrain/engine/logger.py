@@ -44,6 +44,16 @@ class StageLogger:
         log.info(f"{self.stage} epoch {epoch + 1}/{self.epochs}  lr {lr:.2e}  train loss {train['loss']:.4f}  "
                  f"val loss {val['loss']:.4f}  top1 {val['top1']:.2f}  top5 {val['top5']:.2f}  ({seconds:.1f}s)")
 
+    def recalibration(self, epoch: int, batches: int, before: dict[str, float], after: dict[str, float],
+                      seconds: float) -> None:
+        """What re-estimating the BN statistics did: test top-1 before and after, and its cost."""
+        if not self.enabled:
+            return
+        self.scalars({"bn_recalibrate/top1_before": before["top1"], "bn_recalibrate/top1_after": after["top1"],
+                      "bn_recalibrate/seconds": seconds}, epoch + 1)
+        log.info(f"{self.stage} epoch {epoch + 1}/{self.epochs}  BN statistics re-estimated from {batches} batches "
+                 f"in {seconds:.1f}s: top1 {before['top1']:.2f} -> {after['top1']:.2f}")
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
             for key, value in values.items():

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight
-from .sign_conv import SignConv2d
+from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight, surrogate_grad
+from .sign_conv import SignConv2d, SurrogateSignConv2d
 
 ACTIVATION_MODES = ("binary", *PRECISION_MODES)
 WEIGHT_INITS = ("default", "small_positive")  # PyTorch's conv/linear init, or Bi-Real's U[0, 0.001)
@@ -83,16 +83,20 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self._init_binary(quantizer, quantizer_args, weight_scale, learnable_threshold, binarize,
                           in_channels, spatial=True, weight_gradient=weight_gradient, init=init)
-        # The straight-through sign needs only a mask for its gradient, so it and the conv can
-        # share one byte per element (sign_conv.py); the other quantizers need x itself.
-        self.fused_sign = quantizer == "ste_sign"
+        # The sign and the conv run as one autograd step (sign_conv.py), which keeps less for
+        # the backward pass: the straight-through sign one byte per input element (its mask and
+        # sign bit), the others x alone, not x and the +-1 tensor besides.
+        self.fused_sign = True
+        self._surrogate = surrogate_grad(quantizer, quantizer_args or {})
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activations == "binary" and self.fused_sign:
             if self.threshold is not None:
                 x = x + self.threshold
-            return SignConv2d.apply(x, self.quantized_weight(), self.bias, self.stride, self.padding,
-                                    self.dilation, self.groups)
+            conv = (self.stride, self.padding, self.dilation, self.groups)
+            if self._surrogate is None:
+                return SignConv2d.apply(x, self.quantized_weight(), self.bias, *conv)
+            return SurrogateSignConv2d.apply(x, self.quantized_weight(), self.bias, *conv, self._surrogate)
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 

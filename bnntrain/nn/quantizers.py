@@ -8,6 +8,8 @@ shape depends on it. Activation memory, not compute, limits BNN batch sizes.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import torch
@@ -38,8 +40,20 @@ class SteSign(torch.autograd.Function):
         return grad * inside
 
 
+def approx_sign_grad(x: Tensor, grad: Tensor) -> Tensor:
+    """Bi-Real Net's ApproxSign (a piecewise-quadratic sign): g * (2 - 2|x|) where |x| < 1,
+    else 0 (2 at 0, 0 at |x| = 1: the official polynomial's). In place on one temporary."""
+    return x.abs().mul_(-2).add_(2).clamp_(min=0).mul_(grad)
+
+
+def swish_sign_grad(x: Tensor, grad: Tensor, beta: float) -> Tensor:
+    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+    bx = beta * x
+    return grad * (beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx)))
+
+
 class ApproxSign(torch.autograd.Function):
-    """Bi-Real Net's piecewise-quadratic approximation: g * (2 - 2|x|) where |x| < 1."""
+    """sign(x) with Bi-Real Net's ApproxSign gradient (`approx_sign_grad`); saves x."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -49,11 +63,11 @@ class ApproxSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        return grad * (2 - 2 * x.abs()).clamp_(min=0)
+        return approx_sign_grad(x, grad)
 
 
 class SwishSign(torch.autograd.Function):
-    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+    """sign(x) with BNN+'s SignSwish gradient (`swish_sign_grad`); saves x."""
 
     @staticmethod
     def forward(ctx, x: Tensor, beta: float) -> Tensor:
@@ -64,9 +78,17 @@ class SwishSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        bx = ctx.beta * x
-        slope = ctx.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
-        return grad * slope, None
+        return swish_sign_grad(x, grad, ctx.beta), None
+
+
+def surrogate_grad(quantizer: str, args: dict) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The gradient formula of a sign estimator that needs x itself (None for ste_sign, whose
+    gradient is a mask): what a binary conv fuses with its sign (sign_conv.py)."""
+    if quantizer == "approx_sign":
+        return approx_sign_grad
+    if quantizer == "swish_sign":
+        return functools.partial(swish_sign_grad, beta=args.get("beta", 5.0))
+    return None
 
 
 class WeightSign(torch.autograd.Function):
@@ -83,43 +105,46 @@ class WeightSign(torch.autograd.Function):
         return grad * inside
 
 
-class MagnitudeSign(torch.autograd.Function):
-    """The weight binarizer of Bi-Real Net's and ReActNet's official code: forward
-    alpha * sign(w), alpha the per-output-channel mean |w| (detached); backward g where
-    |w| < 1 (the gradient of their clamp(w, -1, 1)), not multiplied by alpha."""
+class ScaledSign(torch.autograd.Function):
+    """The weight binarizer alpha * sign(w), alpha the per-output-channel mean |w| (held
+    constant), in one pass forward and one or a few back. `unscaled=False` (larq's
+    magnitude-aware sign): the product's gradient, alpha * g where |w| <= 1. `unscaled=True`
+    (Bi-Real Net's and ReActNet's code): g where |w| < 1, the gradient of their
+    clamp(w, -1, 1)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor) -> Tensor:
-        ctx.save_for_backward(w.abs() < 1)
-        return sign(w) * channel_scale(w)
+    def forward(ctx, w: Tensor, unscaled: bool) -> Tensor:
+        alpha = channel_scale(w)
+        ctx.save_for_backward(w, alpha)
+        ctx.unscaled = unscaled
+        return torch.copysign(alpha, w)  # alpha with w's sign bit: alpha * sign(w)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (inside,) = ctx.saved_tensors
-        return grad * inside
+    def backward(ctx, grad: Tensor):
+        w, alpha = ctx.saved_tensors
+        if ctx.unscaled:
+            return torch.ops.aten.hardtanh_backward(grad, w, -1.0, 1.0), None  # g where -1 < w < 1
+        return torch.where(w.abs() <= 1, grad * alpha, 0.0), None
 
 
 def channel_scale(w: Tensor) -> Tensor:
-    """The per-output-channel mean |w| (XNOR-Net, Bi-Real), detached."""
-    return w.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    """The per-output-channel mean |w| (XNOR-Net, Bi-Real), detached: one pass over w."""
+    dims = tuple(range(1, w.dim()))
+    return torch.linalg.vector_norm(w.detach(), ord=1, dim=dims, keepdim=True) / math.prod(w.shape[1:])
 
 
 WEIGHT_GRADIENTS = ("scaled", "unscaled")
 
 
 def binarize_weight(w: Tensor, scale: bool, gradient: str = "scaled") -> Tensor:
-    """sign(w), optionally times the per-output-channel mean |w| (XNOR-Net, Bi-Real).
-
-    The scale is detached in both estimators. `scaled` (larq's magnitude-aware sign): the
-    product's gradient, alpha * g where |w| <= 1. `unscaled` (Bi-Real Net's and ReActNet's
-    official code): g where |w| < 1.
-    """
+    """sign(w), optionally times the per-output-channel mean |w| (XNOR-Net, Bi-Real), whose
+    gradient is `scaled` (larq) or `unscaled` (the official Bi-Real/ReActNet code): see
+    ScaledSign. Without the scale, the clipped straight-through sign (WeightSign)."""
     if gradient not in WEIGHT_GRADIENTS:
         raise ConfigError(f"unknown model.weight_gradient '{gradient}'; expected one of: {', '.join(WEIGHT_GRADIENTS)}")
-    if scale and gradient == "unscaled":
-        return MagnitudeSign.apply(w)
-    b = WeightSign.apply(w)
-    return b * channel_scale(w) if scale else b
+    if scale:
+        return ScaledSign.apply(w, gradient == "unscaled")
+    return WeightSign.apply(w)
 
 
 def leaky_clip(x: Tensor) -> Tensor:

@@ -46,3 +46,37 @@ class SignConv2d(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(dtype)
         return grad_in, grad_w, grad_b, None, None, None, None
+
+
+class SurrogateSignConv2d(torch.autograd.Function):
+    """sign(x) followed by a convolution for the estimators whose gradient needs x itself
+    (ApproxSign, SignSwish): x is saved, not the +-1 tensor the convolution would keep as
+    well, which the backward pass rebuilds from x. The gradients are exactly those of the
+    estimator's sign followed by F.conv2d."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple, padding: tuple,
+                dilation: tuple, groups: int, grad_fn) -> Tensor:
+        out = F.conv2d(sign(x), weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.grad_fn = (stride, padding, dilation, groups), grad_fn
+        ctx.dtypes = (out.dtype, bias is not None)  # under autocast the conv may run in bf16
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        dtype, has_bias = ctx.dtypes
+        grad = grad.to(dtype)
+        needs = ctx.needs_input_grad
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, sign(x).to(dtype), weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
+            dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
+        if grad_in is not None:
+            grad_in = ctx.grad_fn(x, grad_in.to(x.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(dtype)
+        return grad_in, grad_w, grad_b, None, None, None, None, None

@@ -1,0 +1,84 @@
+"""Re-estimating BatchNorm's running statistics for the weights as they are now.
+
+In a network with binary weights, an epoch can end just after many signs flipped: the
+running statistics, averaged over the epoch with momentum, describe activations that no
+longer exist, and evaluation with them can fall far below what the weights can do.
+Forward passes over a few training batches in training mode (no gradients, a cumulative
+average: momentum None) give each BN the statistics of the current weights.
+
+The batches are the stage's training batches, with its per-image transforms and without
+batch mixing. The training RNG stream is left as it was (the loader draws its workers'
+seeds from it), so that a run with recalibration resumes exactly; under torchrun each rank
+averages over its own share and the ranks then average their statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+
+BATCHNORMS = nn.modules.batchnorm._BatchNorm
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Whatever runs inside leaves Python's, NumPy's and torch's generators as it found them."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int, device: torch.device,
+                          memory_format: torch.memory_format = torch.contiguous_format,
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Re-estimate every BN's running mean and variance from `count` batches; return the seconds
+    it took. `model` is the module itself, not a DDP wrapper (which would broadcast rank 0's
+    statistics at every forward pass)."""
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
+    if not norms or count <= 0:
+        return 0.0
+    start = time.time()
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    with rng_untouched():
+        for i, (images, _) in enumerate(batches):
+            if i == count:
+                break
+            with autocast():
+                model(images.to(device, non_blocking=True, memory_format=memory_format))
+    model.train(was_training)
+    for bn, (momentum, tracked) in zip(norms, saved):
+        bn.momentum = momentum
+        bn.num_batches_tracked.copy_(tracked)  # the count training goes on from
+    _average_over_ranks(norms)
+    return time.time() - start
+
+
+def _average_over_ranks(norms: list[nn.Module]) -> None:
+    """Each rank saw its own batches: the mean of the ranks' means, and the variance of the
+    union (the mean of the variances plus the variance of the means)."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    for bn in norms:
+        stats = torch.stack([bn.running_mean, bn.running_var + bn.running_mean.square()])
+        distributed.all_reduce_sum(stats)
+        stats /= world
+        bn.running_mean.copy_(stats[0])
+        bn.running_var.copy_(stats[1] - stats[0].square())

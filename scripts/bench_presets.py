@@ -1,0 +1,108 @@
+"""The paper presets' CPU training step and activation memory, against real-valued baselines
+run in the same process (interleaved rounds, medians of paired ratios; see bench.py).
+
+    python scripts/bench_presets.py [--repeats 7] [--batch 16] [--json FILE]
+
+Speed, 224 px, fully binary (stage 2), Adam, as `python -m bnntrain` trains on the CPU
+(trainer.channels_last=auto: channels_last):
+- `birealnet18` against torchvision's real `resnet18` as a user runs it (NCHW) and on
+  channels_last;
+- `reactnet18` and `reactnet_a` against their real-valued twins (`model.binarize=false`,
+  the same layout).
+Memory: bytes saved for the backward pass (batch 8), against torchvision's ResNet-18/34 and
+the twins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import interleaved, paired_ratio, saved_bytes  # noqa: E402
+
+from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.models import build_model  # noqa: E402
+from bnntrain.nn import set_precision  # noqa: E402
+
+
+def preset(name: str, binarize: bool = True) -> torch.nn.Module:
+    cfg = last_stage(["stage=2", f"init={__file__}", f"model={name}", "data=imagenet", f"model.binarize={binarize}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=1000, in_channels=3)
+    set_precision(model, "binary", "binary")
+    return model
+
+
+def stepper(model: torch.nn.Module, batch: int, channels_last: bool):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
+    y = torch.randint(1000, (batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_speed(repeats: int, batch: int) -> list[dict]:
+    arms = {"torchvision resnet18 (NCHW)": stepper(torchvision.models.resnet18(), batch, False),
+            "torchvision resnet18 (channels_last)": stepper(torchvision.models.resnet18(), batch, True),
+            "birealnet18": stepper(preset("birealnet18"), batch, True)}
+    for name in ("reactnet18", "reactnet_a"):
+        arms[name] = stepper(preset(name), batch, True)
+        arms[f"{name} twin"] = stepper(preset(name, binarize=False), batch, True)
+    times = interleaved(arms, repeats, warmup=1)
+    rows = []
+    for arm, base in (("birealnet18", "torchvision resnet18 (NCHW)"), ("birealnet18", "torchvision resnet18 (channels_last)"),
+                      ("reactnet18", "reactnet18 twin"), ("reactnet_a", "reactnet_a twin")):
+        rows.append({"benchmark": f"CPU training step, {arm}, 224 px, batch {batch}", "baseline": base,
+                     "baseline_value": statistics.median(times[base]), "bnntrain_value": statistics.median(times[arm]),
+                     "unit": "s/step", "ratio": round(paired_ratio(times[base], times[arm]), 3),
+                     "target": "<= 1.00" if arm == "birealnet18" else "<= 1.05"})
+    return rows
+
+
+def bench_memory(batch: int = 8) -> list[dict]:
+    x = torch.randn(batch, 3, 224, 224)
+    baselines = {"resnet18": saved_bytes(torchvision.models.resnet18(), x),
+                 "resnet34": saved_bytes(torchvision.models.resnet34(), x)}
+    rows = []
+    for name, base in (("tricks_resnet18", "resnet18"), ("birealnet18", "resnet18"), ("reactnet18", "resnet18"),
+                       ("birealnet34", "resnet34"), ("reactnet_a", None)):
+        ours = saved_bytes(preset(name), x)
+        twin = saved_bytes(preset(name, binarize=False), x)
+        reference = baselines[base] if base else twin
+        rows.append({"benchmark": f"memory saved for backward, {name}, 224 px, batch {batch}",
+                     "baseline": f"torchvision {base}" if base else "its real-valued twin",
+                     "baseline_value": reference / 2**20, "bnntrain_value": ours / 2**20, "unit": "MiB",
+                     "ratio": round(ours / reference, 3), "twin_ratio": round(ours / twin, 3), "target": "<= 1.35"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = bench_memory() + bench_speed(args.repeats, args.batch)
+    for r in rows:
+        print(f"{r['benchmark']:<62} {r['bnntrain_value']:>9.4g} {r['unit']}  vs {r['baseline']} "
+              f"{r['baseline_value']:.4g}: ratio {r['ratio']:.3f} (target {r['target']})")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Figures that README.md prints, read from README.md itself and checked against what they
+describe, so that a README that drifts from the code (or the code from it) fails a test.
+The cost and export tables are checked in test_complexity.py and test_export.py with the
+helpers here; the benchmark figures against the JSON files the benchmark wrote."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_rows(header_start: str) -> list[list[str]]:
+    """The body rows of the README table whose header line starts with `header_start`, as
+    lists of stripped cells."""
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and the --- line
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def agrees(printed: str, measured: float) -> bool:
+    """`measured` rounds to `printed` at the precision it is printed with ("4.28", "22.7")."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return f"{measured:.{decimals}f}" == printed
+
+
+def test_agrees_rounds_at_the_printed_precision():
+    assert agrees("4.28", 4.2753) and agrees("22.7", 22.696) and agrees("11.0", 10.959)
+    assert not agrees("4.33", 4.3387) and not agrees("140.4", 140.458)
+
+
+def bench(name: str) -> list[dict]:
+    return json.loads((ROOT / "scripts" / name).read_text())
+
+
+def test_data_pipeline_speed_sentence_agrees_with_the_benchmarks():
+    """The Data section's speed-up is the data-pipeline rows of the benchmark JSON files
+    (1.046 on the 2-core CPU, 1.221 with 8 workers feeding the GPU)."""
+    cpu = next(r for r in bench("bench_results_cpu.json") if r["benchmark"].startswith("data pipeline"))
+    gpu = next(r for r in bench("bench_results_gpu.json") if r["benchmark"].startswith("data pipeline"))
+    sentence = re.search(r"the workers do less per image \(([^)]*)\)", README.replace("\n", " "))
+    assert sentence, "the Data section no longer states the speed-up"
+    figures = [float(x) for x in re.findall(r"(\d+\.\d+)x", sentence.group(1))]
+    assert figures == [pytest.approx(cpu["ratio"], abs=0.005), pytest.approx(gpu["ratio"], abs=0.005)], sentence.group(1)
+    assert "see Benchmarks" in sentence.group(1)
+
+
+def test_benchmark_table_agrees_with_the_json():
+    """Each ratio row of the Benchmarks table is the one in the JSON the benchmark wrote."""
+    rows = {row[0]: row for row in readme_rows("| benchmark | baseline | bnntrain | ratio | target |")}
+    cpu = {r["benchmark"]: r for r in bench("bench_results_cpu.json")}
+    gpu = {r["benchmark"]: r for r in bench("bench_results_gpu.json")}
+    pairs = {  # README row -> JSON entry
+        "framework overhead": cpu["framework overhead (train step)"],
+        "binarization cost, ResNet-18, CIFAR stem": cpu["binarization cost, cifar100 stem 32px"],
+        "binarization cost, ResNet-18, ImageNet stem": cpu["binarization cost, imagenet stem 224px"],
+        "memory saved for backward": cpu["memory saved for backward, resnet18 batch 32"],
+        "data pipeline, Imagenette, ImageNet preset, 2 workers, CPU":
+            cpu["data pipeline, Imagenette, 2 workers, batches on cpu"],
+        "data pipeline, same, 8 workers": gpu["data pipeline, Imagenette, 8 workers, batches on cuda"],
+    }
+    for start, entry in pairs.items():
+        row = next(row for name, row in rows.items() if name.startswith(start))
+        assert agrees(row[3], entry["ratio"]), (row, entry["ratio"])
+
+
+def test_what_stays_fp32_in_the_export():
+    """'the stem, the 1x1 shortcuts and the classifier (0.7 M parameters in resnet18 with 1000
+    classes)' and 'resnet50's real-valued 1x1 branch convs (2.8 M parameters)'."""
+    import torch
+    from torch import nn
+
+    from bnntrain.models import build_model
+    from bnntrain.nn import BinaryConv2d
+    from test_config import make
+
+    text = README.replace("\n", " ")
+    assert "the classifier (0.7 M parameters in `resnet18` with 1000 classes)" in text
+    assert "`resnet50`'s real-valued 1x1 branch convs (2.8 M parameters)" in text
+    with torch.device("meta"):
+        resnet18 = build_model(make("model=resnet18", "data=imagenet").model, num_classes=1000, in_channels=3)
+        resnet50 = build_model(make("model=resnet50", "data=imagenet").model, num_classes=1000, in_channels=3)
+    binary = {id(m.weight) for m in resnet18.modules() if isinstance(m, BinaryConv2d)}
+    real = sum(p.numel() for p in resnet18.parameters() if id(p) not in binary)
+    assert real == 706_984 and f"{real / 1e6:.1f}" == "0.7"  # everything but the 16 binary convs' weights
+    branches = sum(m.weight.numel() for name, m in resnet50.named_modules()
+                   if type(m) is nn.Conv2d and ".branch." in f".{name}")
+    assert branches == 64 * 256 + 256 * 512 + 512 * 1024 + 1024 * 2048 and f"{branches / 1e6:.1f}" == "2.8"
