@@ -71,14 +71,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int, devic
 
 
 def _average_over_ranks(norms: list[nn.Module]) -> None:
-    """Each rank saw its own batches: the mean of the ranks' means, and the variance of the
-    union (the mean of the variances plus the variance of the means)."""
+    """Each rank averaged the batch statistics of its own batches; the ranks' averages are
+    averaged, which is what one process averaging all of them gets (BN's running variance
+    with momentum None is the mean of the batches' variances)."""
     world = distributed.world_size()
     if world == 1:
         return
     for bn in norms:
-        stats = torch.stack([bn.running_mean, bn.running_var + bn.running_mean.square()])
-        distributed.all_reduce_sum(stats)
-        stats /= world
+        stats = distributed.all_reduce_sum(torch.stack([bn.running_mean, bn.running_var])) / world
         bn.running_mean.copy_(stats[0])
-        bn.running_var.copy_(stats[1] - stats[0].square())
+        bn.running_var.copy_(stats[1])

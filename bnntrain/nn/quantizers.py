@@ -40,13 +40,18 @@ class SteSign(torch.autograd.Function):
         return grad * inside
 
 
-def approx_sign_grad(x: Tensor, grad: Tensor) -> Tensor:
+def approx_sign_grad(x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
     """Bi-Real Net's ApproxSign (a piecewise-quadratic sign): g * (2 - 2|x|) where |x| < 1,
-    else 0 (2 at 0, 0 at |x| = 1: the official polynomial's). In place on one temporary."""
-    return x.abs().mul_(-2).add_(2).clamp_(min=0).mul_(grad)
+    else 0 (2 at 0, 0 at |x| = 1: the official polynomial's). With sign(x) at hand, |x| is
+    x * sign(x), exactly, and 2 - 2|x| one pass; then in place on that one temporary."""
+    slope = torch.addcmul(_TWO.to(x.dtype), x, signs, value=-2) if signs is not None else x.abs().mul_(-2).add_(2)
+    return slope.clamp_(min=0).mul_(grad)
 
 
-def swish_sign_grad(x: Tensor, grad: Tensor, beta: float) -> Tensor:
+_TWO = torch.tensor(2.0)
+
+
+def swish_sign_grad(x: Tensor, grad: Tensor, signs: Tensor | None = None, *, beta: float) -> Tensor:
     """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
     bx = beta * x
     return grad * (beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx)))
@@ -78,7 +83,7 @@ class SwishSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        return swish_sign_grad(x, grad, ctx.beta), None
+        return swish_sign_grad(x, grad, beta=ctx.beta), None
 
 
 def surrogate_grad(quantizer: str, args: dict) -> Callable[[Tensor, Tensor], Tensor] | None:

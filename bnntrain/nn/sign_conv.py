@@ -70,11 +70,12 @@ class SurrogateSignConv2d(torch.autograd.Function):
         dtype, has_bias = ctx.dtypes
         grad = grad.to(dtype)
         needs = ctx.needs_input_grad
+        signs = sign(x)
         grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, sign(x).to(dtype), weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
+            grad, signs.to(dtype), weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
             dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
         if grad_in is not None:
-            grad_in = ctx.grad_fn(x, grad_in.to(x.dtype))
+            grad_in = ctx.grad_fn(x, grad_in.to(x.dtype), signs)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
