@@ -108,6 +108,11 @@ RULES: dict[str, Check] = {
     "trainer.scale_lr": flag(),
     "trainer.log_every": whole(1),
     "trainer.bn_recalibrate": whole(0),
+    "trainer.checkpoint_every.steps": optional(whole(1)),
+    "trainer.checkpoint_every.minutes": optional(POSITIVE),
+    "data.bad_images": one_of("error", "skip"),
+    "data.max_bad_images": whole(0),
+    "data.verify": flag(),
     "trainer.progress": one_of("auto", "bar", "plain"),
 }
 PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")

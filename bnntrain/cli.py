@@ -7,6 +7,7 @@ written. `--cfg job` prints each stage's config as that stage will train.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ log = logging.getLogger("bnntrain")
 def app(cfg: DictConfig) -> None:
     from . import pipeline  # imported here: torch is slow to import, and a bad override needs none of it
     from .engine import distributed
+    from .engine.stopping import Stopped
 
     distributed.init(cfg.trainer.device)  # a no-op unless launched as several processes
     hydra_cfg = HydraConfig.get()
@@ -38,6 +40,11 @@ def app(cfg: DictConfig) -> None:
     try:
         pipeline.run(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), distributed.world_size())
         distributed.shutdown()
+    except Stopped as stop:  # a stop signal: the checkpoint is written
+        log.info(str(stop))
+        print(str(stop), file=sys.stderr)
+        distributed.shutdown(wait=False)
+        sys.exit(stop.exit_code)
     except UserError as err:
         log.debug(error_line(err))  # into the run's log file
         distributed.shutdown(wait=False)
@@ -88,10 +95,13 @@ def print_job_config(overrides: list[str], package: str | None) -> None:
 def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], str]:
     """Check the command before Hydra writes anything; return the arguments to run (a resume
     is pinned to the folder it continues) and the device the run will use."""
-    if overrides is None:
-        return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         check_path(key, override_value(argv, key))
+    out_key = "hydra.run.dir" if overrides is not None else "hydra.sweep.dir"
+    runs.check_writable(Path(override_value(argv, out_key) or ("outputs" if overrides is not None else "multirun")),
+                        out_key)
+    if overrides is None:
+        return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
     resume = override_value(overrides, "resume")
     check_path("resume", resume)
     if resume is None:
@@ -105,6 +115,10 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
             # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
             argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     stages = plan(overrides)
+    run_dir = override_value(argv, "hydra.run.dir")
+    if run_dir is not None and os.environ.get("RANK", "0") == "0":  # one owner: rank 0 holds the lock
+        note = runs.acquire(Path(run_dir))  # before Hydra writes a file there
+        runs.notes.extend([note] if note else [])
     return argv, str(stages[0].trainer.device)
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import override_value, plan, to_yaml
+from .data.samples import BadImageLog
 from .engine import distributed, load_checkpoint
 from .errors import ConfigError, UserError
 from .files import write_text
+from . import runs
 from .runs import resume_target
 from .stage import train_stage
 
@@ -31,28 +33,65 @@ def run(overrides: list[str], run_dir: Path, world_size: int = 1) -> dict:
         run_dir, _ = resume_target(Path(resume), [])
         log.info(f"resuming the run in {run_dir}")
     stages = plan(overrides, run_dir, world_size)
+    if distributed.is_main():
+        runs.notes.extend(n for n in [runs.acquire(run_dir)] if n)
+        while runs.notes:
+            log.warning(runs.notes.pop(0))
+    try:
+        return _run_stages(stages, run_dir, resume is not None)
+    finally:
+        if distributed.is_main():
+            runs.release(run_dir)
+
+
+def _run_stages(stages: list[DictConfig], run_dir: Path, resuming: bool) -> dict:
     if stages[0].init is not None:
         load_checkpoint(str(stages[0].init))  # a bad path fails now, not after the data has loaded
-    results = _read_results(run_dir) if resume is not None else {}
+    results = _read_results(run_dir) if resuming else {}
+    _extend(stages, results, run_dir)
     if distributed.is_main():
         write_text(run_dir / "config.yaml", to_yaml(_as_trained(stages, results, run_dir)))
     for stage_cfg in stages:
         name = stage_cfg.stage.name
         last = run_dir / name / "last.pt"
         if name in results:  # finished before the interruption
+            log.info(f"{name}: finished ({results[name]['epochs']} epochs), skipped")
             continue
-        if last.exists() and resume is None:
+        if last.exists() and not resuming:
             raise UserError(f"{run_dir / name} already holds a checkpoint; resume={run_dir} continues that run, "
                             f"or choose a new hydra.run.dir")
         if stage_cfg.stage.needs_init and stage_cfg.init is None and not last.exists():
             raise ConfigError(f"{name} starts from a trained checkpoint: give init=PATH")
+        bad_images = BadImageLog(run_dir / "bad_images.txt" if distributed.is_main() else None,
+                                 stage_cfg.data.get("max_bad_images", 0), log)
         results[name] = train_stage(stage_cfg, run_dir / name, init=stage_cfg.init,
-                                    resume=last if last.exists() else None)
+                                    resume=last if last.exists() else None, bad_images=bad_images)
         if distributed.is_main():
             write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     if distributed.is_main():
         _print_table(results)
     return results
+
+
+def _extend(stages: list[DictConfig], results: dict, run_dir: Path) -> None:
+    """A resumed run asking a finished stage for more epochs continues it from its last.pt
+    (its entry leaves `results`); one that would change a stage a later stage started from,
+    or ask for fewer epochs, is refused: never silently nothing."""
+    names = [s.stage.name for s in stages]
+    for i, cfg in enumerate(stages):
+        name, epochs = cfg.stage.name, cfg.schedule.epochs
+        if name not in results or epochs == results[name]["epochs"]:
+            continue
+        if epochs < results[name]["epochs"]:
+            raise ConfigError(f"{name} has trained {results[name]['epochs']} epochs already; "
+                              f"schedule.epochs={epochs} asks for fewer (start a new run with init= to shorten it)")
+        later = [n for n in names[i + 1:] if (run_dir / n / "last.pt").exists()]
+        if later:
+            raise ConfigError(f"{name} finished and {later[0]} started from it: extending {name} would mean training "
+                              f"{later[0]} again; extend {names[-1]} alone (stages.{names[-1]}.schedule.epochs=N), "
+                              f"or start a new run from init=")
+        log.info(f"{name}: extended from {results[name]['epochs']} to {epochs} epochs")
+        del results[name]
 
 
 def _as_trained(stages: list[DictConfig], results: dict, run_dir: Path) -> list[DictConfig]:

@@ -1,9 +1,15 @@
-"""Run folders: finding the one to resume and refusing to write into one that holds a run.
+"""Run folders: finding the one to resume, refusing to write into one that holds a run or
+that cannot be written, and holding a folder's lock while a run uses it.
 
 The command line checks these before anything starts and before Hydra writes a file.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
+import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -43,3 +49,62 @@ def refuse_existing_run(argv: list[str]) -> None:
     if run_dir and has_checkpoint(Path(run_dir)):
         raise UserError(f"{run_dir} already holds a run with checkpoints; resume={run_dir} continues it, "
                         f"or choose another hydra.run.dir")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """The folder, or the nearest one above it that exists, must take new files."""
+    existing = next((p for p in [folder, *folder.parents] if p.is_dir()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if existing and os.statvfs(existing).f_flag & os.ST_RDONLY else \
+            "permission denied"
+        raise UserError(f"{key}={folder} cannot be written ({existing or folder}: {reason})")
+
+
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # run folder -> the open file whose lock this process holds
+notes: list[str] = []  # what taking a lock found, for the run's log once it exists
+
+
+def acquire(run_dir: Path) -> str | None:
+    """Hold `run_dir`'s lock for as long as this process runs (the OS lets go of it when the
+    process ends, however it ends). A folder held by a live process is refused with one line
+    naming it; a lock file left by a process that is gone is taken over, and the returned
+    note says whose it was."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe(os.pread(fd, 4096, 0))
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use by a run still going: {holder}; wait for it to end, or give "
+                        f"another hydra.run.dir") from None
+    except OSError:  # a file system without locks: go on unguarded
+        os.close(fd)
+        return f"{run_dir}: this file system does not take locks; nothing stops a second run in this folder"
+    previous = os.pread(fd, 4096, 0)
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    _held[run_dir] = fd
+    return f"took over {run_dir}'s lock, left by {_describe(previous)}, which is no longer running" if previous else None
+
+
+def release(run_dir: Path) -> None:
+    """Let go of the lock before the process ends, leaving an empty lock file (a clean end)."""
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        holder = json.loads(raw)
+        return f"host {holder['host']}, PID {holder['pid']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "an unknown process"

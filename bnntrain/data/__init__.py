@@ -1,16 +1,18 @@
 """`build_loaders` turns the `data` and `augment` config groups and a stage into batches on a device."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..engine import distributed
 from ..errors import DataError
 from .datasets import DATASETS
+from .samples import BadImageLog, ResumableSampler, SeededSamples, quiet_worker, sample_seed, verify
 from .transforms import BatchNormalize, build_batch_mixing, build_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -21,25 +23,43 @@ class DeviceBatches:
 
     Workers deliver uint8 images; here they become normalised floats (and, for training,
     are mixed), one vectorised op per batch on the device rather than one per image in a
-    worker. `dataset`, `sampler` and `len()` are the loader's.
+    worker. Batch b of epoch e is mixed with a seed from (seed, epoch, b), like the samples
+    (samples.py). `dataset` is the data set itself, `sampler` and `len()` the loader's.
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: BatchNormalize,
-                 mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None) -> None:
-        self.loader, self.device, self.mix = loader, device, mix
+                 mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None, seed: int = 0,
+                 bad_images: BadImageLog | None = None) -> None:
+        self.loader, self.device, self.mix, self.seed, self.bad_images = loader, device, mix, seed, bad_images
         self.normalize = normalize.to(device)
-        self.dataset, self.sampler = loader.dataset, loader.sampler
+        self.dataset, self.sampler = loader.dataset.dataset, loader.sampler
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch`'s batches from batch `start` on (a run resumed mid-epoch)."""
+        self.epoch, self.start = epoch, start
+        self.loader.dataset.epoch = epoch
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(start * self.loader.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, targets in self.unmixed():
-            yield self.mix(images, targets) if self.mix is not None else (images, targets)
+        for b, (images, targets) in enumerate(self.unmixed(), start=self.start):
+            if self.mix is not None:
+                torch.manual_seed(sample_seed(self.seed, self.epoch, -1 - b))  # the batch's own draw
+                images, targets = self.mix(images, targets)
+            yield images, targets
 
     def unmixed(self) -> Iterator[Batch]:
         """The batches with their per-image transforms, normalised, without batch mixing."""
-        for images, targets in self.loader:
+        for images, targets, bad in self.loader:
+            if any(bad):
+                if self.bad_images is None:
+                    raise DataError(f"unreadable images were skipped without a log: {bad}")
+                self.bad_images.record(bad)
             yield self.normalize(images.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
 
 
@@ -50,13 +70,14 @@ class Loaders:
     num_classes: int
     channels: int
 
-    def set_epoch(self, epoch: int) -> None:
-        """Each epoch's shuffle follows from (seed, epoch), the same on every rank."""
-        self.train.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Each epoch's shuffle and augmentation follow from (seed, epoch), the same on every
+        rank; `start`: the number of batches of this epoch already trained."""
+        self.train.set_epoch(epoch, start)
 
 
-def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0,
-                  device: torch.device | str = "cpu") -> Loaders:
+def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: torch.device | str = "cpu",
+                  bad_images: BadImageLog | None = None) -> Loaders:
     """Train and test batches on `device`; under torchrun each rank gets its share of every batch.
 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
@@ -68,20 +89,22 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0,
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
     if len(train_set) == 0 or len(test_set) == 0:
         raise DataError(f"data={data.name}: the train or test split holds no images")
+    policy = data.get("bad_images", "error")
+    if data.get("verify"):
+        show = distributed.is_main() and sys.stderr.isatty()
+        test_set = verify(test_set, data.num_workers, policy, bad_images, show)
+    train_set, test_set = SeededSamples(train_set, seed, policy), SeededSamples(test_set, seed, policy)
     # A DistributedSampler with one replica is a seeded shuffle: a single process sees the
     # same global batches as N ranks with 1/N of the batch each.
-    train_sampler = DistributedSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                       shuffle=True, seed=seed)
-    common = dict(batch_size=data.batch_size, num_workers=data.num_workers,
-                  pin_memory=device.type == "cuda",
-                  # Workers are started anew each epoch so that each epoch's augmentation
-                  # follows from that epoch's seed: a resumed run replays the same batches.
-                  persistent_workers=False)
+    train_sampler = ResumableSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=seed)
+    common = dict(batch_size=data.batch_size, num_workers=data.num_workers, pin_memory=device.type == "cuda",
+                  worker_init_fn=quiet_worker if data.num_workers else None)
     train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size, **common)
     test = DataLoader(test_set, sampler=distributed.ShardSampler(len(test_set)), **common)
     normalize = BatchNormalize(data.mean, data.std)
-    return Loaders(DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes)),
-                   DeviceBatches(test, device, normalize), num_classes, data.channels)
+    return Loaders(DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes), seed, bad_images),
+                   DeviceBatches(test, device, normalize, bad_images=bad_images), num_classes, data.channels)
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:

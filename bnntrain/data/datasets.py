@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from ..errors import DataError
+from .images import load_rgb
 from ..registry import Registry
 
 Splits = tuple[Dataset, Dataset, int]
@@ -103,15 +103,6 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
         raise DataError(f"CIFAR-100 files under {root}/cifar-100-python cannot be read ({type(err).__name__}: "
                         f"{err}); expected torchvision's pickled train, test and meta files") from None
     return train, test, len(train.classes)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (greyscale and CMYK files too), naming the file if it is unreadable."""
-    try:
-        with open(path, "rb") as f, Image.open(f) as image:
-            return image.convert("RGB")
-    except (OSError, Image.UnidentifiedImageError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
 
 
 def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:

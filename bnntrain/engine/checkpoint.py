@@ -34,7 +34,12 @@ def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # code in the pickle; torch's message invites the unsafe way round
+            raise CheckpointError(f"{path} holds more than tensors and plain values (Python objects, which could run "
+                                  f"code when loaded), so it was not loaded") from None
+        raise CheckpointError(f"{path} is not a readable {what} (not a PyTorch file)") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable {what} ({first_line})") from None
 

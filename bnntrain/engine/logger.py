@@ -11,6 +11,23 @@ from tqdm import tqdm
 log = logging.getLogger("bnntrain")
 
 
+def flat_hparams(cfg: Any) -> dict[str, Any]:
+    """Dotted scalar entries of a config, for TensorBoard's hparams view."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif node is not None:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
 class StageLogger:
     """Writes `train/loss`, `train/lr`, `val/*` and the stage's hyperparameters to TensorBoard,
     shows a tqdm bar on a terminal and prints one plain line per epoch."""

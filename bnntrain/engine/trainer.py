@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from . import distributed
 from .metrics import topk_correct
 
 LogFn = Callable[[int, float], None]
+StepFn = Callable[[int], bool]
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,6 +40,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.grad_clip, self.accumulate = grad_clip, accumulate
         self.step = 0  # optimizer steps taken in this stage, across epochs
+        self.progress: dict[str, Any] = {"batches": 0, "loss_sum": 0.0}  # of the epoch under way
 
     def state_dict(self) -> dict:
         """What the loop itself carries between epochs: the step count and the gradient scaler."""
@@ -74,12 +76,19 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def train_epoch(self, batches: Iterable, on_log: LogFn | None = None) -> dict[str, float]:
+    def train_epoch(self, batches: Iterable, on_log: LogFn | None = None, on_step: StepFn | None = None,
+                    done: int = 0, loss_sum: float = 0.0) -> dict[str, Any]:
+        """Train on `batches`, the rest of an epoch of which `done` batches (with losses summing
+        to `loss_sum`) were trained before: a resumed epoch. After each optimizer step
+        `on_step(step)` may stop the epoch there by returning True. `self.progress` holds
+        how far the epoch has come, for a checkpoint written in the middle of it."""
         self.model.train()
-        total = torch.zeros((), device=self.device)
-        logged, logged_steps, steps = torch.zeros((), device=self.device), 0, 0  # losses since the last log
-        last = len(batches) if hasattr(batches, "__len__") else -1
-        for i, (images, targets) in enumerate(batches, start=1):
+        total = torch.full((), loss_sum, device=self.device)
+        logged, logged_steps, seen = torch.zeros((), device=self.device), 0, done  # losses since the last log
+        last = done + len(batches) if hasattr(batches, "__len__") else -1
+        stopped = False
+        self.progress = {"batches": done, "loss_sum": total}
+        for i, (images, targets) in enumerate(batches, start=done + 1):
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             update = i % self.accumulate == 0 or i == last  # no gradients left over at the epoch's end
@@ -89,17 +98,21 @@ class Trainer:
             loss = self.train_step(images, targets, update, window)
             total += loss
             logged += loss
-            steps, logged_steps = steps + 1, logged_steps + 1
+            seen, logged_steps = i, logged_steps + 1
             if not update:
                 continue
             self.step += 1
+            self.progress = {"batches": i, "loss_sum": total}
             if self.step % self.log_every == 0:
                 self._report(logged.item() / logged_steps, on_log)
                 logged.zero_()
                 logged_steps = 0
-        mean = total.item() / max(steps, 1)
+            if on_step is not None and on_step(self.step):
+                stopped = True
+                break
+        mean = total.item() / max(seen, 1)
         check_finite(mean, f"by step {self.step}, the training loss")
-        return {"loss": mean, "steps": steps}
+        return {"loss": mean, "steps": seen - done, "stopped": stopped}
 
     def _report(self, loss: float, on_log: LogFn | None) -> None:
         check_finite(loss, f"by step {self.step}, the training loss")

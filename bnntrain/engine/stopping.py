@@ -1,0 +1,86 @@
+"""When a stage writes a checkpoint in the middle of an epoch, and when it stops.
+
+SIGTERM (what SLURM and `kill` send), SIGUSR1 (SLURM's `--signal` warning before the end of
+a job's time) and SIGINT (Ctrl-C) ask the run to stop: the optimizer step under way
+finishes, a checkpoint holding everything needed to resume is written, and the run exits
+with 128 + the signal's number (130 for SIGINT, 138 for SIGUSR1, 143 for SIGTERM). A second
+Ctrl-C stops at once. `trainer.checkpoint_every` writes the same checkpoint every so many
+optimizer steps and/or minutes, so that a run killed without warning (SIGKILL, a lost node)
+loses at most that much.
+
+Under torchrun the ranks must stop and save at the same step: the minutes and the signals
+are agreed on (an all-reduce) every `trainer.log_every` steps, where the loop synchronises
+anyway; single-process runs look at every step.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import torch
+
+from ..errors import UserError
+from . import distributed
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Stopped(UserError):
+    """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Within `with StopSignals() as signals:` the stop signals set `signals.received` rather
+    than end the process (a second SIGINT raises KeyboardInterrupt as usual)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only live there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StepWatch:
+    """After each optimizer step: (write a mid-epoch checkpoint?, stop?)."""
+
+    def __init__(self, signals: StopSignals, every_steps: int | None, every_minutes: float | None,
+                 sync_every: int, device: torch.device) -> None:
+        self.signals, self.every_steps, self.every_minutes = signals, every_steps, every_minutes
+        self.sync_every, self.device = sync_every, device
+        self.last_save = time.monotonic()
+
+    def __call__(self, step: int) -> tuple[bool, bool]:
+        due = bool(self.every_steps) and step % self.every_steps == 0
+        timed = bool(self.every_minutes) and time.monotonic() - self.last_save >= 60 * self.every_minutes
+        stop = self.signals.received is not None
+        if distributed.world_size() > 1:
+            if step % self.sync_every:
+                return due, False  # a step count is the same on every rank; clocks and signals are not
+            agreed = torch.tensor([float(timed), float(stop)], device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            timed, stop = bool(agreed[0]), bool(agreed[1])
+        save = due or timed or stop
+        if save:
+            self.last_save = time.monotonic()
+        return save, stop
+
+    def signal_name(self) -> str:
+        return signal.Signals(self.signals.received or signal.SIGTERM).name
