@@ -104,6 +104,9 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
         return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
     resume = override_value(overrides, "resume")
     check_path("resume", resume)
+    for folder in (override_value(argv, "hydra.run.dir"), resume and runs.run_folder(Path(resume))):
+        if folder:
+            runs.check_free(Path(folder))  # a live run's folder: say whose, before anything else
     if resume is None:
         runs.refuse_existing_run(argv)
     else:

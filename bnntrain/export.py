@@ -35,6 +35,7 @@ from .files import save_tensors
 from .models import build_model, model_from_checkpoint
 from .nn.layers import BinaryMixin, binary_layers, set_precision
 from .nn.quantizers import PRECISION_MODES, sign
+from .runs import check_writable
 
 FORMAT, VERSION = "bnntrain-packed", 1
 USAGE = "usage: python -m bnntrain.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
@@ -211,6 +212,7 @@ def _output(value: str, ckpt: Path, key: str) -> Path:
         raise ConfigError(f"{key}={path}: the folder {path.parent} does not exist")
     if path.exists() and path.resolve() == ckpt.resolve():
         raise ConfigError(f"{key}={path} would overwrite the checkpoint")
+    check_writable(path, key)
     return path
 
 

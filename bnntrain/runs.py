@@ -24,6 +24,12 @@ def has_checkpoint(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.glob("*/last.pt"))
 
 
+def run_folder(path: Path) -> Path:
+    """The run folder a `resume=` path names: the folder itself, or <run> of <run>/<stage>/last.pt."""
+    path = Path(path).expanduser()
+    return path.parent.parent if path.is_file() else path
+
+
 def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
     """The run folder to continue and the overrides that made it, plus today's (less `resume`)."""
     path = path.expanduser()
@@ -92,6 +98,23 @@ def acquire(run_dir: Path) -> str | None:
     os.pwrite(fd, json.dumps(me).encode(), 0)
     _held[run_dir] = fd
     return f"took over {run_dir}'s lock, left by {_describe(previous)}, which is no longer running" if previous else None
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse, naming the holder, a folder whose lock a live process holds (taking nothing)."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file() or Path(run_dir).resolve() in _held:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{Path(run_dir).resolve()} is in use by a run still going: "
+                        f"{_describe(os.pread(fd, 4096, 0))}; wait for it to end, or give another hydra.run.dir") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def release(run_dir: Path) -> None:

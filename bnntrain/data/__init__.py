@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..engine import distributed
 from ..errors import DataError
 from .datasets import DATASETS
-from .samples import BadImageLog, ResumableSampler, SeededSamples, quiet_worker, sample_seed, verify
+from .samples import (BadImageLog, ResumableSampler, SeededSamples, kill_workers_at_exit, quiet_worker, sample_seed,
+                      verify)
 from .transforms import BatchNormalize, build_batch_mixing, build_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -98,6 +99,8 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     # same global batches as N ranks with 1/N of the batch each.
     train_sampler = ResumableSampler(train_set, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                      shuffle=True, seed=seed)
+    if data.num_workers:
+        kill_workers_at_exit()
     common = dict(batch_size=data.batch_size, num_workers=data.num_workers, pin_memory=device.type == "cuda",
                   worker_init_fn=quiet_worker if data.num_workers else None)
     train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size, **common)

@@ -10,8 +10,9 @@ from ..errors import DataError
 class BadImage(DataError):
     """A file that cannot be read as an image; `path` names it."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot read image {path}: {reason}")
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        # With one argument it is the whole message: how DataLoader re-raises a worker's error.
+        super().__init__(path if reason is None else f"cannot read image {path}: {reason}")
         self.path = path
 
 

@@ -10,6 +10,10 @@
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import os
 import random
 import signal
 from pathlib import Path
@@ -83,9 +87,22 @@ class ResumableSampler(DistributedSampler):
 
 def quiet_worker(_: int) -> None:
     """Loader workers leave SIGINT, SIGTERM and SIGUSR1 to the main process, which stops the
-    run cleanly; a worker killed by Ctrl-C or by SLURM would end the epoch with an error."""
+    run cleanly; a worker killed by Ctrl-C or by SLURM would end the epoch with an error.
+    (So that a process leaving on an error does not wait for workers that ignore the SIGTERM
+    of multiprocessing's clean-up, `kill_workers_at_exit` ends them first.)"""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def kill_workers_at_exit() -> None:
+    """At exit, end the loader workers still running with SIGKILL, before multiprocessing's own
+    clean-up (atexit runs the last registered first), which would wait for them forever."""
+    def kill() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report each as a failure
+        for child in multiprocessing.active_children():
+            child.kill()
+    atexit.register(kill)
 
 
 class BadImageLog:
@@ -149,6 +166,7 @@ def verify(dataset: Dataset, workers: int, policy: str, bad_images: BadImageLog 
     paths = image_paths(dataset)
     if paths is None:
         return dataset  # held in memory: nothing to open
+    workers = min(workers, os.cpu_count() or 1)
     loader = DataLoader(_FileCheck(paths), batch_size=64, num_workers=workers, collate_fn=list,
                         worker_init_fn=quiet_worker if workers else None)
     bad = [p for batch in tqdm(loader, desc="verifying images", disable=not show, leave=False) for p in batch if p]

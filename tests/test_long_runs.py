@@ -1,0 +1,275 @@
+"""Long runs that survive: one owner per run folder, stop signals, mid-epoch checkpoints
+that resume exactly, full disks and read-only folders, bad images, extending a finished run.
+Every case through the real CLI, on tiny data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, results, run_cli, write_image_folder
+from test_errors import assert_one_line_error
+from test_resume import ENV, assert_same
+
+pytestmark = pytest.mark.slow
+
+# 96 images in batches of 16: six optimizer steps an epoch; two stages of two epochs.
+ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=96", "data.test_size=32", "data.batch_size=16",
+        "model.width=0.125", "schedule.epochs=2", "seed=11", "trainer.progress=plain"]
+
+# `python -m bnntrain`, sent a signal of its own in the middle of optimizer step AT (counted
+# over the whole run), or killed outright after writing a checkpoint AT batches into an epoch.
+SIGNAL_AT = """
+import os, signal, sys
+import bnntrain.engine.trainer as trainer, bnntrain.stage as stage
+from bnntrain.cli import main
+how, at = sys.argv.pop(1), int(sys.argv.pop(1))
+steps, save = [0], stage.save_checkpoint
+def train_step(self, *args, _step=trainer.Trainer.train_step, **kwargs):
+    out = _step(self, *args, **kwargs)
+    steps[0] += 1
+    if how != "KILL_AFTER_SAVE" and steps[0] == at:
+        os.kill(os.getpid(), getattr(signal, how))
+    return out
+def save_then_die(state, path):
+    save(state, path)
+    if how == "KILL_AFTER_SAVE" and state["position"]["batches"] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.Trainer.train_step, stage.save_checkpoint = train_step, save_then_die
+main()
+"""
+
+
+def interrupted(args, run, how, at, launcher=(sys.executable,)):
+    (run.parent / "signal_at.py").write_text(SIGNAL_AT)
+    return subprocess.run([*launcher, str(run.parent / "signal_at.py"), how, str(at), *args, f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_same_run(a, b):
+    """The same weights, optimizer, trainer and results in every stage of two run folders."""
+    assert results(a).keys() == results(b).keys()
+    for stage in results(a):
+        x, y = (torch.load(r / stage / "last.pt", weights_only=True) for r in (a, b))
+        for key in ("model", "optimizer", "objective", "trainer", "metrics", "best_top1", "epoch"):
+            assert_same(x[key], y[key], f"{stage} {key}")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    out = run_cli(ARGS, run)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_stop_signal_saves_says_how_to_resume_and_resumes_exactly(sig, straight, tmp_path):
+    run = tmp_path / "run"
+    out = interrupted(ARGS, run, sig, at=9)  # step 9: stage 1, epoch 2, batch 3
+    assert out.returncode == 128 + getattr(signal, sig), out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"stopped by {sig} at stage1 epoch 2, batch 3, checkpoint written to {run}/stage1/last.pt; "
+                     f"resume with: python -m bnntrain resume={run}"], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    saved = torch.load(run / "stage1/last.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"]["batches"]) == (1, 3) and not (run / "results.json").exists()
+    resumed = run_cli([f"resume={run}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch 1 and 3 batches of epoch 2" in resumed.stdout
+    assert_same_run(straight, run)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_mid_epoch_resumes_exactly_with_workers_augmentation_and_mixup(workers, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=24, size=20)  # 72 images: 4 full batches of 16
+    args = ["stage=1", "data=folder", f"data.root={root}", "data.image_size=16", "data.batch_size=16",
+            f"data.num_workers={workers}", "model.width=0.125", "schedule.epochs=2", "augment.mixup=0.2",
+            "trainer.checkpoint_every.steps=2", "trainer.progress=plain", "seed=4"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_cli(args, straight).returncode == 0
+    out = interrupted(args, broken, "KILL_AFTER_SAVE", at=2)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    assert torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 2
+    resumed = run_cli([f"resume={broken}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(straight, broken)
+    if workers:  # and the batches do not depend on the number of workers
+        zero = tmp_path / "zero"
+        assert run_cli([a if not a.startswith("data.num_workers") else "data.num_workers=0" for a in args],
+                       zero).returncode == 0
+        assert_same_run(straight, zero)
+
+
+def test_killed_mid_epoch_under_torchrun_resumes_exactly(tmp_path):
+    args = [*ARGS, "stage=1", "trainer.device=cpu", "trainer.checkpoint_every.steps=2", "data.batch_size=8"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    out = subprocess.run([*torchrun, "-m", "bnntrain", *args, f"hydra.run.dir={straight}"], capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    out = interrupted(args, broken, "KILL_AFTER_SAVE", at=4, launcher=torchrun)
+    assert out.returncode != 0 and torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 4
+    resumed = subprocess.run([*torchrun, "-m", "bnntrain", f"resume={broken}"], capture_output=True, text=True,
+                             env=ENV, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(straight, broken)
+
+
+def test_a_live_run_owns_its_folder(tmp_path):
+    run = tmp_path / "run"
+    slow = subprocess.Popen([sys.executable, "-m", "bnntrain", *ARGS, "schedule.epochs=6", f"hydra.run.dir={run}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (run / ".lock").exists() or not (run / ".lock").read_text():
+        assert slow.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    for second in ([*TINY, f"hydra.run.dir={run}"], [f"resume={run}"]):
+        out = subprocess.run([sys.executable, "-m", "bnntrain", *second], capture_output=True, text=True, env=ENV,
+                             cwd=tmp_path, timeout=120)
+        assert_one_line_error(out, f"{run} is in use by a run still going", f"PID {slow.pid}", "started 20")
+        assert out.returncode == 2
+    assert slow.wait(timeout=300) == 0, slow.stderr.read()
+    assert list(results(run)) == ["stage1", "stage2"] and (run / ".lock").read_text() == ""  # let go at the end
+    assert len(list((run / "stage1").glob("events.out.tfevents.*"))) == 1  # one writer
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"host": "node7", "pid": 999999, "started": "2026-01-01T00:00:00"}))
+    out = run_cli([*TINY, "stage=1"], run)
+    assert out.returncode == 0, out.stderr
+    assert "took over" in (run / "cli.log").read_text() and "host node7, PID 999999" in (run / "cli.log").read_text()
+
+
+def test_extending_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(ARGS, run).returncode == 0
+    fewer = run_cli([f"resume={run}", "schedule.epochs=1"], cwd=tmp_path)
+    assert_one_line_error(fewer, "stage1 has trained 2 epochs already", "asks for fewer")
+    earlier = run_cli([f"resume={run}", "stages.stage1.schedule.epochs=3"], cwd=tmp_path)
+    assert_one_line_error(earlier, "stage1 finished and stage2 started from it", "stages.stage2.schedule.epochs=N")
+    out = run_cli([f"resume={run}", "stages.stage2.schedule.epochs=4"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert results(run)["stage2"]["epochs"] == 4 and results(run)["stage1"]["epochs"] == 2
+    assert "stage2 epoch 3/4" in out.stdout and "stage1 epoch" not in out.stdout
+    # The schedule is the 4-epoch one from epoch 2 on: cosine at 2/4 of 2e-4.
+    assert "stage2 epoch 3/4  lr 1.00e-04" in out.stdout
+
+
+def mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+
+
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(when, straight, tmp_path):
+    """The first save (best.pt and last.pt: two checkpoints) fails on a disk smaller than one
+    checkpoint; a later one (a third file, before the rename) on a disk of two and a half."""
+    size = (straight / "stage1/last.pt").stat().st_size
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, f"size={size // 2 if when == 'first' else int(2.5 * size) + 100_000}")
+    try:
+        run = disk / "run"
+        out = run_cli([*ARGS, "stage=1", "schedule.epochs=3"], run)
+        good = "none yet" if when == "first" else f"{run}/stage1/last.pt (epoch 1)"
+        assert_one_line_error(out, f"cannot write {run}/stage1/", "No space left on device",
+                              f"the last good checkpoint: {good}")
+        assert not list(run.rglob("*.tmp"))
+        if when == "later":
+            assert torch.load(run / "stage1/last.pt", weights_only=True)["epoch"] == 1  # whole
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_only_folder_is_one_line_before_anything_starts(tmp_path):
+    mount = tmp_path / "ro"
+    mount_tmpfs(mount, "ro,size=64k")
+    try:
+        out = run_cli(TINY, mount / "run")
+        assert_one_line_error(out, f"hydra.run.dir={mount}/run cannot be written", "read-only file system")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def write_bad_images(root: Path) -> dict[str, Path]:
+    root = write_image_folder(root, per_class=6, size=20)
+    bad = {"truncated": root / "train/cat/1.jpg", "empty": root / "train/dog/2.jpg", "text": root / "train/frog/3.jpg"}
+    bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:100])
+    bad["empty"].write_bytes(b"")
+    bad["text"].write_text("not an image at all")
+    pixels = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)  # 16-bit greyscale, 0..59850
+    Image.fromarray(pixels).save(root / "train/cat/4.png")
+    return bad
+
+
+def test_bad_images_stop_the_run_or_are_skipped_once_each(tmp_path):
+    bad = write_bad_images(tmp_path / "imgs")
+    args = ["stage=1", "data=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16", "data.batch_size=6",
+            "data.num_workers=2", "model.width=0.125", "schedule.epochs=2"]
+    out = run_cli(args, tmp_path / "strict")
+    assert_one_line_error(out, "cannot read image", "imgs/train/")
+    out = run_cli([*args, "data.bad_images=skip"], tmp_path / "lenient")
+    assert out.returncode == 0, out.stderr
+    listed = (tmp_path / "lenient/bad_images.txt").read_text().split()
+    assert sorted(listed) == sorted(str(p) for p in bad.values())  # each once, over two epochs
+    too_many = run_cli([*args, "data.bad_images=skip", "data.max_bad_images=2"], tmp_path / "many")
+    assert_one_line_error(too_many, "3 unreadable images, more than data.max_bad_images=2")
+
+
+def test_verify_checks_the_test_images_before_training(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4, size=20)
+    (root / "test/dog/2.jpg").write_bytes(b"")
+    args = ["stage=1", "data=folder", f"data.root={root}", "data.image_size=16", "data.batch_size=6",
+            "data.num_workers=1", "model.width=0.125", "schedule.epochs=1", "data.verify=true"]
+    out = run_cli(args, tmp_path / "strict")
+    assert_one_line_error(out, "1 of 12 images cannot be read (data.verify)", "test/dog/2.jpg")
+    assert not (tmp_path / "strict/stage1").exists()  # before any training
+    out = run_cli([*args, "data.bad_images=skip"], tmp_path / "lenient")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "lenient/bad_images.txt").read_text().split() == [str(root / "test/dog/2.jpg")]
+
+
+def test_sixteen_bit_images_become_their_8_bit_picture(tmp_path):
+    from bnntrain.data.images import load_rgb
+
+    pixels = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(pixels / 65535 * 255).astype(np.uint8))
+
+
+class Payload:
+    """An object a checkpoint should not hold: unpickling it runs this module's code."""
+
+
+def test_a_checkpoint_that_holds_code_is_refused_without_inviting_the_unsafe_way(tmp_path):
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "code.pt")
+    out = run_cli([*TINY, "stage=2", f"init={tmp_path / 'code.pt'}"], tmp_path / "run")
+    assert_one_line_error(out, "holds more than tensors", "was not loaded")
+    assert "weights_only" not in out.stderr
+
+
+def test_export_checks_its_outputs_before_it_starts(tmp_path, straight):
+    ro = tmp_path / "ro"
+    mount_tmpfs(ro, "ro,size=64k")
+    try:
+        ckpt = straight / "stage2/last.pt"
+        for args in ([f"out={ro}/m.bnn"], [f"out={tmp_path}/m.bnn", f"onnx={ro}/m.onnx"]):
+            out = subprocess.run([sys.executable, "-m", "bnntrain.export", f"ckpt={ckpt}", *args], capture_output=True,
+                                 text=True, env=ENV)
+            assert_one_line_error(out, "cannot be written", "read-only file system")
+            assert not (tmp_path / "m.bnn").exists()  # refused before any work
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
