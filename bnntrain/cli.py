@@ -44,6 +44,8 @@ def app(cfg: DictConfig) -> None:
         log.info(str(stop))
         print(str(stop), file=sys.stderr)
         distributed.shutdown(wait=False)
+        if stop.then is not None:  # submitit's preemption: its handler requeues the job, which resumes
+            stop.then(stop.signum, None)
         sys.exit(stop.exit_code)
     except UserError as err:
         log.debug(error_line(err))  # into the run's log file

@@ -32,13 +32,16 @@ def run(overrides: list[str], run_dir: Path, world_size: int = 1) -> dict:
     if resume is not None:  # the overrides are already the resumed run's (see cli.prepare)
         run_dir, _ = resume_target(Path(resume), [])
         log.info(f"resuming the run in {run_dir}")
+    requeued = resume is None and runs.requeued_job(run_dir)
+    if requeued:
+        log.info(f"a requeued job: resuming the run in {run_dir}")
     stages = plan(overrides, run_dir, world_size)
     if distributed.is_main():
         runs.notes.extend(n for n in [runs.acquire(run_dir)] if n)
         while runs.notes:
             log.warning(runs.notes.pop(0))
     try:
-        return _run_stages(stages, run_dir, resume is not None)
+        return _run_stages(stages, run_dir, resume is not None or requeued)
     finally:
         if distributed.is_main():
             runs.release(run_dir)

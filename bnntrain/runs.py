@@ -131,3 +131,21 @@ def _describe(raw: bytes) -> str:
         return f"host {holder['host']}, PID {holder['pid']}, started {holder['started']}"
     except (ValueError, KeyError, TypeError):
         return "an unknown process"
+
+
+JOB_FILE = ".submitit_job"  # the submitit job that owns a run folder
+
+
+def requeued_job(run_dir: Path) -> bool:
+    """True where this process is a submitit job started again (requeued after preemption or a
+    time-out) in the folder it wrote before: it resumes there. The job's id is recorded in
+    the folder the first time; SLURM and the local executor keep it across requeues."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    if "SUBMITIT_EXECUTOR" not in os.environ or not job:
+        return False
+    record = Path(run_dir) / JOB_FILE
+    if record.is_file() and record.read_text().strip() == job:
+        return has_checkpoint(Path(run_dir))
+    if os.environ.get("RANK", "0") == "0":
+        record.write_text(job + "\n")
+    return False

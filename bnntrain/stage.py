@@ -199,7 +199,8 @@ def _stopped(watch: StepWatch, stage_dir: Path, where: str) -> Stopped:
     launcher = (f"torchrun --nproc-per-node={distributed.world_size()}" if distributed.world_size() > 1
                 else "python")
     return Stopped(f"stopped by {watch.signal_name()} at {where}, checkpoint written to {stage_dir / 'last.pt'}; "
-                   f"resume with: {launcher} -m bnntrain resume={run}", watch.signals.received or 15)
+                   f"resume with: {launcher} -m bnntrain resume={run}", watch.signals.received or 15,
+                   then=watch.signals.requeue())
 
 
 def _cost_report(model: nn.Module, cfg: DictConfig, stage_dir: Path, logger: StageLogger) -> None:

@@ -273,3 +273,39 @@ def test_export_checks_its_outputs_before_it_starts(tmp_path, straight):
             assert not (tmp_path / "m.bnn").exists()  # refused before any work
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def processes_with(*words: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and all(w in cmdline for w in words):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_preempted_submitit_job_requeues_itself_and_resumes(straight, tmp_path):
+    """submitit's own mechanism, with its local executor: its preemption signal (USR2) stops
+    the job with a checkpoint, submitit requeues it, and it goes on where it stopped."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    args = [*ARGS, "trainer.device=cpu", "trainer.checkpoint_every.steps=1"]
+    job = subprocess.Popen([sys.executable, "-m", "bnntrain", "-m", "hydra/launcher=submitit_local", *args,
+                            f"hydra.sweep.dir={sweep}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    deadline = time.time() + 240
+    while not (sweep / "0/stage1/last.pt").exists():
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.05)
+    tasks = processes_with("submitit.core._submit", str(sweep))
+    assert tasks, "no submitit task found"
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    log = (sweep / "0/cli.log").read_text()
+    assert "stopped by SIGUSR2" in log and "a requeued job: resuming the run" in log
+    assert_same_run(straight, sweep / "0")

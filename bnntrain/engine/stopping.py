@@ -14,9 +14,11 @@ anyway; single-process runs look at every step.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -26,21 +28,37 @@ from . import distributed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-class Stopped(UserError):
-    """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + the signal."""
+def preemption_signal() -> int | None:
+    """submitit's preemption signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) where
+    this process is a submitit job, SLURM's or the local executor's; else None."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
 
-    def __init__(self, message: str, signum: int) -> None:
+
+class Stopped(UserError):
+    """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + the signal.
+    `then`: submitit's own handler of its preemption signal, which requeues the job."""
+
+    def __init__(self, message: str, signum: int, then: Callable | None = None) -> None:
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code, self.then = signum, 128 + signum, then
 
 
 class StopSignals:
     """Within `with StopSignals() as signals:` the stop signals set `signals.received` rather
-    than end the process (a second SIGINT raises KeyboardInterrupt as usual)."""
+    than end the process (a second SIGINT raises KeyboardInterrupt as usual). Under submitit
+    its preemption signal does too; its handler (checkpoint and requeue) is kept for after
+    our own checkpoint (`requeue`)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+
+    def requeue(self) -> Callable | None:
+        """submitit's handler, where its preemption signal is what stopped the run."""
+        handler = self._previous.get(self.received) if self.received == preemption_signal() else None
+        return handler if callable(handler) else None
 
     def _handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.received is not None:
@@ -49,7 +67,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # handlers can only live there
-            for sig in STOP_SIGNALS:
+            for sig in (*STOP_SIGNALS, *[s for s in [preemption_signal()] if s is not None]):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
