@@ -113,6 +113,7 @@ RULES: dict[str, Check] = {
     "data.bad_images": one_of("error", "skip"),
     "data.max_bad_images": whole(0),
     "data.verify": flag(),
+    "data.batch_augment": one_of("auto", True, False),
     "trainer.progress": one_of("auto", "bar", "plain"),
 }
 PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")

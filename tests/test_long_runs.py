@@ -116,7 +116,8 @@ def test_killed_mid_epoch_under_torchrun_resumes_exactly(tmp_path):
                          text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr
     out = interrupted(args, broken, "KILL_AFTER_SAVE", at=4, launcher=torchrun)
-    assert out.returncode != 0 and torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 4
+    assert out.returncode != 0 and (broken / "stage1/last.pt").exists(), out.stderr
+    assert torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 4
     resumed = subprocess.run([*torchrun, "-m", "bnntrain", f"resume={broken}"], capture_output=True, text=True,
                              env=ENV, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -14,7 +14,7 @@ from ..errors import DataError
 from .datasets import DATASETS
 from .samples import (BadImageLog, ResumableSampler, SeededSamples, kill_workers_at_exit, quiet_worker, sample_seed,
                       verify)
-from .transforms import BatchNormalize, build_batch_mixing, build_transform
+from .transforms import ON_BATCHES, BatchNormalize, build_batch_augment, build_batch_mixing, build_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,9 +30,10 @@ class DeviceBatches:
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: BatchNormalize,
                  mix: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None, seed: int = 0,
-                 bad_images: BadImageLog | None = None) -> None:
+                 bad_images: BadImageLog | None = None, augment: torch.nn.Module | None = None) -> None:
         self.loader, self.device, self.mix, self.seed, self.bad_images = loader, device, mix, seed, bad_images
         self.normalize = normalize.to(device)
+        self.augment = None if augment is None else augment.to(device)
         self.dataset, self.sampler = loader.dataset.dataset, loader.sampler
         self.epoch, self.start = 0, 0
 
@@ -48,20 +49,22 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for b, (images, targets) in enumerate(self.unmixed(), start=self.start):
-            if self.mix is not None:
-                torch.manual_seed(sample_seed(self.seed, self.epoch, -1 - b))  # the batch's own draw
-                images, targets = self.mix(images, targets)
-            yield images, targets
+        for images, targets in self.unmixed():
+            yield self.mix(images, targets) if self.mix is not None else (images, targets)
 
     def unmixed(self) -> Iterator[Batch]:
-        """The batches with their per-image transforms, normalised, without batch mixing."""
-        for images, targets, bad in self.loader:
+        """The batches with their per-image transforms and batch augmentation, normalised,
+        without batch mixing. Batch b's draws (augmentation, then mixing) follow from its own
+        seed of (seed, epoch, b)."""
+        for b, (images, targets, bad) in enumerate(self.loader, start=self.start):
             if any(bad):
                 if self.bad_images is None:
                     raise DataError(f"unreadable images were skipped without a log: {bad}")
                 self.bad_images.record(bad)
-            yield self.normalize(images.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
+            if self.augment is not None or self.mix is not None:
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, -1 - b))
+            images = self.normalize(images.to(self.device, non_blocking=True), self.augment)
+            yield images, targets.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -84,7 +87,8 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
     """
     device = torch.device(device)
-    train_tf = build_transform(augment.get("train"))
+    on_batches = augments_on_batches(data.get("batch_augment", "false"), device)
+    train_tf = build_transform(augment.get("train"), leave_out=ON_BATCHES if on_batches else ())
     test_tf = build_transform(augment.get("test"))
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
@@ -106,8 +110,17 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     train = DataLoader(train_set, sampler=train_sampler, drop_last=len(train_sampler) >= data.batch_size, **common)
     test = DataLoader(test_set, sampler=distributed.ShardSampler(len(test_set)), **common)
     normalize = BatchNormalize(data.mean, data.std)
-    return Loaders(DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes), seed, bad_images),
-                   DeviceBatches(test, device, normalize, bad_images=bad_images), num_classes, data.channels)
+    train_batches = DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes), seed, bad_images,
+                                  build_batch_augment(augment.get("train")) if on_batches else None)
+    return Loaders(train_batches, DeviceBatches(test, device, normalize, bad_images=bad_images), num_classes,
+                   data.channels)
+
+
+def augments_on_batches(setting: str | bool, device: torch.device) -> bool:
+    """`data.batch_augment`: colour jitter and lighting on whole batches on the training device
+    (`true`), per image in the workers (`false`), or `auto`: on with CUDA; on the CPU the batch
+    work would run in the training process, and there the workers are faster (scripts/bench.py)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def _limit(dataset: Dataset, limit: int | None) -> Dataset:

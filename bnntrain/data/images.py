@@ -31,8 +31,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(path: str) -> Image.Image:
     """Open an image as 8-bit RGB (greyscale, 16-bit, palette and CMYK files too)."""
     try:
-        with open(path, "rb") as f, Image.open(f) as image:
-            image.load()  # decode now, so that a truncated file fails here
-            return to_rgb(image)
+        image = Image.open(path)
+        image.load()  # decode now, so that a truncated file fails here (and Pillow closes the file)
+        # An RGB file as it is: convert("RGB") would copy every pixel once more.
+        return image if image.mode == "RGB" else to_rgb(image)
     except (OSError, ValueError, Image.UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise BadImage(path, str(err) or type(err).__name__) from None

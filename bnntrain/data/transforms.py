@@ -86,8 +86,12 @@ def _make(name: str, args: Any) -> Callable:
         raise ConfigError(f"augment option {name}={args!r} is invalid: {err}") from None
 
 
-def build_transform(spec: DictConfig | None) -> v2.Compose:
-    """Per-image transform: PIL image or tensor in, the listed transforms, tensor out.
+ON_BATCHES = ("color_jitter", "lighting")  # per-pixel colour: they may run on whole batches instead
+
+
+def build_transform(spec: DictConfig | None, leave_out: Sequence[str] = ()) -> v2.Compose:
+    """Per-image transform: PIL image or tensor in, the listed transforms (but `leave_out`),
+    tensor out.
 
     The listed transforms see the image as it comes (a PIL image from the image datasets:
     Pillow's resize and colour ops are faster than the tensor ones). Images end as uint8
@@ -95,12 +99,29 @@ def build_transform(spec: DictConfig | None) -> v2.Compose:
     turns the batch into normalised floats.
     """
     steps: list[Callable] = []
-    for name, args in (OmegaConf.to_container(spec, resolve=True) if spec else {}).items():
-        if args is None or args is False:
-            continue
-        steps.append(_make(name, args))
+    for name, args in _listed(spec).items():
+        if name not in leave_out:
+            steps.append(_make(name, args))
     steps.append(v2.ToImage())
     return v2.Compose(steps)
+
+
+def build_batch_augment(spec: DictConfig | None) -> torch.nn.Module | None:
+    """The colour transforms of `spec` as batch operations (batch_augment.py), in its order."""
+    from .batch_augment import BATCH_TRANSFORMS
+
+    steps = []
+    for name, args in _listed(spec).items():
+        if name in ON_BATCHES:
+            factory = BATCH_TRANSFORMS[name]
+            steps.append(factory(**args) if isinstance(args, dict) else factory())
+    return torch.nn.Sequential(*steps) if steps else None
+
+
+def _listed(spec: DictConfig | None) -> dict[str, Any]:
+    """The transforms a spec lists, less those set to null or false."""
+    listed = OmegaConf.to_container(spec, resolve=True) if spec else {}
+    return {name: args for name, args in listed.items() if args is not None and args is not False}
 
 
 class BatchNormalize(torch.nn.Module):
@@ -111,7 +132,12 @@ class BatchNormalize(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, augment: torch.nn.Module | None = None) -> torch.Tensor:
+        """`augment` (colour operations on [0, 1] floats) runs between the conversion and the
+        normalisation."""
+        if augment is not None:
+            images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+            return (augment(images) - self.mean) / self.std
         if images.dtype == torch.uint8:  # fold the /255 into the statistics: two in-place ops
             return images.float().sub_(255 * self.mean).div_(255 * self.std)
         return (images.float() - self.mean) / self.std
