@@ -74,7 +74,11 @@ def main() -> None:
     except UserError as err:
         fail(err)
     sys.argv = [sys.argv[0]] + under_torchrun(argv, device)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second one): nothing to save
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def job_config_request(argv: list[str]) -> str | None:
