@@ -1,0 +1,224 @@
+"""The numba kernels of `bnntrain.infer`: bit packing, the XNOR-popcount convolution, and a
+popcount throughput microbenchmark. Pure Python compiled by numba's LLVM at first use (and
+cached on disk, `cache=True`), so nothing needs a C compiler; the same source compiles on
+x86-64 and ARM64.
+
+Layout. Activations are packed NHWC: `a[n, y, x, word]`, uint64, bit `c % 64` of word
+`c // 64` set where the sign of channel c is +1 (x >= 0), a grouped conv's groups each
+starting on a word of their own, the bits past the last channel 0. Weights are packed
+`w[group, ky, kx, word, out]` with the output channel innermost, so that one input word is
+compared with many output channels' words in a row: the inner loop `acc[o] +=
+popcount(a ^ w[..., o])` runs over contiguous memory, and LLVM vectorizes it (AVX-512
+VPOPCNTQ where the CPU has it, NEON `cnt` on ARM64).
+
+Exactness. With +-1 operands, sum(a * w) over K of them is K - 2 * popcount(a xor w).
+PyTorch pads the +-1 input with zeros, so a tap outside the image contributes nothing: the
+kernel loops over the valid taps of each output position only and takes K = valid taps x
+input channels per group (bits past the last channel are 0 in both operands and never
+differ). The integer is exact; the output is `scale * integer + bias` in float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """LLVM's ctpop on an integer: one POPCNT (VPOPCNTQ, NEON cnt once vectorized)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@njit(cache=True)
+def _ceil_div(a, b):
+    return -((-a) // b)
+
+
+@njit(cache=True, parallel=True)
+def pack_nchw(x, threshold, groups, words_per_group, out):
+    """x: float32 [N, C, H, W] (C-contiguous); threshold: float32 [C], added before the sign;
+    out: uint64 [N, H, W, groups * words_per_group], overwritten."""
+    n_, c_, h_, w_ = x.shape
+    per_group = c_ // groups
+    for row in prange(n_ * h_):
+        n = row // h_
+        y = row - n * h_
+        for i in range(w_):
+            for j in range(out.shape[3]):
+                out[n, y, i, j] = 0
+        for c in range(c_):
+            g = c // per_group
+            cc = c - g * per_group
+            word = g * words_per_group + cc // 64
+            shift = np.uint64(cc % 64)
+            t = threshold[c]
+            for i in range(w_):
+                bit = np.uint64(1) if x[n, c, y, i] + t >= np.float32(0) else np.uint64(0)
+                out[n, y, i, word] |= bit << shift
+
+
+@njit(cache=True, parallel=True)
+def pack_nhwc(x, threshold, groups, words_per_group, out):
+    """x: float32 [N, H, W, C] (C-contiguous: a channels-last tensor); otherwise as pack_nchw.
+    (The slices keep every index non-negative, so that LLVM vectorizes the 64 compares of a
+    word instead of gathering.)"""
+    n_, h_, w_, c_ = x.shape
+    per_group = c_ // groups
+    for row in prange(n_ * h_):
+        n = row // h_
+        y = row - n * h_
+        for i in range(w_):
+            pixel = x[n, y, i]
+            for g in range(groups):
+                for k in range(words_per_group):
+                    first = g * per_group + 64 * k
+                    count = min(64, (g + 1) * per_group - first)
+                    xs = pixel[first:first + count]
+                    ts = threshold[first:first + count]
+                    word = np.uint64(0)
+                    if count == 64:
+                        for b in range(64):
+                            word |= np.uint64(xs[b] + ts[b] >= np.float32(0)) << np.uint64(b)
+                    else:
+                        for b in range(count):
+                            word |= np.uint64(xs[b] + ts[b] >= np.float32(0)) << np.uint64(b)
+                    out[n, y, i, g * words_per_group + k] = word
+
+
+@njit(cache=True, parallel=True)
+def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_per_group, out):
+    """The general binary conv (any groups and dilation):
+    out[n, oy, ox, g * Og + o] = scale * (K - 2 * popcount(a xor w) over the valid taps) + bias.
+
+    a: uint64 [N, H, W, G * CWg] (packed activations); w: uint64 [G, KH, KW, CWg, Og];
+    scale, bias: float32 [G * Og]; out: float32 [N, OH, OW, G * Og], NHWC.
+    Rows of output positions (n, oy) are spread over the threads."""
+    n_, h_, w_, _ = a.shape
+    groups, kh, kw, cwg, og = w.shape
+    oh, ow = out.shape[1], out.shape[2]
+    for row in prange(n_ * oh):
+        n = row // oh
+        oy = row - n * oh
+        acc = np.empty(og, np.uint64)
+        y0 = oy * stride_h - pad_h
+        ky0 = max(0, _ceil_div(-y0, dil_h))
+        ky1 = min(kh, _ceil_div(h_ - y0, dil_h))
+        for ox in range(ow):
+            x0 = ox * stride_w - pad_w
+            kx0 = max(0, _ceil_div(-x0, dil_w))
+            kx1 = min(kw, _ceil_div(w_ - x0, dil_w))
+            k = max(0, ky1 - ky0) * max(0, kx1 - kx0) * in_per_group
+            for g in range(groups):
+                for o in range(og):
+                    acc[o] = 0
+                for ky in range(ky0, ky1):
+                    iy = y0 + ky * dil_h
+                    for kx in range(kx0, kx1):
+                        ix = x0 + kx * dil_w
+                        for j in range(cwg):
+                            word = a[n, iy, ix, g * cwg + j]
+                            for o in range(og):
+                                acc[o] += popcount(word ^ w[g, ky, kx, j, o])
+                base = g * og
+                for o in range(og):
+                    mac = np.float32(k - 2 * np.int64(acc[o]))
+                    out[n, oy, ox, base + o] = scale[base + o] * mac + bias[base + o]
+
+
+@njit(cache=True, parallel=True)
+def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out):
+    """binary_conv for the common case, one group and no dilation, faster: a tap row's words
+    (kx x CW) are contiguous in `a` and in `w`, so each row of taps is one flat loop, and
+    interior output positions go four at a time, each weight word loaded once for the four.
+
+    a: uint64 [N, H, W, CW]; w: uint64 [KH, KW * CW, O]; out: float32 [N, OH, OW, O]."""
+    n_, h_, w_, cw = a.shape
+    kh, run, og = w.shape
+    kw = run // cw
+    oh, ow = out.shape[1], out.shape[2]
+    rows = a.reshape(n_, h_, w_ * cw)
+    step = stride_w * cw  # words between the inputs of neighbouring output positions
+    for row in prange(n_ * oh):
+        n = row // oh
+        oy = row - n * oh
+        acc = np.empty((4, og), np.uint64)
+        y0 = oy * stride_h - pad_h
+        ky0 = max(0, -y0)
+        ky1 = min(kh, h_ - y0)
+        ox = 0
+        while ox < ow:
+            x0 = ox * stride_w - pad_w
+            kx0 = max(0, -x0)
+            kx1 = min(kw, w_ - x0)
+            k = max(0, ky1 - ky0) * max(0, kx1 - kx0) * in_channels
+            t0 = kx0 * cw
+            t1 = kx1 * cw
+            first = (x0 + kx0) * cw - t0  # rows[n, iy, first + t] meets w[ky, t]
+            if ox + 3 < ow and kx0 == 0 and kx1 == kw and x0 + 3 * stride_w + kw <= w_:
+                for o in range(og):
+                    acc[0, o] = 0
+                    acc[1, o] = 0
+                    acc[2, o] = 0
+                    acc[3, o] = 0
+                for ky in range(ky0, ky1):
+                    iy = y0 + ky
+                    for t in range(t0, t1):
+                        a0 = rows[n, iy, first + t]
+                        a1 = rows[n, iy, first + step + t]
+                        a2 = rows[n, iy, first + 2 * step + t]
+                        a3 = rows[n, iy, first + 3 * step + t]
+                        for o in range(og):
+                            wv = w[ky, t, o]
+                            acc[0, o] += popcount(a0 ^ wv)
+                            acc[1, o] += popcount(a1 ^ wv)
+                            acc[2, o] += popcount(a2 ^ wv)
+                            acc[3, o] += popcount(a3 ^ wv)
+                for p in range(4):
+                    for o in range(og):
+                        out[n, oy, ox + p, o] = scale[o] * np.float32(k - 2 * np.int64(acc[p, o])) + bias[o]
+                ox += 4
+            else:
+                for o in range(og):
+                    acc[0, o] = 0
+                for ky in range(ky0, ky1):
+                    iy = y0 + ky
+                    for t in range(t0, t1):
+                        a0 = rows[n, iy, first + t]
+                        for o in range(og):
+                            acc[0, o] += popcount(a0 ^ w[ky, t, o])
+                for o in range(og):
+                    out[n, oy, ox, o] = scale[o] * np.float32(k - 2 * np.int64(acc[0, o])) + bias[o]
+                ox += 1
+
+
+@njit(cache=True, parallel=True)
+def popcount_peak(words, weights, reps, out):
+    """The popcount microbenchmark: binary_conv_dense's inner loop (four words against each
+    weight word: acc[p, o] += popcount(words[t, 4 j + p] ^ weights[j, o])) with every operand
+    in L1, `reps` times over per thread; `out`, uint64 [threads, 4, O], receives each thread's
+    accumulators. 64 binary MACs per word."""
+    og = weights.shape[1]
+    for t in prange(out.shape[0]):
+        acc = np.zeros((4, og), np.uint64)
+        for _ in range(reps):
+            for j in range(weights.shape[0]):
+                a0 = words[t, 4 * j]
+                a1 = words[t, 4 * j + 1]
+                a2 = words[t, 4 * j + 2]
+                a3 = words[t, 4 * j + 3]
+                for o in range(og):
+                    wv = weights[j, o]
+                    acc[0, o] += popcount(a0 ^ wv)
+                    acc[1, o] += popcount(a1 ^ wv)
+                    acc[2, o] += popcount(a2 ^ wv)
+                    acc[3, o] += popcount(a3 ^ wv)
+        for p in range(4):
+            for o in range(og):
+                out[t, p, o] = acc[p, o]

@@ -1,0 +1,245 @@
+"""bnntrain.infer's XNOR-popcount runtime against the same exported network run as float
+convolutions in PyTorch (oneDNN), with the same threads, in the same process: baseline and
+candidate interleaved round by round, ratios the median over rounds of the paired ratio (see
+bench.py), so that they hold on a noisy machine.
+
+    python scripts/bench_infer.py                                  # resnet18 at 224 px and 32 px, batch 1 and 16
+    python scripts/bench_infer.py --data imagenet --batches 1 --seconds 2 --json FILE
+
+The network: full-width `model=resnet18`, stage 2 (fully binary), random weights and
+randomized BN statistics, exported with `bnntrain.export`: `data=imagenet` (224 px, 1000
+classes) and `data=cifar100` (32 px, 100 classes). Reported:
+
+- peak: the machine's popcount throughput, from a microbenchmark of the kernel's inner loop
+  (xor, popcount, add into an accumulator, every operand in L1) on all threads, in binary
+  MACs per second (64 per 64-bit word);
+- per binary layer: the packed layer (packing its input's signs, the XNOR-popcount conv,
+  the output tensor) against its float conv (the sign and `F.conv2d` with the weights
+  pre-scaled), each on the input it gets in its own network; the binary MACs per second and
+  their fraction of the peak;
+- end to end: the packed model (`bnntrain.infer.load`) against the float model (weights
+  pre-scaled, NCHW as `bnntrain.export.load` runs it; channels_last shown beside it) and
+  against `bnntrain.export.load` itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from bnntrain import export, infer
+from bnntrain.config import last_stage
+from bnntrain.engine import save_checkpoint
+from bnntrain.models import build_model
+
+
+def randomize(model: nn.Module, seed: int = 1) -> None:
+    """Trained-looking BN statistics (and thresholds where a model has them)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight.data, m.bias.data, m.running_mean):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def export_network(data: str, folder: Path, model_name: str = "resnet18") -> Path:
+    cfg = last_stage([f"model={model_name}", f"data={data}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=cfg.data.num_classes, in_channels=cfg.data.channels)
+    randomize(model)
+    ckpt, out = folder / f"{model_name}_{data}.pt", folder / f"{model_name}_{data}.bnn"
+    save_checkpoint({"model": model.state_dict(), "num_classes": cfg.data.num_classes, "in_channels": cfg.data.channels,
+                     "epoch": 1, "stage": cfg.stage.name, "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+    export.export_checkpoint(ckpt, out)
+    ckpt.unlink()
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], object]], seconds: float, min_rounds: int = 7,
+                max_rounds: int = 400, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each function per round; all run once per round, in an order drawn anew each
+    round, until `seconds` have passed (and at least `min_rounds`)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
+    start = time.perf_counter()
+    while True:
+        for name in order.sample(list(fns), len(fns)):
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+        rounds = len(times[name])
+        if rounds >= max_rounds or (rounds >= min_rounds and time.perf_counter() - start > seconds):
+            return times
+
+
+def paired(base: list[float], ours: list[float]) -> float:
+    """Median over rounds of base / ours: the speed-up, each round's two timings sharing the machine's state."""
+    return statistics.median(b / o for b, o in zip(base, ours))
+
+
+def popcount_peak(seconds: float = 1.0) -> dict:
+    """Binary MACs per second of the kernel's inner loop with everything in L1, all threads."""
+    kernels = infer.require_numba()
+    import numba
+
+    threads = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**63, (threads, 32)).astype(np.uint64)  # four per weight row
+    weights = rng.integers(0, 2**63, (8, 256)).astype(np.uint64)  # 16 KB: the L1 holds it and the accumulators
+    out = np.zeros((threads, 4, 256), np.uint64)
+    kernels.popcount_peak(words, weights, 10, out)
+    reps, best = 2000, 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        kernels.popcount_peak(words, weights, reps, out)
+        elapsed = time.perf_counter() - t
+        best = max(best, threads * reps * 4 * weights.size * 64 / elapsed)
+    # One core alone, for reference.
+    single, one = np.zeros((1, 4, 256), np.uint64), 0.0
+    for _ in range(20):
+        t = time.perf_counter()
+        kernels.popcount_peak(words[:1], weights, reps, single)
+        one = max(one, reps * 4 * weights.size * 64 / (time.perf_counter() - t))
+    return {"threads": threads, "binary_macs_per_s": best, "binary_macs_per_s_one_thread": one}
+
+
+def layer_inputs(model: nn.Module, kind: type, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each layer of type `kind` gets in one forward pass."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone(
+        memory_format=torch.preserve_format)))
+        for name, m in model.named_modules() if isinstance(m, kind)]
+    with torch.inference_mode():
+        model(images)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -> dict:
+    packed = infer.load(path)
+    config = packed.export_config
+    baseline = infer.float_model(path)
+    exported = export.load(path)
+    channels_last = infer.float_model(path).to(memory_format=torch.channels_last)
+    shape = (config["in_channels"], config["image_size"], config["image_size"])
+    result = {"file": str(path), "image_size": config["image_size"], "batches": {}}
+    for batch in batches:
+        images = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+        images_cl = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            worst = (packed(images) - baseline(images)).abs().max().item()
+        # Per layer.
+        ins_packed = layer_inputs(packed, infer.PackedBinaryConv2d, images)
+        ins_float = layer_inputs(baseline, infer.FloatBinaryConv2d, images)
+        layers = []
+        with torch.inference_mode():
+            for name, x in ins_packed.items():
+                ours, theirs = packed.get_submodule(name), baseline.get_submodule(name)
+                xf = ins_float[name]
+                times = interleaved({"packed": lambda: ours(x), "float": lambda: theirs(xf)}, seconds / 8)
+                out = theirs(xf)
+                macs = out.numel() * ours.in_per_group * ours.kh * ours.kw  # binary MACs (valid taps and padding alike)
+                t_ours, t_float = statistics.median(times["packed"]), statistics.median(times["float"])
+                layers.append({"layer": name, "in": list(x.shape[1:]), "out": list(out.shape[1:]),
+                               "kernel": f"{ours.kh}x{ours.kw}/{ours.stride[0]}", "macs": macs,
+                               "packed_ms": t_ours * 1e3, "float_ms": t_float * 1e3,
+                               "packed_ms_min": min(times["packed"]) * 1e3, "float_ms_min": min(times["float"]) * 1e3,
+                               "speedup": paired(times["float"], times["packed"]),
+                               "binary_macs_per_s": macs / t_ours, "fraction_of_peak": macs / t_ours / peak})
+        # End to end.
+        with torch.inference_mode():
+            times = interleaved({"packed": lambda: packed(images), "float": lambda: baseline(images),
+                                 "float_channels_last": lambda: channels_last(images_cl),
+                                 "export_load": lambda: exported(images)}, seconds)
+        total_macs = sum(layer["macs"] for layer in layers)
+        t_packed = statistics.median(times["packed"])
+        result["batches"][batch] = {
+            "max_abs_logit_difference": worst, "layers": layers,
+            "end_to_end_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "end_to_end_ms_min": {k: min(v) * 1e3 for k, v in times.items()},
+            "rounds": len(times["packed"]),
+            "speedup_vs_float": paired(times["float"], times["packed"]),
+            "speedup_vs_float_channels_last": paired(times["float_channels_last"], times["packed"]),
+            "speedup_vs_export_load": paired(times["export_load"], times["packed"]),
+            "binary_layers_ms": {"packed": sum(x["packed_ms"] for x in layers), "float": sum(x["float_ms"] for x in layers)},
+            "binary_macs_per_s_in_network": total_macs / t_packed,
+        }
+    return result
+
+
+def report(results: dict) -> str:
+    peak = results["peak"]
+    lines = [f"CPU: {results['cpu']}; {results['threads']} threads (PyTorch and numba); torch {torch.__version__}",
+             f"popcount peak (inner loop, L1): {peak['binary_macs_per_s'] / 1e9:.0f} G binary MAC/s on "
+             f"{peak['threads']} threads ({peak['binary_macs_per_s_one_thread'] / 1e9:.0f} G on one)", ""]
+    for net in results["networks"]:
+        for batch, r in net["batches"].items():
+            lines.append(f"## {Path(net['file']).stem}, {net['image_size']} px, batch {batch} "
+                         f"(max |logit difference| {r['max_abs_logit_difference']:.1e})")
+            lines.append("| layer | in -> out | k/s | float ms | packed ms | speed-up | G binary MAC/s | of peak |")
+            lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+            for x in r["layers"]:
+                lines.append(f"| {x['layer']} | {'x'.join(map(str, x['in']))} -> {'x'.join(map(str, x['out']))} | "
+                             f"{x['kernel']} | {x['float_ms']:.3f} | {x['packed_ms']:.3f} | {x['speedup']:.1f}x | "
+                             f"{x['binary_macs_per_s'] / 1e9:.0f} | {100 * x['fraction_of_peak']:.0f}% |")
+            speed = [x["speedup"] for x in r["layers"]]
+            e2e = r["end_to_end_ms"]
+            lines.append(f"binary layers: {r['binary_layers_ms']['float']:.2f} ms float, "
+                         f"{r['binary_layers_ms']['packed']:.2f} ms packed (sum of medians); per-layer speed-up "
+                         f"{min(speed):.1f}x to {max(speed):.1f}x")
+            lines.append(f"end to end: packed {e2e['packed']:.2f} ms, float {e2e['float']:.2f} ms "
+                         f"({r['speedup_vs_float']:.2f}x), float channels_last {e2e['float_channels_last']:.2f} ms "
+                         f"({r['speedup_vs_float_channels_last']:.2f}x), export.load {e2e['export_load']:.2f} ms "
+                         f"({r['speedup_vs_export_load']:.2f}x); medians of {r['rounds']} rounds; binary MACs in the "
+                         f"network {r['binary_macs_per_s_in_network'] / 1e9:.0f} G/s")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="imagenet,cifar100", help="data presets, comma-separated")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seconds", type=float, default=8.0, help="end-to-end timing per network and batch")
+    parser.add_argument("--json", type=Path, help="write the results here as well")
+    args = parser.parse_args()
+    infer.set_threads(args.threads)
+    peak = popcount_peak()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    results = {"cpu": cpu, "threads": args.threads, "peak": peak, "networks": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for data in args.data.split(","):
+            path = export_network(data, Path(tmp), args.model)
+            results["networks"].append(bench_network(path, [int(b) for b in args.batches.split(",")], args.seconds,
+                                                     peak["binary_macs_per_s"]))
+            print(report({**results, "networks": results["networks"][-1:]}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""bnntrain.infer: the XNOR-popcount runtime gives the exported model's outputs (the integer
+binary sums exactly), on every preset the exporter accepts and on real images, and its
+command line predicts, benchmarks and fails in one line."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from bnntrain import export
+from bnntrain.engine import load_checkpoint, save_checkpoint
+from bnntrain.errors import ConfigError
+from bnntrain.models import build_model
+from bnntrain.nn import BinaryConv2d, BinaryLinear
+from test_config import make
+from test_export import VARIANTS, digits, digits_test_set, randomize_batchnorms  # noqa: F401 (a fixture)
+
+numba = pytest.importorskip("numba", reason="bnntrain.infer needs the optional extra `infer` (numba)")
+from bnntrain import infer  # noqa: E402  (needs numba)
+
+numba.set_num_threads(1)  # the suite's two workers share two cores
+
+# (in, out, kernel, stride, padding, dilation, groups, height, width): channels that fill
+# one word, part of one, several with a remainder; every border case of the padding.
+CONVS = {
+    "3x3, 64 channels, padding 1": (64, 32, 3, 1, 1, 1, 1, 9, 7),
+    "3x3 stride 2, 70 channels": (70, 16, 3, 2, 1, 1, 1, 11, 10),
+    "3x3, 130 channels (3 words), wide output": (130, 300, 3, 1, 1, 1, 1, 6, 13),
+    "5x5, padding 2 beyond a 4x4 image": (8, 8, 5, 1, 2, 1, 1, 4, 4),
+    "1x1 stride 2": (96, 24, 1, 2, 0, 1, 1, 8, 8),
+    "3x1 kernel": (20, 12, (3, 1), 1, (1, 0), 1, 1, 7, 5),
+    "dilation 2": (48, 16, 3, 1, 2, 2, 1, 9, 9),
+    "groups 2 (a word each)": (80, 32, 3, 1, 1, 1, 2, 6, 6),
+    "depthwise": (32, 32, 3, 2, 1, 1, 32, 8, 8),
+}
+
+
+def binary_layer(cin, cout, kernel, stride, padding, dilation, groups, threshold=True, scale=True):
+    torch.manual_seed(0)
+    conv = BinaryConv2d(cin, cout, kernel, stride, padding, groups=groups, bias=True, weight_scale=scale,
+                        learnable_threshold=threshold)
+    conv.dilation = (dilation, dilation)
+    with torch.no_grad():
+        conv.bias.normal_()
+        if threshold:
+            conv.threshold.normal_(0, 0.3)
+    conv.set_precision("binary", "binary")
+    return export.InferenceBinaryLayer(conv).eval()
+
+
+def inputs(cin, h, w):
+    x = torch.randn(3, cin, h, w)
+    x[:, :, ::3, ::2] = 0.0  # exact zeros: sign(0) = +1, as the export's GreaterOrEqual
+    return x
+
+
+@pytest.mark.parametrize("case", CONVS)
+def test_packed_conv_equals_the_float_conv(case):
+    cin, cout, kernel, stride, padding, dilation, groups, h, w = CONVS[case]
+    layer = binary_layer(cin, cout, kernel, stride, padding, dilation, groups)
+    packed = infer.PackedBinaryConv2d(layer)
+    x = inputs(cin, h, w)
+    with torch.no_grad():
+        want = layer(x)
+        for given in (x, x.contiguous(memory_format=torch.channels_last)):  # both packing kernels
+            got = packed(given)
+            assert got.shape == want.shape
+            # scale x integer + bias against a float sum of +-scale terms: float rounding.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["3x3, 64 channels, padding 1", "5x5, padding 2 beyond a 4x4 image",
+                                  "3x3 stride 2, 70 channels", "groups 2 (a word each)", "dilation 2"])
+def test_binary_sums_are_exact_integers_with_zero_padding(case):
+    """Without scale, bias and threshold the outputs are the integer sums themselves: equal bit
+    for bit, taps in the zero padding contributing nothing (not -1)."""
+    cin, cout, kernel, stride, padding, dilation, groups, h, w = CONVS[case]
+    layer = binary_layer(cin, cout, kernel, stride, padding, dilation, groups, threshold=False, scale=False)
+    layer.bias = None
+    x = inputs(cin, h, w)
+    with torch.no_grad():
+        got, want = infer.PackedBinaryConv2d(layer)(x), layer(x)
+    assert torch.equal(got, want)
+    # Corners see fewer taps than the centre: the padding really is not counted as -1.
+    assert got.abs().amax() <= (cin // groups) * (kernel * kernel if isinstance(kernel, int) else 3)
+
+
+def test_binary_linear_layer():
+    torch.manual_seed(0)
+    linear = BinaryLinear(200, 10)
+    linear.set_precision("binary", "binary")
+    layer = export.InferenceBinaryLayer(linear).eval()
+    x = torch.randn(5, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(infer.PackedBinaryConv2d(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def export_variant(extra, tmp_path, stage="'2'"):
+    cfg = make(f"stage={stage}", "data=synthetic", "data.image_size=16", "model.width=0.125", *extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=10, in_channels=3)
+    randomize_batchnorms(model)
+    save_checkpoint({"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": cfg.stage.name,
+                     "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
+    export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
+    return tmp_path / "m.bnn"
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("stage 1")])
+def test_every_exportable_preset_runs_packed(variant, tmp_path):
+    path = export_variant(VARIANTS[variant], tmp_path)
+    model = infer.load(path)
+    binary = sum(isinstance(m, export.InferenceBinaryLayer) for m in export.load(path).modules())
+    assert sum(isinstance(m, infer.PackedBinaryConv2d) for m in model.modules()) == binary > 0
+    assert not any(isinstance(m, export.InferenceBinaryLayer) for m in model.modules())
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        want, got = export.load(path)(x), model(x)
+    # Float rounding, as the export's own round trip (measured at most 1.9e-6, logits up to 25
+    # without weight scales).
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_a_stage1_file_is_refused_unless_not_strict(tmp_path):
+    path = export_variant([], tmp_path, stage="'1'")
+    with pytest.raises(ConfigError, match=r"16 of 16 binary layers .*real-valued weights.*strict=false") as error:
+        infer.load(path)
+    assert "\n" not in str(error.value)
+    with pytest.warns(UserWarning, match="16 of 16 binary layers run as float convs"):
+        model = infer.load(path, strict=False)
+    assert len(model.fallbacks) == 16
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), export.load(path)(x), rtol=2e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_export(digits, tmp_path_factory):  # noqa: F811
+    _, ckpt = digits
+    path = tmp_path_factory.mktemp("digits_export") / "digits.bnn"
+    export.export_checkpoint(ckpt, path)
+    return ckpt, path
+
+
+@pytest.mark.slow
+def test_trained_model_on_real_digits(digits_export):
+    """The trained model's test-set predictions and top-1 are the export's, to float rounding."""
+    ckpt, path = digits_export
+    packed, exported = infer.load(path), export.load(path)
+    correct, worst, total = 0, 0.0, 0
+    with torch.no_grad():
+        for images, labels in digits_test_set(ckpt):
+            want, got = exported(images), packed(images)
+            worst = max(worst, (want - got).abs().max().item())
+            assert torch.equal(got.argmax(1), want.argmax(1))
+            correct += (got.argmax(1) == labels).sum().item()
+            total += len(labels)
+    assert total == 360 and 100.0 * correct / total == pytest.approx(load_checkpoint(ckpt)["metrics"]["top1"])
+    assert worst <= 1.5e-6, worst
+
+
+def infer_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bnntrain.infer", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PATH": ""})
+
+
+@pytest.mark.slow
+def test_command_line_predicts_digit_images(digits_export, tmp_path):
+    """PNG files of the digits test set, in class folders: the command's predictions are the
+    export's on the same pixels normalised by hand, and right for most of them."""
+    ckpt, path = digits_export
+    images, labels = map(torch.cat, zip(*digits_test_set(ckpt)))
+    mean, std = 0.3053, 0.3760
+    pixels = (images * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # undo the preset's normalisation
+    for i in range(120):
+        folder = tmp_path / "images" / str(labels[i].item())
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i, 0].numpy(), mode="L").save(folder / f"{i:03d}.png")
+    done = infer_cli(f"model={path}", f"images={tmp_path / 'images'}", "data=digits", "batch=32")
+    assert done.returncode == 0, done.stderr
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    assert len(lines) == 120
+    files = [tmp_path / "images" / name for name, _ in lines]
+    by_hand = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255) for f in files])
+    with torch.no_grad():
+        want = export.load(path)(((by_hand - mean) / std)[:, None]).argmax(1)
+    predicted = torch.tensor([int(c) for _, c in lines])
+    assert torch.equal(predicted, want)
+    truth = torch.tensor([int(name.split("/")[0]) for name, _ in lines])
+    assert (predicted == truth).float().mean() > 0.8  # the model has learned (90% on the test set)
+
+
+@pytest.mark.slow
+def test_command_line_benchmark(digits_export):
+    _, path = digits_export
+    done = infer_cli(f"model={path}", "--bench", "batch=1", "threads=1")
+    assert done.returncode == 0, done.stderr
+    assert "16 binary layers packed, 0 in PyTorch; 1 threads" in done.stdout
+    assert __import__("re").search(r"batch +1: +[\d.]+ ms \(XNOR-popcount\), +[\d.]+ ms \(PyTorch float convs\), "
+                                   r"[\d.]+x", done.stdout), done.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["images=."], "expected model=FILE"),
+    (["model=nope.bnn", "--bench"], "no such file"),
+    (["model={ckpt}", "--bench"], "is not a bnntrain-packed file"),
+    (["model={file}"], "give images=FOLDER (predictions) or --bench"),
+    (["model={file}", "--bench", "threads=0"], "threads=0: expected a whole number >= 1"),
+    (["model={file}", "--bench", "strict=maybe"], "strict=maybe: expected true or false"),
+    (["model={file}", "images={missing}"], "no such folder"),
+    (["model={file}", "--fast"], "unknown argument(s): --fast"),
+])
+def test_command_line_errors_are_one_line(args, words, tmp_path):
+    file = export_variant([], tmp_path)
+    save_checkpoint({"model": {}}, tmp_path / "c.pt")
+    args = [a.format(file=file, ckpt=tmp_path / "c.pt", missing=tmp_path / "missing") for a in args]
+    done = infer_cli(*args)
+    assert done.returncode != 0
+    assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_without_numba_one_line_names_the_extra(tmp_path):
+    """numba hidden from the import system, as on a machine without the extra."""
+    code = ("import sys; sys.modules['numba'] = None; from bnntrain.infer.cli import main; "
+            f"main(['model={export_variant([], tmp_path)}', '--bench'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip() == "error: bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)"
