@@ -134,15 +134,22 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_round_trips(variant, tmp_path):
-    cfg = make("stage='2'", "data=synthetic", "data.image_size=16", "model.width=0.125", *VARIANTS[variant])
+def export_variant(extra, folder):
+    """A 1/8-width model of a variant at 16 px with trained-looking BNs, exported to
+    folder/m.bnn from a checkpoint; returns the model and its config."""
+    cfg = make("stage='2'", "data=synthetic", "data.image_size=16", "model.width=0.125", *extra)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, in_channels=3)
     randomize_batchnorms(model)
     save_checkpoint({"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": cfg.stage.name,
-                     "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
-    export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
+                     "config": OmegaConf.to_container(cfg, resolve=True)}, folder / "c.pt")
+    export.export_checkpoint(folder / "c.pt", folder / "m.bnn")
+    return model, cfg
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_round_trips(variant, tmp_path):
+    model, cfg = export_variant(VARIANTS[variant], tmp_path)
     x = torch.randn(8, 3, 16, 16)
     set_precision(model, cfg.stage.activations, cfg.stage.weights)  # the module itself, at its stage's precision
     with torch.no_grad():

@@ -3,21 +3,17 @@ binary sums exactly), on every preset the exporter accepts and on real images, a
 command line predicts, benchmarks and fails in one line."""
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from bnntrain import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import ConfigError
-from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, BinaryLinear
-from test_config import make
-from test_export import VARIANTS, digits, digits_test_set, randomize_batchnorms  # noqa: F401 (a fixture)
+from test_export import VARIANTS, digits, digits_test_set, export_variant  # noqa: F401 (a fixture)
 
 numba = pytest.importorskip("numba", reason="bnntrain.infer needs the optional extra `infer` (numba)")
 from bnntrain import infer  # noqa: E402  (needs numba)
@@ -99,20 +95,14 @@ def test_binary_linear_layer():
         torch.testing.assert_close(infer.PackedBinaryConv2d(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def export_variant(extra, tmp_path, stage="'2'"):
-    cfg = make(f"stage={stage}", "data=synthetic", "data.image_size=16", "model.width=0.125", *extra)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes=10, in_channels=3)
-    randomize_batchnorms(model)
-    save_checkpoint({"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": cfg.stage.name,
-                     "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
-    export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
+def exported(tmp_path, *extra):
+    export_variant(extra, tmp_path)
     return tmp_path / "m.bnn"
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("stage 1")])
 def test_every_exportable_preset_runs_packed(variant, tmp_path):
-    path = export_variant(VARIANTS[variant], tmp_path)
+    path = exported(tmp_path, *VARIANTS[variant])
     model = infer.load(path)
     binary = sum(isinstance(m, export.InferenceBinaryLayer) for m in export.load(path).modules())
     assert sum(isinstance(m, infer.PackedBinaryConv2d) for m in model.modules()) == binary > 0
@@ -127,7 +117,7 @@ def test_every_exportable_preset_runs_packed(variant, tmp_path):
 
 
 def test_a_stage1_file_is_refused_unless_not_strict(tmp_path):
-    path = export_variant([], tmp_path, stage="'1'")
+    path = exported(tmp_path, "stage='1'")
     with pytest.raises(ConfigError, match=r"16 of 16 binary layers .*real-valued weights.*strict=false") as error:
         infer.load(path)
     assert "\n" not in str(error.value)
@@ -151,11 +141,11 @@ def digits_export(digits, tmp_path_factory):  # noqa: F811
 def test_trained_model_on_real_digits(digits_export):
     """The trained model's test-set predictions and top-1 are the export's, to float rounding."""
     ckpt, path = digits_export
-    packed, exported = infer.load(path), export.load(path)
+    packed, plain = infer.load(path), export.load(path)
     correct, worst, total = 0, 0.0, 0
     with torch.no_grad():
         for images, labels in digits_test_set(ckpt):
-            want, got = exported(images), packed(images)
+            want, got = plain(images), packed(images)
             worst = max(worst, (want - got).abs().max().item())
             assert torch.equal(got.argmax(1), want.argmax(1))
             correct += (got.argmax(1) == labels).sum().item()
@@ -216,7 +206,7 @@ def test_command_line_benchmark(digits_export):
     (["model={file}", "--fast"], "unknown argument(s): --fast"),
 ])
 def test_command_line_errors_are_one_line(args, words, tmp_path):
-    file = export_variant([], tmp_path)
+    file = exported(tmp_path)
     save_checkpoint({"model": {}}, tmp_path / "c.pt")
     args = [a.format(file=file, ckpt=tmp_path / "c.pt", missing=tmp_path / "missing") for a in args]
     done = infer_cli(*args)
@@ -227,7 +217,7 @@ def test_command_line_errors_are_one_line(args, words, tmp_path):
 def test_without_numba_one_line_names_the_extra(tmp_path):
     """numba hidden from the import system, as on a machine without the extra."""
     code = ("import sys; sys.modules['numba'] = None; from bnntrain.infer.cli import main; "
-            f"main(['model={export_variant([], tmp_path)}', '--bench'])")
+            f"main(['model={exported(tmp_path)}', '--bench'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip() == "error: bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)"

@@ -115,14 +115,20 @@ def default_resize(config: dict) -> int:
     return round(size * 256 / 224) if config["model"].get("stem") == "imagenet" else size
 
 
-def predict(own: dict[str, str]) -> None:
-    batch = _int(own.get("batch", "16"), "batch")
-    files = image_files(own["images"])
+def load_noting(own: dict[str, str]) -> nn.Module:
+    """`load` with its warnings (layers left to PyTorch under strict=false) as `note:` lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = load(own["model"], strict=_strict(own))
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
+    return model
+
+
+def predict(own: dict[str, str]) -> None:
+    batch = _int(own.get("batch", "16"), "batch")
+    files = image_files(own["images"])
+    model = load_noting(own)
     config = model.export_config
     channels, size = config["in_channels"], config["image_size"]
     if channels not in (1, 3):
@@ -164,11 +170,7 @@ def time_models(models: dict[str, nn.Module], images: Tensor, seconds: float = 2
 
 def bench(own: dict[str, str]) -> None:
     batches = [_int(b, "batch") for b in own.get("batch", "1,16").split(",")]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        packed = load(own["model"], strict=_strict(own))
-    for w in caught:
-        print(f"note: {w.message}", file=sys.stderr)
+    packed = load_noting(own)
     config = packed.export_config
     baseline = float_model(own["model"])
     shape = (config["in_channels"], config["image_size"], config["image_size"])
