@@ -93,3 +93,19 @@ def test_what_stays_fp32_in_the_export():
     branches = sum(m.weight.numel() for name, m in resnet50.named_modules()
                    if type(m) is nn.Conv2d and ".branch." in f".{name}")
     assert branches == 64 * 256 + 256 * 512 + 512 * 1024 + 1024 * 2048 and f"{branches / 1e6:.1f}" == "2.8"
+
+
+def test_stage2_study_table_is_the_studys_results():
+    """The 'what stage 2 buys' table is scripts/stage2_study.py's JSON, arm for arm, and the
+    sentence that stage 2 does not pay holds for those numbers."""
+    study = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())
+    rows = readme_rows("| arm | final test top-1 (%), mean +- std | per seed |")
+    assert [row[0] for row in rows] == list(study["arms"])
+    for row, arm in zip(rows, study["arms"].values()):
+        mean, spread = row[1].split(" +- ")
+        assert agrees(mean, arm["mean"]) and agrees(spread, arm["spread"])
+        assert [float(x) for x in row[2].split(", ")] == pytest.approx(arm["top1"], abs=0.005)
+    arms = study["arms"]
+    assert study["seeds"] == [0, 1, 2] and study["epochs"] == 4
+    assert "**stage 2 does not pay**" in README
+    assert arms["one stage, fully binary"]["mean"] > arms["two-stage (stage 1 then stage 2)"]["mean"]
