@@ -109,3 +109,23 @@ def test_stage2_study_table_is_the_studys_results():
     assert study["seeds"] == [0, 1, 2] and study["epochs"] == 4
     assert "**stage 2 does not pay**" in README
     assert arms["one stage, fully binary"]["mean"] > arms["two-stage (stage 1 then stage 2)"]["mean"]
+
+
+def test_binary_inference_table_agrees_with_the_json():
+    """The XNOR-popcount table is scripts/bench_infer.py's JSON, and its sentence's claims
+    (every layer 5-12x, batch-1 end to end about 4x) hold for it."""
+    results = json.loads((ROOT / "scripts" / "bench_results_infer_cpu.json").read_text())
+    rows = readme_rows("| ResNet-18, batch | binary layers, float -> packed (sum) |")
+    runs = [(net["image_size"], int(batch), b) for net in results["networks"] for batch, b in net["batches"].items()]
+    assert [row[0] for row in rows] == [f"{size} px, {batch}" for size, batch, _ in runs]
+    for row, (_, _, b) in zip(rows, runs):
+        speedups = [x["speedup"] for x in b["layers"]]
+        low, high = re.fullmatch(r"([\d.]+)x to ([\d.]+)x", row[2]).groups()
+        assert agrees(low, min(speedups)) and agrees(high, max(speedups))
+        assert min(speedups) >= 4  # the target: binary layers at least 4x faster
+        vs_nchw, vs_cl = re.fullmatch(r"([\d.]+)x, ([\d.]+)x", row[5]).groups()
+        assert agrees(vs_nchw, b["speedup_vs_float"]) and agrees(vs_cl, b["speedup_vs_float_channels_last"])
+        assert agrees(row[4].split(" -> ")[1].removesuffix(" ms"), b["end_to_end_ms"]["packed"])
+    batch_one = [b for _, batch, b in runs if batch == 1]
+    assert all(b["speedup_vs_float_channels_last"] >= 2 for b in batch_one)  # the end-to-end target
+    assert all(b["same_prediction"] == batch for _, batch, b in runs)
