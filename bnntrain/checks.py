@@ -114,6 +114,7 @@ RULES: dict[str, Check] = {
     "data.max_bad_images": whole(0),
     "data.verify": flag(),
     "data.batch_augment": one_of("auto", True, False),
+    "data.decoder": one_of("auto", "pillow", "torchcodec"),
     "trainer.progress": one_of("auto", "bar", "plain"),
 }
 PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")
@@ -156,7 +157,7 @@ def check_path(key: str, value: Any) -> None:
 
 def check_relations(cfg: DictConfig) -> None:
     """Values that are fine alone but not together."""
-    schedule, data = cfg.schedule, cfg.data
+    schedule = cfg.schedule
     late = [m for m in schedule.get("milestones", []) if not isinstance(m, int) or m >= schedule.epochs]
     if late:
         raise ConfigError(f"schedule.milestones {late} lie past the last epoch (schedule.epochs={schedule.epochs}); "

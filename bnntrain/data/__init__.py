@@ -14,7 +14,8 @@ from ..errors import DataError
 from .datasets import DATASETS
 from .samples import (BadImageLog, ResumableSampler, SeededSamples, kill_workers_at_exit, quiet_worker, sample_seed,
                       verify)
-from .transforms import ON_BATCHES, BatchNormalize, build_batch_augment, build_batch_mixing, build_transform
+from .transforms import (ON_BATCHES, BatchNormalize, build_batch_augment, build_batch_mixing, build_transform,
+                         decoder_for)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,8 +89,10 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     """
     device = torch.device(device)
     on_batches = augments_on_batches(data.get("batch_augment", "false"), device)
-    train_tf = build_transform(augment.get("train"), leave_out=ON_BATCHES if on_batches else ())
-    test_tf = build_transform(augment.get("test"))
+    on_device = ON_BATCHES if on_batches else ()  # left out of the workers' per-image transforms
+    decoder = data.get("decoder", "auto")
+    train_tf = build_transform(augment.get("train"), on_device, decoder_for(decoder, augment.get("train"), on_device))
+    test_tf = build_transform(augment.get("test"), decoder=decoder_for(decoder, augment.get("test")))
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
     train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
     if len(train_set) == 0 or len(test_set) == 0:

@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from ..errors import DataError
-from .images import load_rgb
 from ..registry import Registry
 
 Splits = tuple[Dataset, Dataset, int]
@@ -106,8 +105,10 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
 
 
 def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
+    # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
+    # with Pillow or torchvision as data.decoder chooses).
     try:
-        return datasets.ImageFolder(str(path), transform=transform, loader=load_rgb)
+        return datasets.ImageFolder(str(path), transform=transform, loader=str)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
         raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
 
