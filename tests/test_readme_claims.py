@@ -129,3 +129,26 @@ def test_binary_inference_table_agrees_with_the_json():
     batch_one = [b for _, batch, b in runs if batch == 1]
     assert all(b["speedup_vs_float_channels_last"] >= 2 for b in batch_one)  # the end-to-end target
     assert all(b["same_prediction"] == batch for _, batch, b in runs)
+
+
+def test_worker_cost_table_agrees_with_the_json():
+    data = {r["benchmark"].split("JPEG, ")[1]: r["bnntrain_value"] for r in bench("bench_results_data_cpu.json")
+            if r["benchmark"].startswith("worker ms")}
+    rows = readme_rows("| worker work per image | plain torchvision")
+    arms = [("stage 1", "batch_augment=false"), ("stage 1", "batch_augment=true"), ("stage 2", "batch_augment=false")]
+    assert len(rows) == len(arms)
+    for row, (stage, setting) in zip(rows, arms):
+        assert agrees(row[1].removesuffix(" ms"), data[f"plain torchvision, {stage}"])
+        assert agrees(row[2].removesuffix(" ms"), data[f"bnntrain, {stage}, {setting}"])
+    decode = json.loads((ROOT / "scripts" / "bench_results_decode_cpu.json").read_text())["ms_per_image"]
+    sentence = README.replace("\n", " ")
+    assert f"torchcodec {decode['decode + crop, torchcodec, crop on the tensor (data.decoder=torchcodec)']:.2f} ms" in sentence
+    assert f"Pillow {decode['decode + crop, Pillow (data.decoder=pillow)']:.2f} ms" in sentence
+
+
+def test_preset_benchmark_table_agrees_with_the_json():
+    rows = readme_rows("| preset benchmark | baseline | bnntrain | ratio | target |")
+    presets = bench("bench_results_presets_cpu.json")
+    for entry in presets:
+        row = next(r for r in rows if r[0] == entry["benchmark"] and r[1].startswith(entry["baseline"]))
+        assert agrees(row[3], entry["ratio"]) and row[4] == entry["target"]
