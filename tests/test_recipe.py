@@ -60,9 +60,9 @@ def test_batch_normalisation_matches_torchvision_per_image():
 def test_image_scale_setting_resizes_before_cropping():
     cfg = make("augment=imagenet_rescale")
     names = [type(t).__name__ for t in build_transform(cfg.augment.train).transforms]
-    assert names[:2] == ["Resize", "RandomCrop"] and "RandomResizedCrop" not in names
+    assert names[:3] == ["Decode", "Resize", "RandomCrop"] and "RandomResizedCrop" not in names  # Decode: a file's path
     test = build_transform(cfg.augment.test).transforms
-    assert list(test[0].size) == [302] and list(test[1].size) == [224, 224]  # int(224 * 1.35)
+    assert list(test[1].size) == [302] and list(test[2].size) == [224, 224]  # int(224 * 1.35)
 
 
 def test_autoaugment_is_one_override_away():
