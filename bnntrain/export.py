@@ -53,8 +53,8 @@ INPUT_FUNCTIONS = {"binary": compare_sign, **PRECISION_MODES}
 
 
 class InferenceBinaryLayer(nn.Module):
-    """A binary conv or linear layer for inference. The weight is held as signs times the
-    per-channel scale, the same numbers the training forward multiplies with."""
+    """A binary conv or linear layer for inference. Binary weights are held as their signs
+    (+-1), with the per-channel scale (the training forward's mean |w|) beside them."""
 
     def __init__(self, layer: BinaryMixin) -> None:
         super().__init__()
@@ -81,10 +81,17 @@ class InferenceBinaryLayer(nn.Module):
         if self.threshold is not None:
             x = x + self.threshold
         x = INPUT_FUNCTIONS[self.activations](x)
-        weight = self.weight if self.scale is None else self.weight * self.scale
-        if self.conv is None:
-            return F.linear(x, weight, self.bias)
-        return F.conv2d(x, weight, self.bias, **self.conv)
+        if not (self.binary_weights and self.activations == "binary"):
+            weight = self.weight if self.scale is None else self.weight * self.scale
+            return F.linear(x, weight, self.bias) if self.conv is None else F.conv2d(x, weight, self.bias, **self.conv)
+        # +-1 inputs and weights: the conv's sums are whole numbers, exact in float32 in any
+        # order; the scale and bias then apply once each, as a binary engine does it
+        # (bnntrain.infer's outputs are these, bit for bit).
+        out = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        if self.scale is not None:
+            out = out * self.scale.reshape(shape)
+        return out if self.bias is None else out + self.bias.reshape(shape)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

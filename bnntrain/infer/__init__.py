@@ -88,7 +88,7 @@ def why_not_packed(layer: export.InferenceBinaryLayer) -> str | None:
 class PackedBinaryConv2d(nn.Module):
     """A binary conv (or a binary linear layer, as a 1x1 conv on a 1x1 image) run by the
     XNOR-popcount kernels: the input's signs packed once per call, the weights at build time.
-    Outputs float32 in channels-last layout (an NCHW view of NHWC memory)."""
+    Outputs float32 scale x (whole-number sum) + bias, in the input's memory layout."""
 
     def __init__(self, layer: export.InferenceBinaryLayer) -> None:
         super().__init__()
@@ -162,7 +162,12 @@ class PackedBinaryConv2d(nn.Module):
             self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
                                      self.in_per_group, out)
         result = torch.from_numpy(out)
-        return result.reshape(n, self.out_channels) if self.linear else result.permute(0, 3, 1, 2)
+        if self.linear:
+            return result.reshape(n, self.out_channels)
+        # The layout it came in: PyTorch's real-valued layers round differently on the two
+        # layouts, and this keeps the model's outputs those of export.load's in that layout.
+        result = result.permute(0, 3, 1, 2)
+        return result if x.is_contiguous(memory_format=torch.channels_last) else result.contiguous()
 
 
 def _swap(model: nn.Module, make: Callable[[str, export.InferenceBinaryLayer], nn.Module | None]) -> None:
