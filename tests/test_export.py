@@ -116,9 +116,10 @@ def test_round_trip_gives_the_trained_models_outputs(digits, tmp_path):
     # has learned: measured 90.56% (326 of 360), chance 10%.
     assert top1 == pytest.approx(load_checkpoint(ckpt)["metrics"]["top1"], abs=1e-9)
     assert top1 > 85, top1
-    # Logits equal to float rounding (README): measured 9.5e-7, two float32 steps at the
-    # logits' size (4 to 8); 1.5e-6 allows three.
-    assert worst <= 1.5e-6, worst
+    # Logits equal to float rounding (README): measured 1.4e-6, three float32 steps at the
+    # logits' size (4 to 8; the export sums +-1 x +-1 exactly and scales once, the trained
+    # model sums +-scale terms); 2.4e-6 allows five.
+    assert worst <= 2.4e-6, worst
 
 
 VARIANTS = {
