@@ -4,6 +4,8 @@ recalibration, on the CIFAR-10 JPEGs (the `cifar10_folder_quick` preset: a 5,000
 subset, quarter-width `tricks_resnet18`).
 
     python scripts/stage2_study.py --data DIR/cifar10-jpg --out study/ [--seeds 0,1,2] [--epochs 4]
+    python scripts/stage2_study.py --data DIR/imagenette2-224 --out study-imagenette/ --imagenette \
+        --arms two-stage,one-stage,stage-1    # Imagenette at 64 px, without the recalibrated arms
 
 Each run is `python -m bnntrain experiment=cifar10_folder_quick ...` in its own folder under
 `--out`; the table (mean and spread of the final test top-1 of the fully binary network, or of
@@ -32,6 +34,14 @@ def arms(epochs: int) -> dict[str, list[str]]:
     }
 
 
+# Imagenette's 224 px photos at 64 px: the ImageNet stem and augmentation at that size
+# (random-resized crop, flip, colour jitter in stage 1), 5,000 training and all 3,925
+# validation images.
+IMAGENETTE = ["data.image_size=64", "data.stem=imagenet", "augment=imagenet", "augment.train.random_resized_crop.size=64",
+              "augment.test.resize=73", "augment.test.center_crop=64", "data.test_limit=null",
+              "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
+
+
 def run(overrides: list[str], data: Path, folder: Path, seed: int) -> dict:
     if not (folder / "results.json").exists():
         subprocess.run([sys.executable, "-m", "bnntrain", "experiment=cifar10_folder_quick", f"data.root={data}",
@@ -47,11 +57,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per stage of the two-stage arm")
+    parser.add_argument("--imagenette", action="store_true", help="--data is Imagenette: train at 64 px")
+    parser.add_argument("--arms", help="a subset, by the start of their names with - for spaces (e.g. two-stage,one-stage)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = arms(args.epochs)
+    if args.arms:
+        starts = [a.replace("-", " ") for a in args.arms.split(",")]
+        chosen = {name: o for name, o in chosen.items() if any(name.replace("-", " ").startswith(x) for x in starts)
+                  and "recalibrated" not in name}
     table = {}
-    for name, overrides in arms(args.epochs).items():
+    for name, overrides in chosen.items():
         tag = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
+        overrides = [*overrides, *(IMAGENETTE if args.imagenette else [])]
         finals = [run(overrides, args.data, args.out / f"{tag}_seed{s}", s)["top1"] for s in seeds]
         table[name] = {"top1": finals, "mean": statistics.mean(finals),
                        "spread": statistics.stdev(finals) if len(finals) > 1 else 0.0}
@@ -60,7 +78,8 @@ def main() -> None:
     lines += [f"| {k} | {v['mean']:.2f} +- {v['spread']:.2f} | {', '.join(f'{t:.2f}' for t in v['top1'])} |"
               for k, v in table.items()]
     (args.out / "study.md").write_text("\n".join(lines) + "\n")
-    (args.out / "study.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "arms": table}, indent=2))
+    (args.out / "study.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "arms": table,
+                                                     "imagenette": args.imagenette}, indent=2))
 
 
 if __name__ == "__main__":

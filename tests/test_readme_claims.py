@@ -152,3 +152,16 @@ def test_preset_benchmark_table_agrees_with_the_json():
     for entry in presets:
         row = next(r for r in rows if r[0] == entry["benchmark"] and r[1].startswith(entry["baseline"]))
         assert agrees(row[3], entry["ratio"]) and row[4] == entry["target"]
+
+
+def test_imagenette_study_table_is_the_studys_results():
+    study = json.loads((ROOT / "scripts" / "results_stage2_study_imagenette.json").read_text())
+    rows = readme_rows("| arm (Imagenette, 64 px) | final test top-1 (%), mean +- std | per seed |")
+    assert study["imagenette"] and [row[0] for row in rows] == list(study["arms"])
+    for row, arm in zip(rows, study["arms"].values()):
+        mean, spread = row[1].split(" +- ")
+        assert agrees(mean, arm["mean"]) and agrees(spread, arm["spread"])
+        assert [float(x) for x in row[2].split(", ")] == pytest.approx(arm["top1"], abs=0.005)
+    arms = study["arms"]
+    gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
+    assert f"ends {gap:.1f} points below the one-stage one" in README.replace("\n", " ")
