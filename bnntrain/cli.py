@@ -110,8 +110,11 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
         return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
     resume = override_value(overrides, "resume")
     check_path("resume", resume)
+    # One owner: rank 0 checks the folder and holds its lock (another rank checking would find
+    # rank 0's own lock, if rank 0 got there first).
+    owner = os.environ.get("RANK", "0") == "0"
     for folder in (override_value(argv, "hydra.run.dir"), resume and runs.run_folder(Path(resume))):
-        if folder:
+        if folder and owner:
             runs.check_free(Path(folder))  # a live run's folder: say whose, before anything else
     if resume is None:
         runs.refuse_existing_run(argv)
@@ -125,7 +128,7 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
             argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     stages = plan(overrides)
     run_dir = override_value(argv, "hydra.run.dir")
-    if run_dir is not None and os.environ.get("RANK", "0") == "0":  # one owner: rank 0 holds the lock
+    if run_dir is not None and owner:
         note = runs.acquire(Path(run_dir))  # before Hydra writes a file there
         runs.notes.extend([note] if note else [])
     return argv, str(stages[0].trainer.device)

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from bnntrain import cli
+from bnntrain.errors import UserError
 from conftest import TINY, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error
 from test_resume import ENV, assert_same
@@ -310,3 +312,26 @@ def test_a_preempted_submitit_job_requeues_itself_and_resumes(straight, tmp_path
     log = (sweep / "0/cli.log").read_text()
     assert "stopped by SIGUSR2" in log and "a requeued job: resuming the run" in log
     assert_same_run(straight, sweep / "0")
+
+
+def test_only_rank_zero_checks_and_holds_the_folder_lock(tmp_path, monkeypatch):
+    """Under torchrun every rank prepares the run; rank 0 may already hold the folder's lock
+    when another rank looks, so only rank 0 checks it (rank 1 refusing its own run's folder
+    was a race)."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"from pathlib import Path; from bnntrain import runs; "
+                               f"runs.acquire(Path({str(run)!r})); import time; time.sleep(120)"])
+    try:
+        deadline = time.time() + 60
+        while not (run / ".lock").exists() or not (run / ".lock").read_text():
+            assert holder.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        args = [*TINY, f"hydra.run.dir={run}"]
+        monkeypatch.setenv("RANK", "1")
+        cli.prepare(args, list(TINY))  # another rank: rank 0's lock is not its business
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(UserError, match=f"{run} is in use by a run still going: host .*, PID {holder.pid}"):
+            cli.prepare(args, list(TINY))
+    finally:
+        holder.kill()
+        holder.wait()
