@@ -46,19 +46,25 @@ def model_for(cfg, num_classes: int = 100, device: str = "cpu") -> torch.nn.Modu
     return model.to(device)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, seconds: float | None = None,
+                max_rounds: int = 400) -> dict[str, list[float]]:
     """Seconds of each function per round. All run once per round, in an order drawn anew
-    each round, so that drift hits all alike and none always inherits another's caches."""
+    each round, so that drift hits all alike and none always inherits another's caches.
+    `repeats` rounds; with `seconds`, at least `repeats` and then on until `seconds` have
+    passed (at most `max_rounds`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = random.Random(0)
-    for _ in range(repeats):
+    begin = time.perf_counter()
+    for rounds in range(1, max(max_rounds, repeats) + 1):
         for name in order.sample(list(fns), len(fns)):
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+        if rounds >= repeats and (seconds is None or time.perf_counter() - begin > seconds):
+            break
     return times
 
 

@@ -1,7 +1,7 @@
 """bnntrain.infer's XNOR-popcount runtime against the same exported network run as float
 convolutions in PyTorch (oneDNN), with the same threads, in the same process: baseline and
 candidate interleaved round by round, ratios the median over rounds of the paired ratio (see
-bench.py), so that they hold on a noisy machine.
+bench.py's interleaved, run for a time budget), so that they hold on a noisy machine.
 
     python scripts/bench_infer.py                                  # resnet18 at 224 px and 32 px, batch 1 and 16
     python scripts/bench_infer.py --data imagenet --batches 1 --seconds 2 --json FILE
@@ -26,23 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from bnntrain import export, infer
-from bnntrain.config import last_stage
-from bnntrain.engine import save_checkpoint
-from bnntrain.models import build_model
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import interleaved, paired_ratio  # noqa: E402
+
+from bnntrain import export, infer  # noqa: E402
+from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.engine import save_checkpoint  # noqa: E402
+from bnntrain.models import build_model  # noqa: E402
 
 
 def randomize(model: nn.Module, seed: int = 1) -> None:
@@ -68,29 +69,9 @@ def export_network(data: str, folder: Path, model_name: str = "resnet18") -> Pat
     return out
 
 
-def interleaved(fns: dict[str, Callable[[], object]], seconds: float, min_rounds: int = 7,
-                max_rounds: int = 400, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each function per round; all run once per round, in an order drawn anew each
-    round, until `seconds` have passed (and at least `min_rounds`)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = random.Random(0)
-    start = time.perf_counter()
-    while True:
-        for name in order.sample(list(fns), len(fns)):
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-        rounds = len(times[name])
-        if rounds >= max_rounds or (rounds >= min_rounds and time.perf_counter() - start > seconds):
-            return times
-
-
-def paired(base: list[float], ours: list[float]) -> float:
-    """Median over rounds of base / ours: the speed-up, each round's two timings sharing the machine's state."""
-    return statistics.median(b / o for b, o in zip(base, ours))
+def speedup(times: dict[str, list[float]], base: str) -> float:
+    """Median over rounds of base / packed: each round's two timings share the machine's state."""
+    return paired_ratio(times["packed"], times[base])
 
 
 def popcount_peak(seconds: float = 1.0) -> dict:
@@ -159,7 +140,7 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -
             for name, x in ins_packed.items():
                 ours, theirs = packed.get_submodule(name), baseline.get_submodule(name)
                 xf = ins_float[name]
-                times = interleaved({"packed": lambda: ours(x), "float": lambda: theirs(xf)}, seconds / 8)
+                times = interleaved({"packed": lambda: ours(x), "float": lambda: theirs(xf)}, 7, seconds=seconds / 8)
                 out = theirs(xf)
                 macs = out.numel() * ours.in_per_group * ours.kh * ours.kw  # binary MACs (valid taps and padding alike)
                 t_ours, t_float = statistics.median(times["packed"]), statistics.median(times["float"])
@@ -167,13 +148,13 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -
                                "kernel": f"{ours.kh}x{ours.kw}/{ours.stride[0]}", "macs": macs,
                                "packed_ms": t_ours * 1e3, "float_ms": t_float * 1e3,
                                "packed_ms_min": min(times["packed"]) * 1e3, "float_ms_min": min(times["float"]) * 1e3,
-                               "speedup": paired(times["float"], times["packed"]),
+                               "speedup": speedup(times, "float"),
                                "binary_macs_per_s": macs / t_ours, "fraction_of_peak": macs / t_ours / peak})
         # End to end.
         with torch.inference_mode():
             times = interleaved({"packed": lambda: packed(images), "float": lambda: baseline(images),
                                  "float_channels_last": lambda: channels_last(images_cl),
-                                 "export_load": lambda: exported(images)}, seconds)
+                                 "export_load": lambda: exported(images)}, 7, seconds=seconds)
         total_macs = sum(layer["macs"] for layer in layers)
         t_packed = statistics.median(times["packed"])
         result["batches"][batch] = {
@@ -182,9 +163,9 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -
             "end_to_end_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
             "end_to_end_ms_min": {k: min(v) * 1e3 for k, v in times.items()},
             "rounds": len(times["packed"]),
-            "speedup_vs_float": paired(times["float"], times["packed"]),
-            "speedup_vs_float_channels_last": paired(times["float_channels_last"], times["packed"]),
-            "speedup_vs_export_load": paired(times["export_load"], times["packed"]),
+            "speedup_vs_float": speedup(times, "float"),
+            "speedup_vs_float_channels_last": speedup(times, "float_channels_last"),
+            "speedup_vs_export_load": speedup(times, "export_load"),
             "binary_layers_ms": {"packed": sum(x["packed_ms"] for x in layers), "float": sum(x["float_ms"] for x in layers)},
             "binary_macs_per_s_in_network": total_macs / t_packed,
         }

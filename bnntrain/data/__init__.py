@@ -122,7 +122,7 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
 def augments_on_batches(setting: str | bool, device: torch.device) -> bool:
     """`data.batch_augment`: colour jitter and lighting on whole batches on the training device
     (`true`), per image in the workers (`false`), or `auto`: on with CUDA; on the CPU the batch
-    work would run in the training process, and there the workers are faster (scripts/bench.py)."""
+    work would run in the training process, and there the workers are faster (scripts/bench_data.py)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 

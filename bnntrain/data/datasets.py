@@ -106,7 +106,7 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
 
 def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
     # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
-    # with Pillow or torchvision as data.decoder chooses).
+    # with Pillow or torchcodec as data.decoder chooses).
     try:
         return datasets.ImageFolder(str(path), transform=transform, loader=str)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them

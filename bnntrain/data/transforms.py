@@ -88,8 +88,8 @@ def _make(name: str, args: Any) -> Callable:
 
 
 ON_BATCHES = ("color_jitter", "lighting")  # per-pixel colour: they may run on whole batches instead
-# Crops, resizes and flips run about as fast on tensors as on PIL images; Pillow's colour
-# operations about twice as fast as torchvision's tensor ones (see `decoder_for`).
+# Crops, resizes and flips run at least as fast on uint8 tensors as on PIL images; Pillow's
+# colour operations about twice as fast as torchvision's tensor ones (see `decoder_for`).
 GEOMETRIC = ("resize", "center_crop", "random_crop", "random_resized_crop", "horizontal_flip")
 
 
