@@ -220,14 +220,11 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
     require_numba()
     model = export.load(path)
     total = sum(isinstance(m, export.InferenceBinaryLayer) for m in model.modules())
-    if strict:
-        cannot = {name: why_not_packed(m) for name, m in model.named_modules()
-                  if isinstance(m, export.InferenceBinaryLayer) and why_not_packed(m) is not None}
-        if cannot:
-            raise ConfigError(f"{path}: {fallback_note(cannot, total)}; the XNOR-popcount kernels need binary "
-                              f"activations and binary weights (a stage-2 export); strict=false runs such layers "
-                              f"as float convs")
     left = pack_model(model)
+    if strict and left:
+        raise ConfigError(f"{path}: {fallback_note(left, total)}; the XNOR-popcount kernels need binary "
+                          f"activations and binary weights (a stage-2 export); strict=false runs such layers "
+                          f"as float convs")
     model.fallbacks = left
     model.export_config = json.loads(export.read(path)["config"])
     if channels_last:
