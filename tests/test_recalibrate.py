@@ -1,5 +1,6 @@
 """Re-estimating BatchNorm statistics: it restores what stale statistics cost, touches no
 weight and no random stream (resume stays exact), and ranks agree on the result."""
+import json
 import random
 import subprocess
 import sys
@@ -86,11 +87,16 @@ g = torch.Generator().manual_seed(1)
 batches = [(torch.randn(8, 3, 6, 6, generator=g) * (1 + i), None) for i in range(4)]
 """
 RANKS = SETUP + """
+import json
+import sys
+
 from bnntrain.engine import distributed
 
 distributed.init("cpu")
 recalibrate_batchnorm(model, batches[distributed.rank()::2], 2, torch.device("cpu"))  # two batches each
-print(f"rank {distributed.rank()}:", torch.cat([model[1].running_mean, model[1].running_var]).tolist(), flush=True)
+stats = torch.cat([model[1].running_mean, model[1].running_var]).tolist()
+with open(f"{sys.argv[1]}/rank{distributed.rank()}.json", "w") as f:  # a file each: ranks' stdout lines interleave
+    json.dump(stats, f)
 distributed.shutdown()
 """
 
@@ -100,10 +106,9 @@ def test_ranks_average_their_statistics_as_one_process_would(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script)], capture_output=True, text=True, timeout=180, env=ENV)
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, env=ENV)
     assert out.returncode == 0, out.stderr
-    ranks = [torch.tensor(eval(line.split(":", 1)[1])) for line in sorted(out.stdout.splitlines())
-             if line.startswith("rank ")]
+    ranks = [torch.tensor(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
     alone = {}
     exec(SETUP + "recalibrate_batchnorm(model, batches, 4, torch.device('cpu'))", alone)  # one process, all four
     single = torch.cat([alone["model"][1].running_mean, alone["model"][1].running_var])
