@@ -102,6 +102,7 @@ RULES: dict[str, Check] = {
     "trainer.amp": one_of("auto", "bf16", "fp16", None),
     "trainer.channels_last": one_of("auto", True, False),
     "trainer.compile": flag(),
+    "trainer.malloc": one_of("auto", "keep", "release"),
     "trainer.grad_clip": optional(POSITIVE),
     "trainer.accumulate": whole(1),
     "trainer.sync_bn": flag(),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .config import last_stage, one_line, run_tool, split_args
 from .engine import Trainer, distributed, load_checkpoint
 from .engine.recalibrate import recalibrate_batchnorm
-from .engine.setup import resolve_device, trainer_options
+from .engine.setup import configure_malloc, resolve_device, trainer_options
 from .errors import ConfigError
 from .files import write_text
 from .models import model_from_checkpoint
@@ -50,6 +50,7 @@ def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
     state = load_checkpoint(ckpt)
     cfg = eval_config(state, overrides)
     device = resolve_device(cfg.trainer.device)
+    configure_malloc(cfg.trainer.get("malloc", "auto"), device)  # checkpoints from before the key have none
     distributed.init(str(device))
     loaders = build_loaders(cfg.data, cfg.augment, device=device)
     if cfg.data.channels != state["in_channels"]:

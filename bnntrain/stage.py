@@ -25,7 +25,7 @@ from .engine.flips import FlipTracker
 from .engine.logger import flat_hparams
 from .engine.recalibrate import recalibrate_batchnorm
 from .engine.seeding import epoch_seed, seed_everything
-from .engine.setup import prepare_model, resolve_device, trainer_options
+from .engine.setup import configure_malloc, prepare_model, resolve_device, trainer_options
 from .engine.stopping import StepWatch, Stopped, StopSignals
 from .engine.trainer import check_finite
 from .errors import CheckpointError, UserError
@@ -49,6 +49,8 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     name, epochs = stage.name, cfg.schedule.epochs
     device = resolve_device(cfg.trainer.device)
     options = trainer_options(cfg.trainer, device)
+    if configure_malloc(cfg.trainer.malloc, device):
+        log.debug(f"{name}: glibc keeps freed memory for the next step (trainer.malloc)")
     seed_everything(cfg.seed)
     saved = _resumable(resume, name) if resume is not None else None
     if saved is not None:

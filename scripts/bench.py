@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from bnntrain.config import last_stage
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
+from bnntrain.engine.malloc import tune_glibc_malloc
 from bnntrain.losses import build_objective
 from bnntrain.models import build_model
 from bnntrain.nn import binary_layers, set_precision
@@ -293,6 +294,7 @@ def main() -> None:
         if args.imagenette:
             rows += bench_data(args.imagenette, images=1920, workers=args.workers, device="cuda")
     else:
+        tune_glibc_malloc()  # as the trainer does on the CPU (trainer.malloc=auto), for every arm alike
         only = set(args.only.split(","))
         if "overhead" in only:
             rows += bench_overhead(steps=5, repeats=args.repeats)

@@ -4,7 +4,8 @@ run in the same process (interleaved rounds, medians of paired ratios; see bench
     python scripts/bench_presets.py [--repeats 7] [--batch 16] [--json FILE]
 
 Speed, 224 px, fully binary (stage 2), Adam, as `python -m bnntrain` trains on the CPU
-(trainer.channels_last=auto: channels_last):
+(trainer.channels_last=auto: channels_last; trainer.malloc=auto: freed memory kept for reuse,
+`--malloc release` for glibc's default):
 - `birealnet18` against torchvision's real `resnet18` as a user runs it (NCHW) and on
   channels_last;
 - `reactnet18` and `reactnet_a` against their real-valued twins (`model.binarize=false`,
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import interleaved, paired_ratio, saved_bytes  # noqa: E402
 
 from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.engine.malloc import tune_glibc_malloc  # noqa: E402
 from bnntrain.models import build_model  # noqa: E402
 from bnntrain.nn import set_precision  # noqa: E402
 
@@ -95,7 +97,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--malloc", choices=("keep", "release"), default="keep", help="as trainer.malloc")
     args = parser.parse_args()
+    if args.malloc == "keep" and not tune_glibc_malloc():
+        print("glibc's malloc could not be tuned here: measuring with the system's", file=sys.stderr)
     rows = bench_memory() + bench_speed(args.repeats, args.batch)
     for r in rows:
         print(f"{r['benchmark']:<62} {r['bnntrain_value']:>9.4g} {r['unit']}  vs {r['baseline']} "

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import distributed
+from .malloc import tune_glibc_malloc
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,6 +36,14 @@ def trainer_options(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
     return {"amp": amp, "channels_last": bool(channels_last), "grad_clip": cfg.grad_clip,
             "accumulate": cfg.accumulate, "log_every": cfg.log_every}
+
+
+def configure_malloc(setting: str, device: torch.device) -> bool:
+    """`trainer.malloc`: `keep` (`auto` on the CPU) has glibc keep freed blocks for the next
+    step rather than hand them back to the OS (engine/malloc.py); `release` leaves glibc's
+    default. Process-wide, so it is set once, before the first step. True where it applies."""
+    keep = setting == "keep" or (setting == "auto" and device.type == "cpu")
+    return keep and tune_glibc_malloc()
 
 
 def prepare_model(model: nn.Module, device: torch.device, cfg: DictConfig, channels_last: bool) -> nn.Module:
