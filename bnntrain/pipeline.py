@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import override_value, plan, to_yaml
 from .data.samples import BadImageLog
 from .engine import distributed, load_checkpoint
+from .engine.stopping import StopSignals
 from .errors import ConfigError, UserError
 from .files import write_text
 from . import runs
@@ -40,14 +41,17 @@ def run(overrides: list[str], run_dir: Path, world_size: int = 1) -> dict:
         runs.notes.extend(n for n in [runs.acquire(run_dir)] if n)
         while runs.notes:
             log.warning(runs.notes.pop(0))
+    if resume is not None and not runs.has_checkpoint(run_dir):
+        log.info(f"{run_dir} holds no checkpoint yet: the run starts from its beginning there")
     try:
-        return _run_stages(stages, run_dir, resume is not None or requeued)
+        with StopSignals() as signals:  # from the moment the run holds its folder
+            return _run_stages(stages, run_dir, resume is not None or requeued, signals)
     finally:
         if distributed.is_main():
             runs.release(run_dir)
 
 
-def _run_stages(stages: list[DictConfig], run_dir: Path, resuming: bool) -> dict:
+def _run_stages(stages: list[DictConfig], run_dir: Path, resuming: bool, signals: StopSignals) -> dict:
     if stages[0].init is not None:
         load_checkpoint(str(stages[0].init))  # a bad path fails now, not after the data has loaded
     results = _read_results(run_dir) if resuming else {}
@@ -68,7 +72,7 @@ def _run_stages(stages: list[DictConfig], run_dir: Path, resuming: bool) -> dict
         bad_images = BadImageLog(run_dir / "bad_images.txt" if distributed.is_main() else None,
                                  stage_cfg.data.get("max_bad_images", 0), log)
         results[name] = train_stage(stage_cfg, run_dir / name, init=stage_cfg.init,
-                                    resume=last if last.exists() else None, bad_images=bad_images)
+                                    resume=last if last.exists() else None, bad_images=bad_images, signals=signals)
         if distributed.is_main():
             write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     if distributed.is_main():

@@ -31,7 +31,8 @@ def run_folder(path: Path) -> Path:
 
 
 def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
-    """The run folder to continue and the overrides that made it, plus today's (less `resume`)."""
+    """The run folder to continue and the overrides that made it, plus today's (less `resume`).
+    A run stopped before its first checkpoint has nothing to continue: it starts over there."""
     path = path.expanduser()
     if path.is_file():
         run_dir = path.parent.parent  # <run>/<stage>/last.pt
@@ -42,8 +43,6 @@ def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
     saved = run_dir / COMMAND_FILE
     if not saved.is_file():
         raise UserError(f"resume={path}: {run_dir} is not a bnntrain run folder (no {COMMAND_FILE})")
-    if not has_checkpoint(run_dir):
-        raise UserError(f"resume={path}: {run_dir} holds no stage checkpoint (<stage>/last.pt) to continue")
     original = yaml.safe_load(saved.read_text()) or []
     return run_dir, list(original) + [o for o in overrides if override_key(o) != "resume"]
 

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,10 @@ START = {"batches": 0, "loss_sum": 0.0}  # the position of an epoch not yet begu
 
 
 def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resume: Path | None = None,
-                bad_images: BadImageLog | None = None) -> dict:
+                bad_images: BadImageLog | None = None, signals: StopSignals | None = None) -> dict:
     """Train one stage as `cfg` (a stage config from `config.plan`) says; return its entry for
-    results.json."""
+    results.json. `signals`: the run's stop signals (pipeline.py); a stage alone hears its own
+    while it trains."""
     stage = cfg.stage
     name, epochs = stage.name, cfg.schedule.epochs
     device = resolve_device(cfg.trainer.device)
@@ -110,8 +112,10 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
 
     every = cfg.trainer.get("checkpoint_every") or {}
     started = time.time()
-    with StopSignals() as signals:
+    with nullcontext(signals) if signals is not None else StopSignals() as signals:
         watch = StepWatch(signals, every.get("steps"), every.get("minutes"), cfg.trainer.log_every, device)
+        if watch.stop_requested():  # it came while the stage was loading
+            raise _stopped(watch, stage_dir, f"the start of {name}", written=False)
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             mode = {"activations": _activations(stage, epoch, epochs), "weights": stage.weights}
@@ -196,11 +200,12 @@ def _save(state: dict, stage_dir: Path, best: bool) -> None:
         raise UserError(f"{err}; the last good checkpoint: {good}") from None
 
 
-def _stopped(watch: StepWatch, stage_dir: Path, where: str) -> Stopped:
+def _stopped(watch: StepWatch, stage_dir: Path, where: str, written: bool = True) -> Stopped:
     run = stage_dir.parent
     launcher = (f"torchrun --nproc-per-node={distributed.world_size()}" if distributed.world_size() > 1
                 else "python")
-    return Stopped(f"stopped by {watch.signal_name()} at {where}, checkpoint written to {stage_dir / 'last.pt'}; "
+    saved = f"checkpoint written to {stage_dir / 'last.pt'}" if written else "nothing new to save"
+    return Stopped(f"stopped by {watch.signal_name()} at {where}, {saved}; "
                    f"resume with: {launcher} -m bnntrain resume={run}", watch.signals.received or 15,
                    then=watch.signals.requeue())
 

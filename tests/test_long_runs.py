@@ -89,6 +89,45 @@ def test_a_stop_signal_saves_says_how_to_resume_and_resumes_exactly(sig, straigh
     assert_same_run(straight, run)
 
 
+# `python -m bnntrain`, sent SIGTERM while the AT-th stage builds its data loaders, before it trains.
+SIGNAL_WHILE_LOADING = """
+import os, signal, sys
+import bnntrain.stage as stage
+from bnntrain.cli import main
+at, build, calls = int(sys.argv.pop(1)), stage.build_loaders, [0]
+def build_loaders(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return build(*args, **kwargs)
+stage.build_loaders = build_loaders
+main()
+"""
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_stop_signal_while_a_stage_loads_stops_it_and_resume_goes_on(stage, straight, tmp_path):
+    """Before stage 1's first checkpoint a resume starts the run over in its folder; between
+    stages it goes on with stage 2. Either way the result equals an uninterrupted run."""
+    run, script = tmp_path / "run", tmp_path / "signal_while_loading.py"
+    script.write_text(SIGNAL_WHILE_LOADING)
+    out = subprocess.run([sys.executable, str(script), stage[-1], *ARGS, f"hydra.run.dir={run}"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"stopped by SIGTERM at the start of {stage}, nothing new to save; "
+                     f"resume with: python -m bnntrain resume={run}"], out.stderr
+    assert not (run / stage / "last.pt").exists() and (run / ".lock").read_text() == ""
+    assert (run / "stage1/last.pt").exists() == (stage == "stage2")
+    resumed = run_cli([f"resume={run}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    if stage == "stage1":
+        assert "holds no checkpoint yet: the run starts from its beginning there" in resumed.stdout
+    else:
+        assert "stage1: finished (2 epochs), skipped" in resumed.stdout
+    assert_same_run(straight, run)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_mid_epoch_resumes_exactly_with_workers_augmentation_and_mixup(workers, tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=24, size=20)  # 72 images: 4 full batches of 16

@@ -8,6 +8,10 @@ Ctrl-C stops at once. `trainer.checkpoint_every` writes the same checkpoint ever
 optimizer steps and/or minutes, so that a run killed without warning (SIGKILL, a lost node)
 loses at most that much.
 
+The signals are heard from the moment a run holds its folder: one that comes while a stage
+loads its data and model stops the run before it trains, with nothing new to save, and
+`resume=` then continues (or, before any checkpoint, starts the run over in its folder).
+
 Under torchrun the ranks must stop and save at the same step: the minutes and the signals
 are agreed on (an all-reduce) every `trainer.log_every` steps, where the loop synchronises
 anyway; single-process runs look at every step.
@@ -99,6 +103,16 @@ class StepWatch:
         if save:
             self.last_save = time.monotonic()
         return save, stop
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal came before this stage trained a step (while the data, model
+        and checkpoints were loading), agreed across ranks: they all stop, or none."""
+        stop = self.signals.received is not None
+        if distributed.world_size() > 1:
+            agreed = torch.tensor([float(stop)], device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(agreed[0])
+        return stop
 
     def signal_name(self) -> str:
         return signal.Signals(self.signals.received or signal.SIGTERM).name
