@@ -96,9 +96,7 @@ class StepWatch:
         if distributed.world_size() > 1:
             if step % self.sync_every:
                 return due, False  # a step count is the same on every rank; clocks and signals are not
-            agreed = torch.tensor([float(timed), float(stop)], device=self.device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-            timed, stop = bool(agreed[0]), bool(agreed[1])
+            timed, stop = self._any_rank(timed, stop)
         save = due or timed or stop
         if save:
             self.last_save = time.monotonic()
@@ -108,11 +106,13 @@ class StepWatch:
         """Whether a stop signal came before this stage trained a step (while the data, model
         and checkpoints were loading), agreed across ranks: they all stop, or none."""
         stop = self.signals.received is not None
-        if distributed.world_size() > 1:
-            agreed = torch.tensor([float(stop)], device=self.device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(agreed[0])
-        return stop
+        return self._any_rank(stop)[0] if distributed.world_size() > 1 else stop
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true where it is true on any rank (one all-reduce)."""
+        agreed = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in agreed]
 
     def signal_name(self) -> str:
         return signal.Signals(self.signals.received or signal.SIGTERM).name
