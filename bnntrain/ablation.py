@@ -6,6 +6,7 @@ experiment/ablation.yaml); each job leaves its `results.json` in its own folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from .files import write_text
 
 
 FAILED = "failed.txt"  # written into a job's folder when it stopped with an error
@@ -45,14 +48,16 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_tables(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    """ablation.csv and ablation.md, each written whole or not at all."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(sweep_dir / "ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(sweep_dir / "ablation.csv", table.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (sweep_dir / "ablation.md").write_text("\n".join(lines) + "\n")
+    write_text(sweep_dir / "ablation.md", "\n".join(lines) + "\n")
 
 
 class AblationTable(Callback):

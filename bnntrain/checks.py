@@ -9,6 +9,7 @@ in training.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -20,15 +21,16 @@ from .errors import CheckpointError, ConfigError, DataError
 Check = tuple[Callable[[Any], bool], str]  # (is it valid?, what a valid value is)
 
 
-def whole(minimum: int | None = None) -> Check:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum),
-            "a whole number" if minimum is None else f"a whole number >= {minimum}")
+def whole(minimum: int | None = None, maximum: int | None = None) -> Check:
+    what = "a whole number" if minimum is None else f"a whole number >= {minimum}"
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
+            and (maximum is None or v <= maximum)), what + ("" if maximum is None else f" and <= {maximum}")
 
 
 def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
            what: str | None = None) -> Check:
     def ok(v: Any) -> bool:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:  # v != v: NaN
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):  # NaN, inf
             return False
         return (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
 
@@ -56,7 +58,7 @@ FRACTION = number(0, 1)
 ACTIVATIONS = ("binary", "real", "leaky_clip", "clamp")  # precision modes a stage sets
 
 RULES: dict[str, Check] = {
-    "seed": whole(),
+    "seed": whole(0, 2**64 - 1),  # what torch's generators take
     "stage.activations": one_of(*ACTIVATIONS),
     "stage.weights": one_of("binary", "real"),
     "stage.color_jitter": flag(),
@@ -215,6 +217,7 @@ def check_builds(cfg: DictConfig) -> None:
     trainer_options(cfg.trainer, resolve_device(cfg.trainer.device))
     with torch.device("meta"):
         model = build_model(cfg.model, num_classes=num_classes, in_channels=cfg.data.channels)
+    check_model_size(model, cfg)
     set_precision(model, cfg.stage.activations, cfg.stage.weights)
     build_scheduler(cfg.schedule, build_optimizer(cfg.optimizer, model))
     distill = cfg.get("distill")
@@ -223,3 +226,22 @@ def check_builds(cfg: DictConfig) -> None:
         missing = [student for student, _ in distill.get("feature_pairs") or [] if student not in layers]
         if distill.get("feature_weight") and missing:
             raise ConfigError(f"distill.feature_pairs: the model has no layer '{missing[0]}'")
+
+
+def check_model_size(model: Any, cfg: DictConfig) -> None:
+    """A model whose weights alone would take half this machine's memory is refused before it
+    is built; one whose binary layers are under 4 channels wide trains to chance: a note."""
+    from . import notes
+    from .nn import binary_layers
+
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if weight_bytes > memory / 2:
+        raise ConfigError(f"model={cfg.model.name} model.width={cfg.model.get('width')} makes "
+                          f"{weight_bytes / 4e9:.1f} G parameters ({weight_bytes / 2**30:.0f} GiB of weights, several "
+                          f"times that to train); this machine has {memory / 2**30:.0f} GiB")
+    narrowest = min((layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+                     for _, layer in binary_layers(model)), default=None)
+    if narrowest is not None and narrowest < 4:
+        notes.add(f"warning: model.width={cfg.model.get('width')} leaves binary layers {narrowest} channel(s) wide; "
+                  f"such a network trains to about chance")

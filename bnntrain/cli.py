@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import runs
+from . import notes, runs
 from .checks import check_path
-from .config import (error_line, fail, is_sweep, normalize, override_value, plan, renamed_choices,
-                     task_overrides, to_yaml)
+from .config import (compose, error_line, fail, is_sweep, normalize, override_key, override_value, plan,
+                     renamed_choices, task_overrides, to_yaml)
 from .errors import UserError
 
 log = logging.getLogger("bnntrain")
@@ -41,19 +41,27 @@ def app(cfg: DictConfig) -> None:
         pipeline.run(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), distributed.world_size())
         distributed.shutdown()
     except Stopped as stop:  # a stop signal: the checkpoint is written
-        log.info(str(stop))
+        to_log_file(str(stop), logging.INFO)
         print(str(stop), file=sys.stderr)
         distributed.shutdown(wait=False)
         if stop.then is not None:  # submitit's preemption: its handler requeues the job, which resumes
             stop.then(stop.signum, None)
         sys.exit(stop.exit_code)
     except UserError as err:
-        log.debug(error_line(err))  # into the run's log file
+        to_log_file(error_line(err), logging.ERROR)
         distributed.shutdown(wait=False)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             print(error_line(err), file=sys.stderr)
             raise  # the launcher goes on with the other jobs, and Hydra reports the failure at the end
         fail(err)
+
+
+def to_log_file(message: str, level: int) -> None:
+    """Into the run's log file only: the console gets the message once, on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def main() -> None:
@@ -93,45 +101,83 @@ def print_job_config(overrides: list[str], package: str | None) -> None:
     """Each stage's config, resolved, as it will train (a pipeline's labelled by stage)."""
     resume = override_value(overrides, "resume")
     if resume is not None:
-        _, overrides = runs.resume_target(Path(resume), overrides)
+        _, overrides, _ = runs.resume_target(Path(resume), overrides)
         overrides += [f"resume={resume}"]
     print(to_yaml(plan(overrides, check_init=False), package), end="")
 
 
 def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], str]:
-    """Check the command before Hydra writes anything; return the arguments to run (a resume
-    is pinned to the folder it continues) and the device the run will use."""
+    """Check the command before Hydra writes anything; return the arguments to run (pinned to
+    a run folder this process holds, or a sweep folder of its own) and the device the run
+    will use. A command refused here has written nothing."""
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         check_path(key, override_value(argv, key))
-    out_key = "hydra.run.dir" if overrides is not None else "hydra.sweep.dir"
-    runs.check_writable(Path(override_value(argv, out_key) or ("outputs" if overrides is not None else "multirun")),
-                        out_key)
-    if overrides is None:
-        return argv, "auto"  # a sweep: Hydra composes each job, and each job checks itself
+    sweep = overrides is None or multirun_preset(argv, overrides)
+    out_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    runs.check_writable(Path(override_value(argv, out_key) or ("multirun" if sweep else "outputs")), out_key)
+    if sweep:
+        return argv + sweep_folder(argv), "auto"  # Hydra composes each job, and each job checks itself
     resume = override_value(overrides, "resume")
     check_path("resume", resume)
     # One owner: rank 0 checks the folder and holds its lock (another rank checking would find
     # rank 0's own lock, if rank 0 got there first).
     owner = os.environ.get("RANK", "0") == "0"
-    for folder in (override_value(argv, "hydra.run.dir"), resume and runs.run_folder(Path(resume))):
+    given = override_value(argv, "hydra.run.dir")
+    if resume is not None and given is not None and Path(given).resolve() != runs.run_folder(Path(resume)).resolve():
+        raise UserError(f"resume={resume} continues the run in its own folder, {runs.run_folder(Path(resume))}; "
+                        f"hydra.run.dir={given} names another (leave it out)")
+    for folder in (given, resume and runs.run_folder(Path(resume))):
         if folder and owner:
             runs.check_free(Path(folder))  # a live run's folder: say whose, before anything else
+    if resume is not None and owner:
+        runs.check_writable(runs.run_folder(Path(resume)), "resume")
     if resume is None:
         runs.refuse_existing_run(argv)
     else:
         # Hydra composes the resumed run's overrides plus today's, and the run goes on in its folder.
-        run_dir, full = runs.resume_target(Path(resume), overrides)
+        run_dir, full, refused = runs.resume_target(Path(resume), overrides)
         argv = [a for a in argv if a not in overrides] + full + [f"resume={resume}"]
         overrides = full + [f"resume={resume}"]
-        if override_value(argv, "hydra.run.dir") is None:
+        if refused:
+            notes.add(runs.refused_note(run_dir, refused))  # logged once the run has its log
+        if given is None:
             # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
             argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     stages = plan(overrides)
     run_dir = override_value(argv, "hydra.run.dir")
+    if run_dir is None and owner and not launched_by_torchrun():  # under torchrun, see under_torchrun
+        # Hydra's outputs/<date>/<time> would be shared by two runs started in the same second.
+        run_dir = str(runs.new_run_folder(Path("outputs")))
+        argv = argv + [f"hydra.run.dir={run_dir}"]
     if run_dir is not None and owner:
-        note = runs.acquire(Path(run_dir))  # before Hydra writes a file there
-        runs.notes.extend([note] if note else [])
+        took_over = runs.acquire(Path(run_dir))  # before Hydra writes a file there
+        if took_over:
+            notes.add(took_over)
     return argv, str(stages[0].trainer.device)
+
+
+def multirun_preset(argv: list[str], overrides: list[str]) -> bool:
+    """True where the config itself sweeps (a preset with `hydra.mode: MULTIRUN`, such as
+    experiment=ablation), though the command has no -m."""
+    hydra_keys = [a for a in argv if "=" in a and override_key(a).startswith("hydra.")]
+    return str(compose(overrides + hydra_keys, hydra_config=True).hydra.mode) == str(RunMode.MULTIRUN)
+
+
+def sweep_folder(argv: list[str]) -> list[str]:
+    """A sweep into a folder that holds another sweep's jobs would rewrite their records:
+    refused. With no folder given, the sweep gets one of its own."""
+    given = override_value(argv, "hydra.sweep.dir")
+    if given is not None:
+        if runs.holds_jobs(Path(given)):
+            raise UserError(f"hydra.sweep.dir={given} already holds a sweep, whose records this one would "
+                            f"overwrite; choose another folder")
+        return []
+    return [f"hydra.sweep.dir={runs.new_run_folder(Path('multirun'))}"]
+
+
+def launched_by_torchrun() -> bool:
+    """As `distributed.launched_by_torchrun`, without importing torch before it is needed."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def under_torchrun(argv: list[str], device: str) -> list[str]:
@@ -143,7 +189,9 @@ def under_torchrun(argv: list[str], device: str) -> list[str]:
         return argv
     distributed.init(device)
     if not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
-        argv = argv + [f"hydra.run.dir=outputs/{distributed.shared_timestamp()}"]
+        # Rank 0 makes a run folder of its own and tells the others its name.
+        made = str(runs.new_run_folder(Path("outputs"))) if distributed.is_main() else ""
+        argv = argv + [f"hydra.run.dir={distributed.broadcast_text(made)}"]
     return argv
 
 

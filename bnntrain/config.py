@@ -138,6 +138,7 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
     `<run_dir>/<stage>/last.pt`; `world_size` ranks scale the lr where `trainer.scale_lr` says so.
     `check_init=False` shows a stage that starts from a checkpoint without naming one."""
     top = compose(overrides)
+    note_unread_keys(overrides)
     if "run" in top.stage:
         kept = [o for o in normalize(overrides) if override_key(o) != "stage"]
         composed = [compose(kept + [f"stage='{choice}'"]) for choice in top.stage.run]
@@ -162,6 +163,18 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
     if first.init is not None and not Path(first.init).expanduser().is_file():
         raise CheckpointError(f"checkpoint {first.init} does not exist (init=)")
     return stages
+
+
+def note_unread_keys(overrides: list[str]) -> None:
+    """`+foo=1` adds a key no part of bnntrain reads: legal for Hydra, almost surely a typo."""
+    from . import notes
+    from .untrusted import config_groups
+
+    known = {*ORDER, "stages", *config_groups()}
+    for override in overrides:
+        if override.startswith("+") and not override.startswith("++"):
+            if override_key(override).replace("/", ".").split(".")[0] not in known:
+                notes.add(f"warning: {override} adds a key that bnntrain does not read (a typo?)")
 
 
 def finish_stage(cfg: DictConfig, init: str | None, world_size: int = 1) -> DictConfig:
@@ -267,7 +280,11 @@ def run_tool(body: Callable[[list[str]], None], argv: list[str] | None, usage: s
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage)
         return
+    from . import notes
+
     try:
         body(argv)
     except UserError as err:
         fail(err)
+    for note in notes.drain():
+        print(note, file=sys.stderr)

@@ -26,8 +26,9 @@ from .engine import Trainer, distributed, load_checkpoint
 from .engine.recalibrate import recalibrate_batchnorm
 from .engine.setup import configure_malloc, resolve_device, trainer_options
 from .errors import ConfigError
-from .files import write_text
+from .files import refuse_overwrite, write_text
 from .models import model_from_checkpoint
+from .untrusted import inert
 
 USAGE = "usage: python -m bnntrain.evaluate ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH] [key=value ...]"
 
@@ -36,7 +37,11 @@ def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
     """`data`, `augment` and `trainer` to evaluate with: the checkpoint's, or a preset's."""
     if any(o.startswith("data=") for o in overrides):
         return last_stage(["stage=1", *overrides])
-    saved = OmegaConf.create({k: state["config"][k] for k in ("data", "augment", "trainer")})
+    # The checkpoint's config is data: read literally (no resolver runs), and it downloads
+    # nothing (only data.download=true on the command line does).
+    saved = OmegaConf.create(inert({k: state["config"][k] for k in ("data", "augment", "trainer")}))
+    if "download" in saved.data:
+        saved.data.download = False
     OmegaConf.set_struct(saved, True)
     try:
         return OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
@@ -84,6 +89,7 @@ def run(argv: list[str]) -> None:
     out = Path(own.get("out") or own["ckpt"] + ".eval.json").expanduser()
     if not out.parent.is_dir():
         raise ConfigError(f"out={out}: the folder {out.parent} does not exist")
+    refuse_overwrite(out, "out", {"ckpt": own["ckpt"]})
     result = evaluate(own["ckpt"], overrides)
     if distributed.is_main():
         write_text(out, json.dumps(result, indent=2) + "\n")

@@ -8,7 +8,10 @@ shape}, `folded` {conv: BN folded into it}); `tensors`, the inference model's st
 in which each binary-weight layer's weight is `<layer>.weight_bits` (uint8: the signs in
 row-major order, 8 per byte, most significant bit first, 1 for +1 and 0 for -1, the last
 byte zero-padded), beside its float32 `<layer>.scale` (one per output channel) and its
-`threshold` and `bias` where it has them. Every other tensor is as trained.
+`threshold` and `bias` where it has them. Every other tensor is as trained. `checksum`
+("sha256:<hex>" of all the other entries, see `bnntrain.files.checksum`) is checked on
+reading: a file whose contents do not match it is refused as damaged; a file written before
+checksums (still version 1) loads with a note.
 
 BN is folded where that is exact: into a real-valued conv that it directly follows
 (the stem's conv and BN, each shortcut's 1x1 conv and BN). A BN in front of a sign, after
@@ -31,7 +34,7 @@ from .config import run_tool, split_args
 from .engine import load_checkpoint, load_model_weights
 from .engine.checkpoint import load_tensors
 from .errors import CheckpointError, ConfigError, UserError
-from .files import save_tensors
+from .files import atomic_write, refuse_overwrite, save_tensors
 from .models import build_model, model_from_checkpoint
 from .nn.layers import BinaryMixin, binary_layers, set_precision
 from .nn.quantizers import PRECISION_MODES, sign
@@ -181,7 +184,7 @@ def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[s
 
 def read(path: str | Path) -> dict[str, Any]:
     """The packed file's dict, checked to be one."""
-    blob = load_tensors(path, "export file")
+    blob = load_tensors(path, "export file", expect_checksum=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     if blob.get("version") != VERSION:
@@ -190,7 +193,8 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path) -> nn.Module:
-    """The inference model of a packed file, in eval mode, its outputs those of the checkpoint."""
+    """The inference model of a packed file, in eval mode, its outputs those of the checkpoint;
+    `model.export_config` holds the file's config."""
     blob = read(path)
     config = json.loads(blob["config"])
     model = build_model(config["model"], num_classes=config["num_classes"], in_channels=config["in_channels"])
@@ -201,6 +205,7 @@ def load(path: str | Path) -> nn.Module:
     for layer, shape in config["packed"].items():
         tensors[f"{layer}.weight"] = unpack_signs(tensors.pop(f"{layer}.weight_bits"), shape)
     load_model_weights(model, tensors, path)
+    model.export_config = config
     return model
 
 
@@ -217,8 +222,7 @@ def _output(value: str, ckpt: Path, key: str) -> Path:
         raise ConfigError(f"{key}={path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise ConfigError(f"{key}={path}: the folder {path.parent} does not exist")
-    if path.exists() and path.resolve() == ckpt.resolve():
-        raise ConfigError(f"{key}={path} would overwrite the checkpoint")
+    refuse_overwrite(path, key, {"ckpt": ckpt})
     check_writable(path, key)
     return path
 
@@ -248,15 +252,16 @@ def export_onnx(packed: str | Path, path: Path) -> None:
     """The inference model of a packed file as ONNX: a sign is a comparison, a binary conv a
     standard Conv (ONNX has no 1-bit type, so its weights are float32 there)."""
     _require_onnx()
-    config = json.loads(read(packed)["config"])
+    path = Path(path)
+    refuse_overwrite(path, "onnx", {"out": packed})  # the packed file it reads
+    model = load(packed)
+    config = model.export_config
     # A batch of 2, so that the exporter keeps the batch size symbolic.
     example = torch.zeros(2, config["in_channels"], config["image_size"], config["image_size"])
-    try:
-        torch.onnx.export(load(packed), (example,), str(path), dynamo=True, external_data=False, verbose=False,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # Saved beside the target and renamed over it: a full disk leaves an earlier file whole.
+    atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
 
 
 def _mb(n: int) -> str:
@@ -268,9 +273,12 @@ def run(argv: list[str]) -> None:
     if rest or "ckpt" not in own or "out" not in own:
         unknown = f"unknown argument(s): {' '.join(rest)}; " if rest else ""
         raise ConfigError(f"{unknown}expected ckpt=PATH out=FILE [onnx=FILE]")
-    onnx_path = _output(own["onnx"], Path(own["ckpt"]), "onnx") if "onnx" in own else None
-    if onnx_path is not None:
-        _require_onnx()  # before the work, not after it
+    ckpt = Path(own["ckpt"]).expanduser()
+    out = _output(own["out"], ckpt, "out")
+    onnx_path = _output(own["onnx"], ckpt, "onnx") if "onnx" in own else None
+    if onnx_path is not None:  # before the work, not after it
+        refuse_overwrite(onnx_path, "onnx", {"out": out})
+        _require_onnx()
     sizes = export_checkpoint(own["ckpt"], own["out"])
     file = sizes["file"]
     print(f"wrote {own['out']}: {_mb(file)}\n"

@@ -20,7 +20,7 @@ from .engine import distributed, load_checkpoint
 from .engine.stopping import StopSignals
 from .errors import ConfigError, UserError
 from .files import write_text
-from . import runs
+from . import notes, runs
 from .runs import resume_target
 from .stage import train_stage
 
@@ -31,16 +31,18 @@ def run(overrides: list[str], run_dir: Path, world_size: int = 1) -> dict:
     """Train every planned stage; return the results written to `run_dir/results.json`."""
     resume = override_value(overrides, "resume")
     if resume is not None:  # the overrides are already the resumed run's (see cli.prepare)
-        run_dir, _ = resume_target(Path(resume), [])
+        run_dir, _, _ = resume_target(Path(resume), [])
         log.info(f"resuming the run in {run_dir}")
     requeued = resume is None and runs.requeued_job(run_dir)
     if requeued:
         log.info(f"a requeued job: resuming the run in {run_dir}")
     stages = plan(overrides, run_dir, world_size)
     if distributed.is_main():
-        runs.notes.extend(n for n in [runs.acquire(run_dir)] if n)
-        while runs.notes:
-            log.warning(runs.notes.pop(0))
+        took_over = runs.acquire(run_dir)
+        if took_over:
+            notes.add(took_over)
+        for note in notes.drain():
+            log.warning(note)
     if resume is not None and not runs.has_checkpoint(run_dir):
         log.info(f"{run_dir} holds no checkpoint yet: the run starts from its beginning there")
     try:

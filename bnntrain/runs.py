@@ -12,10 +12,9 @@ import os
 import socket
 from pathlib import Path
 
-import yaml
-
 from .config import override_key, override_value
 from .errors import UserError
+from .untrusted import saved_overrides
 
 COMMAND_FILE = Path(".hydra") / "overrides.yaml"  # Hydra's record of the overrides that made a run
 
@@ -30,8 +29,9 @@ def run_folder(path: Path) -> Path:
     return path.parent.parent if path.is_file() else path
 
 
-def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
-    """The run folder to continue and the overrides that made it, plus today's (less `resume`).
+def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str], list[str]]:
+    """The run folder to continue, the overrides that made it plus today's (less `resume`),
+    and the lines of its record that were refused (see `untrusted.saved_overrides`).
     A run stopped before its first checkpoint has nothing to continue: it starts over there."""
     path = path.expanduser()
     if path.is_file():
@@ -43,8 +43,13 @@ def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str]]:
     saved = run_dir / COMMAND_FILE
     if not saved.is_file():
         raise UserError(f"resume={path}: {run_dir} is not a bnntrain run folder (no {COMMAND_FILE})")
-    original = yaml.safe_load(saved.read_text()) or []
-    return run_dir, list(original) + [o for o in overrides if override_key(o) != "resume"]
+    kept, refused = saved_overrides(saved)
+    return run_dir, kept + [o for o in overrides if override_key(o) != "resume"], refused
+
+
+def refused_note(run_dir: Path, refused: list[str]) -> str:
+    return (f"note: resume leaves out {len(refused)} line(s) of {run_dir / COMMAND_FILE} that are not plain "
+            f"settings of the task: {', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}")
 
 
 def refuse_existing_run(argv: list[str]) -> None:
@@ -56,6 +61,9 @@ def refuse_existing_run(argv: list[str]) -> None:
                         f"or choose another hydra.run.dir")
 
 
+MIN_FREE = 256 << 10  # bytes a run needs free to start: its lock, Hydra's record, its log
+
+
 def check_writable(folder: Path, key: str) -> None:
     """The folder, or the nearest one above it that exists, must take new files."""
     existing = next((p for p in [folder, *folder.parents] if p.is_dir()), None)
@@ -63,11 +71,41 @@ def check_writable(folder: Path, key: str) -> None:
         reason = "read-only file system" if existing and os.statvfs(existing).f_flag & os.ST_RDONLY else \
             "permission denied"
         raise UserError(f"{key}={folder} cannot be written ({existing or folder}: {reason})")
+    disk = os.statvfs(existing)
+    if disk.f_bavail * disk.f_frsize < MIN_FREE or (disk.f_files and disk.f_favail < 16):
+        # Hydra's own record would fail half-written, with a traceback, on a disk this full.
+        raise UserError(f"{key}={folder} cannot be written ({existing}: the device is full, "
+                        f"{disk.f_bavail * disk.f_frsize // 1024} KiB and {disk.f_favail} file entries free)")
+
+
+def new_run_folder(parent: Path) -> Path:
+    """A run folder of its own, `<parent>/<date>/<time>`, made now: a second process started in
+    the same second gets `<time>_2` (mkdir is atomic, so two processes never share one)."""
+    now = datetime.datetime.now()
+    base = Path(parent) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(f"cannot make a run folder under {parent}: {err.strerror or err}") from None
+    raise UserError(f"{base.parent} holds too many runs started at {base.name}")
+
+
+def holds_jobs(sweep_dir: Path) -> bool:
+    """True where a sweep already wrote into this folder (Hydra's record, or a job's)."""
+    sweep_dir = Path(sweep_dir)
+    return sweep_dir.is_dir() and ((sweep_dir / "multirun.yaml").exists() or
+                                   any((p / COMMAND_FILE).exists() for p in sweep_dir.iterdir() if p.is_dir()))
 
 
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run folder -> the open file whose lock this process holds
-notes: list[str] = []  # what taking a lock found, for the run's log once it exists
 
 
 def acquire(run_dir: Path) -> str | None:
@@ -78,8 +116,13 @@ def acquire(run_dir: Path) -> str | None:
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    made = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # removed again if the lock fails
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only or full file system
+        _remove(made)
+        raise UserError(f"cannot write {run_dir / LOCK_FILE}: {err.strerror or err}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -93,10 +136,26 @@ def acquire(run_dir: Path) -> str | None:
     previous = os.pread(fd, 4096, 0)
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as err:  # a full disk: the lock is held, but who holds it cannot be written
+        os.close(fd)
+        if made:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            _remove(made)
+        raise UserError(f"cannot write {run_dir / LOCK_FILE}: {err.strerror or err}") from None
     _held[run_dir] = fd
     return f"took over {run_dir}'s lock, left by {_describe(previous)}, which is no longer running" if previous else None
+
+
+def _remove(folders: list[Path]) -> None:
+    """Remove the (empty) folders a refused run made, deepest first."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def check_free(run_dir: Path) -> None:

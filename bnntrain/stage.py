@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -58,7 +59,10 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
     if saved is not None:
         init = saved["init_from"]
 
-    loaders = build_loaders(cfg.data, cfg.augment, seed=cfg.seed, device=device, bad_images=bad_images)
+    try:
+        loaders = build_loaders(cfg.data, cfg.augment, seed=cfg.seed, device=device, bad_images=bad_images)
+    except Stopped as stop:  # while a data folder was listed or verified
+        raise Stopped(f"{stop}; {_resume_command(stage_dir.parent)}", stop.signum, stop.then) from None
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
     distill = cfg.get("distill")
     teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None
@@ -75,7 +79,7 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
         where = f" and {position['batches']} batches of epoch {start_epoch + 1}" if position["batches"] else ""
         log.info(f"{name}: resuming from {resume} after epoch {start_epoch}{where}")
     elif init is not None:
-        load_model_weights(model, load_checkpoint(init)["model"], init)
+        load_model_weights(model, _finite(load_checkpoint(init)["model"], init), init)
         log.info(f"{name}: weights initialised from {init}")
     scheduler = _scheduler(cfg.schedule, optimizer, start_epoch)
     net = prepare_model(model, device, cfg.trainer, options["channels_last"])  # DDP/compile around `model`
@@ -175,6 +179,15 @@ def _resumable(resume: Path, name: str) -> dict[str, Any]:
     return saved
 
 
+def _finite(weights: dict[str, Any], init: str) -> dict[str, Any]:
+    """A start from NaN or infinite weights would only be found as a NaN loss, blamed on the lr."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"init={init} holds NaN or infinite weights ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training cannot start from it")
+    return weights
+
+
 def _scheduler(cfg: DictConfig, optimizer: Any, epochs_done: int) -> Any:
     """The schedule of this config, moved on by the epochs already trained: the lr is the one
     an uninterrupted run has there (also where a resumed run now has more epochs)."""
@@ -196,18 +209,28 @@ def _save(state: dict, stage_dir: Path, best: bool) -> None:
             save_checkpoint(state, stage_dir / "best.pt")
         save_checkpoint(state, last)
     except UserError as err:
-        good = f"{last} (epoch {load_checkpoint(last)['epoch']})" if last.exists() else "none yet"
-        raise UserError(f"{err}; the last good checkpoint: {good}") from None
+        raise UserError(f"{err}; the last good checkpoint: {_last_good(last)}") from None
+
+
+def _last_good(last: Path) -> str:
+    if not last.exists():
+        return "none yet"
+    try:
+        return f"{last} (epoch {load_checkpoint(last)['epoch']})"
+    except UserError:
+        return f"none ({last} cannot be read)"
 
 
 def _stopped(watch: StepWatch, stage_dir: Path, where: str, written: bool = True) -> Stopped:
-    run = stage_dir.parent
+    saved = f"checkpoint written to {stage_dir / 'last.pt'}" if written else "nothing new to save"
+    return Stopped(f"stopped by {watch.signal_name()} at {where}, {saved}; {_resume_command(stage_dir.parent)}",
+                   watch.signals.received or 15, then=watch.signals.requeue())
+
+
+def _resume_command(run: Path) -> str:
     launcher = (f"torchrun --nproc-per-node={distributed.world_size()}" if distributed.world_size() > 1
                 else "python")
-    saved = f"checkpoint written to {stage_dir / 'last.pt'}" if written else "nothing new to save"
-    return Stopped(f"stopped by {watch.signal_name()} at {where}, {saved}; "
-                   f"resume with: {launcher} -m bnntrain resume={run}", watch.signals.received or 15,
-                   then=watch.signals.requeue())
+    return f"resume with: {launcher} -m bnntrain resume={run}"
 
 
 def _cost_report(model: nn.Module, cfg: DictConfig, stage_dir: Path, logger: StageLogger) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .complexity import CostReport, count_costs, precision
 from .config import plan, run_tool, split_args
 from .engine import load_checkpoint
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .models import build_model, model_from_checkpoint
 from .nn import binary_layers
 
@@ -36,12 +36,20 @@ def config_report(overrides: list[str]) -> tuple[str, CostReport]:
 def checkpoint_report(path: str) -> tuple[str, CostReport]:
     """A title and the report of a checkpoint's model, at the precision its stage ended with."""
     state = load_checkpoint(path)
-    model = model_from_checkpoint(state, path)
-    _, layer = next(binary_layers(model), (None, None))
+    try:
+        model = model_from_checkpoint(state, path)
+        _, layer = next(binary_layers(model), (None, None))
+        data = state["config"]["data"]
+        report = count_costs(model, (state["in_channels"], data["image_size"], data["image_size"]))
+        title = f"{path}: model {state['config']['model']['name']}, {state['stage']}"
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as err:
+        # What the file says cannot be built or run (a forged shape, a config missing a key):
+        # the file is at fault, and the error names it, with torch's or Python's first line.
+        lines = str(err).strip().splitlines()
+        raise CheckpointError(f"{path}: its model cannot be built or counted "
+                              f"({type(err).__name__}: {lines[0] if lines else ''})") from None
     mode = f"{layer.activations} activations, {layer.weights} weights" if layer else "no binary layers"
-    data = state["config"]["data"]
-    report = count_costs(model, (state["in_channels"], data["image_size"], data["image_size"]))
-    return f"{path}: model {state['config']['model']['name']}, {state['stage']}; {mode}", report
+    return f"{title}; {mode}", report
 
 
 def summarize(argv: list[str]) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from bnntrain.config import last_stage
+from bnntrain.files import write_text
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
 from bnntrain.engine.malloc import tune_glibc_malloc
@@ -312,7 +313,7 @@ def main() -> None:
             ratio += f", identical loops {r['noise_floor_ratio']:.3f}"
         print(f"{r['benchmark']:<55} {r['bnntrain_value']:>10.4g} {r['unit']}{ratio}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bnntrain.config import last_stage
+from bnntrain.files import write_text
 from bnntrain.data import build_loaders
 
 
@@ -119,7 +120,7 @@ def main() -> None:
         extra = f"  ({r['ratio']:.3f} of a {r['step_ms']} ms step)" if "ratio" in r else ""
         print(f"{r['benchmark']:<70} {r['bnntrain_value']:>8} {r['unit']}{extra}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from bnntrain.data.images import load_rgb, load_rgb_tensor
+from bnntrain.files import write_text
 
 SIZE = 224
 
@@ -107,7 +108,7 @@ def main() -> None:
     print(f"draft applied to {drafted} of {len(files)} crops (mean |pixel difference| {mean_difference:.2f} of 255 "
           f"against the full-size crop)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_text(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

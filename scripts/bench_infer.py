@@ -42,6 +42,7 @@ from bench import interleaved, paired_ratio  # noqa: E402
 
 from bnntrain import export, infer  # noqa: E402
 from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.files import write_text  # noqa: E402
 from bnntrain.engine import save_checkpoint  # noqa: E402
 from bnntrain.models import build_model  # noqa: E402
 
@@ -225,7 +226,7 @@ def main() -> None:
                                                      peak["binary_macs_per_s"]))
             print(report({**results, "networks": results["networks"][-1:]}), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_text(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

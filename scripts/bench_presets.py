@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import interleaved, paired_ratio, saved_bytes  # noqa: E402
 
 from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.files import write_text  # noqa: E402
 from bnntrain.engine.malloc import tune_glibc_malloc  # noqa: E402
 from bnntrain.models import build_model  # noqa: E402
 from bnntrain.nn import set_precision  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> None:
         print(f"{r['benchmark']:<62} {r['bnntrain_value']:>9.4g} {r['unit']}  vs {r['baseline']} "
               f"{r['baseline_value']:.4g}: ratio {r['ratio']:.3f} (target {r['target']}){noise}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bnntrain.files import write_text
+
 
 def arms(epochs: int) -> dict[str, list[str]]:
     """name -> overrides; every arm trains 2 x `epochs` epochs in all."""
@@ -77,9 +79,9 @@ def main() -> None:
     lines = ["| arm | final top-1, mean +- std | per seed |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v['mean']:.2f} +- {v['spread']:.2f} | {', '.join(f'{t:.2f}' for t in v['top1'])} |"
               for k, v in table.items()]
-    (args.out / "study.md").write_text("\n".join(lines) + "\n")
-    (args.out / "study.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "arms": table,
-                                                     "imagenette": args.imagenette}, indent=2))
+    write_text(args.out / "study.md", "\n".join(lines) + "\n")
+    write_text(args.out / "study.json", json.dumps({"seeds": seeds, "epochs": args.epochs, "arms": table,
+                                                    "imagenette": args.imagenette}, indent=2))
 
 
 if __name__ == "__main__":

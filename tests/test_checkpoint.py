@@ -1,5 +1,8 @@
 """Checkpoints: atomic writes, weights_only loading, clear errors."""
+import os
+import re
 import resource
+import secrets
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +45,72 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
+def checkpoint_state(net, **changes):
+    return {"model": net.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 3, "stage": "stage1",
+            "config": {}, "init_from": None, **changes}
+
+
+def test_the_checksum_covers_tensors_and_plain_values(tmp_path):
+    save_checkpoint(checkpoint_state(tiny_model()), tmp_path / "last.pt")
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["checksum"].startswith("sha256:") and "checksum" not in load_checkpoint(tmp_path / "last.pt")
+    for name, edit in (("weight", lambda s: s["model"]["stem.0.weight"].view(-1)[7].add_(1e-6)),
+                       ("epoch", lambda s: s.update(epoch=4)), ("config", lambda s: s["config"].update(x=1))):
+        state = torch.load(tmp_path / "last.pt", weights_only=True)
+        edit(state)
+        torch.save(state, tmp_path / f"{name}.pt")  # the saved checksum kept, the contents changed
+        with pytest.raises(CheckpointError, match=f"{name}.pt is damaged: its contents do not match the checksum"):
+            load_checkpoint(tmp_path / f"{name}.pt")
+
+
+def test_a_file_without_a_checksum_loads_with_one_note(tmp_path, capsys):
+    torch.save(checkpoint_state(tiny_model()), tmp_path / "old.pt")
+    for _ in range(2):
+        assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 3
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'old.pt'} has no checksum (saved by an earlier bnntrain), "
+                                       f"so damage to it cannot be detected\n")
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_not_loaded(tmp_path):
+    torch.save(checkpoint_state(tiny_model(), model=RunsACommand(tmp_path / "ran")), tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"holds more than tensors .*it names posix\.system.* not loaded"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"model": "weights.bin"}, "its model entry is a str, not a state dict"),
+    ({"model": [torch.zeros(2)]}, "its model entry is a list, not a state dict"),
+    ({"model": {"w": [1.0]}}, "its model entry maps 'w' to a list, not a tensor"),
+    ({"num_classes": "10"}, "its num_classes is '10', not a whole number >= 1"),
+    ({"in_channels": True}, "its in_channels is True"),
+    ({"config": "model: resnet18"}, "its config is a str, not a dict"),
+])
+def test_entries_of_the_wrong_kind_are_named(changes, words, tmp_path):
+    save_checkpoint(checkpoint_state(tiny_model(), **changes), tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=f"c.pt is not a bnntrain checkpoint: {re.escape(words)}"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_an_incomplete_state_dict_is_not_called_another_architecture():
+    model = tiny_model()
+    weights = model.state_dict()
+    total = len(weights)
+    for key in list(weights)[:4]:
+        del weights[key]
+    with pytest.raises(CheckpointError, match=f"lacks 4 of the model's {total} tensors \\(incomplete or damaged\\); "
+                                              f"missing: stem.0.weight"):
+        load_model_weights(model, weights, "part.pt")
+
+
 def test_another_architecture_names_the_keys():
     model = tiny_model()
     wider = tiny_model(width=0.25)
@@ -56,11 +125,12 @@ class FailsToPickle:
     """Placed late in a checkpoint: torch.save has created its file and pickled the tensors
     before this entry raises."""
 
-    def __init__(self, tmp_file):
-        self.tmp_file, self.seen = tmp_file, None
+    def __init__(self, folder):
+        self.folder, self.seen = folder, None
 
     def __reduce__(self):
-        self.seen = self.tmp_file.exists()  # the new file is being written when the save fails
+        # The new file is being written when the save fails.
+        self.seen = any(p.name.endswith(".tmp") for p in self.folder.iterdir())
         raise RuntimeError("cannot pickle this entry")
 
 
@@ -99,7 +169,7 @@ def assert_earlier_checkpoint_whole(path, before, weights):
 def test_a_save_that_fails_while_pickling_keeps_the_earlier_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     before, weights = earlier_checkpoint(path)
-    late = FailsToPickle(tmp_path / "last.pt.tmp")
+    late = FailsToPickle(tmp_path)
     with pytest.raises(RuntimeError, match="cannot pickle this entry"):
         save_checkpoint(big_state(late=late), path)
     assert late.seen  # the failure came part-way through writing the new checkpoint
@@ -116,10 +186,12 @@ def test_a_save_that_runs_out_of_space_keeps_the_earlier_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails with ENOSPC")
-def test_a_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path):
+def test_a_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     before, _ = earlier_checkpoint(path)
-    (tmp_path / "last.pt.tmp").symlink_to("/dev/full")  # the new file's bytes land on a full device
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "known")  # the temporary file's name, known in advance
+    # The new file's bytes land on a full device.
+    (tmp_path / f".last.pt.{os.getpid()}-known.tmp").symlink_to("/dev/full")
     with pytest.raises(UserError, match=f"cannot write {path}: No space left on device"):
         save_checkpoint(big_state(), path)
     assert path.read_bytes() == before

@@ -216,7 +216,7 @@ def test_export_command_prints_the_sizes(trained, tmp_path, capsys):
     (["ckpt={tmp}/junk.pt", "out={tmp}/m.bnn"], ["not a readable checkpoint"]),
     (["ckpt={ckpt}", "out={tmp}/no/such/folder/m.bnn"], ["does not exist"]),
     (["ckpt={ckpt}", "out={tmp}"], ["is a folder"]),
-    (["ckpt={ckpt}", "out={ckpt}"], ["would overwrite the checkpoint"]),
+    (["ckpt={ckpt}", "out={ckpt}"], ["is also ckpt=", "write over it"]),
     (["ckpt={ckpt}"], ["ckpt=PATH out=FILE"]),
     (["ckpt={ckpt}", "out={tmp}/m.bnn", "model=resnet18"], ["unknown argument", "model=resnet18"]),
 ])

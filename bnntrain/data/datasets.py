@@ -5,6 +5,8 @@ instead of a deep stack trace from inside torchvision.
 """
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -13,8 +15,12 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from ..engine.stopping import raise_if_stopped
 from ..errors import DataError
 from ..registry import Registry
+from .walk import FolderWalk
+
+log = logging.getLogger("bnntrain")
 
 Splits = tuple[Dataset, Dataset, int]
 DATASETS: Registry[Callable[[DictConfig, Callable, Callable], Splits]] = Registry("data.name")
@@ -104,13 +110,41 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     return train, test, len(train.classes)
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (its classes, indices and IMG_EXTENSIONS) listed by FolderWalk:
+    a symlink loop ends, and no file is counted twice."""
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        self.walk = FolderWalk(lambda: raise_if_stopped(f"listing the images under {root}"))
+        # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
+        # with Pillow or torchcodec as data.decoder chooses).
+        super().__init__(root, transform=transform, loader=str)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable | None = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        extensions = extensions or datasets.folder.IMG_EXTENSIONS  # what ImageFolder passes
+        names = sorted(class_to_idx)
+        listed = self.walk.files([os.path.join(directory, name) for name in names])
+        samples = [(path, class_to_idx[name]) for name, paths in zip(names, listed) for path in paths
+                   if datasets.folder.has_file_allowed_extension(path, extensions)]
+        found = {index for _, index in samples}
+        empty = sorted(name for name, index in class_to_idx.items() if index not in found)
+        if empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                    f"Supported extensions are: {', '.join(extensions)}")
+        return samples
+
+
 def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
-    # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
-    # with Pillow or torchcodec as data.decoder chooses).
     try:
-        return datasets.ImageFolder(str(path), transform=transform, loader=str)
+        dataset = _ImageFolder(str(path), transform)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
         raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
+    if dataset.walk.skipped:
+        first, more = dataset.walk.skipped[0], len(dataset.walk.skipped) - 1
+        log.warning(f"{path}: skipped the link {first} -> {os.path.realpath(first)}, which leads back into folders "
+                    f"already listed (each image counts once){f'; {more} more such links' if more else ''}")
+    return dataset
 
 
 def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
@@ -124,6 +158,10 @@ def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable)
     test = _image_folder(root / test_split, test_tf)
     if train.classes != test.classes:
         raise DataError(f"{root}/{cfg.train_split} and {root}/{test_split} have different class folders")
+    log.info(f"data.root={root}: {len(train)} training and {len(test)} test images in {len(train.classes)} classes")
+    if len(train.classes) == 1:  # legal, but every label is the same: top-1 100% and loss 0 teach nothing
+        log.warning(f"{root}/{cfg.train_split} holds one class folder ({train.classes[0]}/): every image has the "
+                    f"same label, so the run learns nothing; a class-folder dataset needs a folder per class")
     return train, test, len(train.classes)
 
 

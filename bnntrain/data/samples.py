@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from ..engine.stopping import raise_if_stopped
 from ..errors import DataError
 from .images import BadImage
 
@@ -169,9 +170,13 @@ def verify(dataset: Dataset, workers: int, policy: str, bad_images: BadImageLog 
     if paths is None:
         return dataset  # held in memory: nothing to open
     workers = min(workers, os.cpu_count() or 1)
-    loader = DataLoader(_FileCheck(paths), batch_size=64, num_workers=workers, collate_fn=list,
+    # Small batches: a stop signal is looked at after each (see raise_if_stopped).
+    loader = DataLoader(_FileCheck(paths), batch_size=16, num_workers=workers, collate_fn=list,
                         worker_init_fn=quiet_worker if workers else None)
-    bad = [p for batch in tqdm(loader, desc="verifying images", disable=not show, leave=False) for p in batch if p]
+    bad = []
+    for batch in tqdm(loader, desc="verifying images", disable=not show, leave=False):
+        raise_if_stopped(f"verifying {len(paths)} images (data.verify)")  # a big folder takes minutes
+        bad += [p for p in batch if p]
     if bad and policy == "error":
         raise DataError(f"{len(bad)} of {len(paths)} images cannot be read (data.verify), the first: {bad[0]}; "
                         f"data.bad_images=skip leaves them out")

@@ -7,7 +7,6 @@ results; the others compute. Without torchrun everything here is a no-op.
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from typing import Iterable, Iterator
 
 import torch
@@ -81,12 +80,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def shared_timestamp() -> str:
-    """Rank 0's clock, so that every rank writes to the same run folder."""
-    stamp = [datetime.now().strftime("%Y-%m-%d/%H-%M-%S")]
+def broadcast_text(text: str) -> str:
+    """Rank 0's `text` on every rank (the run folder rank 0 made, so that all write to it)."""
+    value = [text]
     if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
-    return stamp[0]
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:

@@ -49,6 +49,19 @@ class Stopped(UserError):
         self.signum, self.exit_code, self.then = signum, 128 + signum, then
 
 
+_in_force: list["StopSignals"] = []  # entered and not left yet, the innermost last
+
+
+def raise_if_stopped(where: str) -> None:
+    """Raise Stopped if a stop signal has come: for long work that is not handed the run's
+    StopSignals (listing or verifying a data folder), which must end within seconds."""
+    signals = _in_force[-1] if _in_force else None
+    if signals is not None and signals.received is not None:
+        name = signal.Signals(signals.received).name
+        raise Stopped(f"stopped by {name} while {where}, before training: nothing to save", signals.received,
+                      then=signals.requeue())
+
+
 class StopSignals:
     """Within `with StopSignals() as signals:` the stop signals set `signals.received` rather
     than end the process (a second SIGINT raises KeyboardInterrupt as usual). Under submitit
@@ -73,9 +86,11 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only live there
             for sig in (*STOP_SIGNALS, *[s for s in [preemption_signal()] if s is not None]):
                 self._previous[sig] = signal.signal(sig, self._handle)
+        _in_force.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _in_force.remove(self)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -22,7 +22,6 @@ convs, 1x1 convs and binary linear layers all run packed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import warnings
 from pathlib import Path
@@ -225,8 +224,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
         raise ConfigError(f"{path}: {fallback_note(left, total)}; the XNOR-popcount kernels need binary "
                           f"activations and binary weights (a stage-2 export); strict=false runs such layers "
                           f"as float convs")
-    model.fallbacks = left
-    model.export_config = json.loads(export.read(path)["config"])
+    model.fallbacks = left  # model.export_config: set by export.load, which read (and checked) the file once
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.register_forward_pre_hook(_to_channels_last)
