@@ -67,7 +67,7 @@ class AblationTable(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         job_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status != JobStatus.COMPLETED:
-            (job_dir / FAILED).write_text(f"{job_return._return_value}\n")
+            write_text(job_dir / FAILED, f"{job_return._return_value}\n")
         self._write(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -117,34 +117,21 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
     runs.check_writable(Path(override_value(argv, out_key) or ("multirun" if sweep else "outputs")), out_key)
     if sweep:
         return argv + sweep_folder(argv), "auto"  # Hydra composes each job, and each job checks itself
-    resume = override_value(overrides, "resume")
-    check_path("resume", resume)
     # One owner: rank 0 checks the folder and holds its lock (another rank checking would find
     # rank 0's own lock, if rank 0 got there first).
     owner = os.environ.get("RANK", "0") == "0"
-    given = override_value(argv, "hydra.run.dir")
-    if resume is not None and given is not None and Path(given).resolve() != runs.run_folder(Path(resume)).resolve():
-        raise UserError(f"resume={resume} continues the run in its own folder, {runs.run_folder(Path(resume))}; "
-                        f"hydra.run.dir={given} names another (leave it out)")
-    for folder in (given, resume and runs.run_folder(Path(resume))):
-        if folder and owner:
-            runs.check_free(Path(folder))  # a live run's folder: say whose, before anything else
-    if resume is not None and owner:
-        runs.check_writable(runs.run_folder(Path(resume)), "resume")
-    if resume is None:
-        runs.refuse_existing_run(argv)
+    resume = override_value(overrides, "resume")
+    if resume is not None:
+        argv, overrides = resumed(argv, overrides, resume, owner)
     else:
-        # Hydra composes the resumed run's overrides plus today's, and the run goes on in its folder.
-        run_dir, full, refused = runs.resume_target(Path(resume), overrides)
-        argv = [a for a in argv if a not in overrides] + full + [f"resume={resume}"]
-        overrides = full + [f"resume={resume}"]
-        if refused:
-            notes.add(runs.refused_note(run_dir, refused))  # logged once the run has its log
-        if given is None:
-            # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
-            argv = argv + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+        given = override_value(argv, "hydra.run.dir")
+        if given and owner:
+            runs.check_free(Path(given))  # a live run's folder: say whose, before anything else
+        runs.refuse_existing_run(argv)
     stages = plan(overrides)
     run_dir = override_value(argv, "hydra.run.dir")
+    if run_dir is not None:
+        runs.refuse_inside_data(Path(run_dir), stages)
     if run_dir is None and owner and not launched_by_torchrun():  # under torchrun, see under_torchrun
         # Hydra's outputs/<date>/<time> would be shared by two runs started in the same second.
         run_dir = str(runs.new_run_folder(Path("outputs")))
@@ -156,9 +143,31 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
     return argv, str(stages[0].trainer.device)
 
 
+def resumed(argv: list[str], overrides: list[str], resume: str, owner: bool) -> tuple[list[str], list[str]]:
+    """The command and overrides that continue the run `resume` names, in its own folder: the
+    overrides that made it (those its record may give, see `untrusted`) plus today's."""
+    check_path("resume", resume)
+    run_dir, full, refused = runs.resume_target(Path(resume), overrides)  # it exists and is a run
+    given = override_value(argv, "hydra.run.dir")
+    if given is not None and Path(given).expanduser().resolve() != run_dir.resolve():
+        raise UserError(f"resume={resume} continues the run in its own folder, {run_dir}; "
+                        f"hydra.run.dir={given} names another (leave it out)")
+    if owner:
+        runs.check_free(run_dir)  # a live run's folder: say whose, before anything else
+        runs.check_writable(run_dir, "resume")
+    if refused:
+        notes.add(runs.refused_note(run_dir, refused))  # logged once the run has its log
+    # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
+    kept = [a for a in argv if a not in overrides and not a.startswith("hydra.run.dir=")]
+    return (kept + full + [f"resume={resume}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"],
+            full + [f"resume={resume}"])
+
+
 def multirun_preset(argv: list[str], overrides: list[str]) -> bool:
     """True where the config itself sweeps (a preset with `hydra.mode: MULTIRUN`, such as
-    experiment=ablation), though the command has no -m."""
+    experiment=ablation), though the command has no -m. A resumed run is one run."""
+    if override_value(overrides, "resume") is not None:
+        return False
     hydra_keys = [a for a in argv if "=" in a and override_key(a).startswith("hydra.")]
     return str(compose(overrides + hydra_keys, hydra_config=True).hydra.mode) == str(RunMode.MULTIRUN)
 

@@ -18,20 +18,32 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` into a temporary file beside `path`, then rename it into place. Until the
     rename, an earlier file at `path` stays whole; on any failure the temporary file is
     removed, and an OS error (no space left, permission denied) is one line naming `path`.
-    The temporary file's name is this process's own, so it is never another file (an input
-    named `<path>.tmp`, or a second writer's)."""
+    The temporary file has `path`'s own name (torch names the archive inside a checkpoint
+    after it) in a folder of this process's own, so it is never another file: an input named
+    `<path>.tmp`, or a second writer's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    folder = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = folder / path.name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp, folder)
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp, folder)
         raise
+    folder.rmdir()
+
+
+def _remove(tmp: Path, folder: Path) -> None:
+    tmp.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def write_text(path: Path, text: str) -> None:

@@ -111,8 +111,20 @@ def _as_trained(stages: list[DictConfig], results: dict, run_dir: Path) -> list[
 
 
 def _read_results(run_dir: Path) -> dict:
+    """The stages a resumed run finished; a file that is not what the pipeline writes is refused."""
     path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}); it is not this run's results") from None
+    number = (int, float)
+    if not isinstance(results, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("epochs"), int) and not isinstance(r["epochs"], bool)
+            and all(isinstance(r.get(k), number) for k in ("top1", "top5", "best_top1")) for r in results.values()):
+        raise UserError(f"{path} is not a run's results (stage -> epochs, top1, top5, best_top1)")
+    return results
 
 
 def _print_table(results: dict) -> None:

@@ -64,6 +64,16 @@ def refuse_existing_run(argv: list[str]) -> None:
 MIN_FREE = 256 << 10  # bytes a run needs free to start: its lock, Hydra's record, its log
 
 
+def refuse_inside_data(run_dir: Path, stages: list) -> None:
+    """A run folder in a dataset's folder would add its files to the data it trains on."""
+    run = Path(run_dir).expanduser().resolve()
+    for cfg in stages:
+        root = cfg.data.get("root")
+        data = Path(str(root)).expanduser().resolve() if root else None
+        if data is not None and (data == run or data in run.parents):
+            raise UserError(f"hydra.run.dir={run_dir} lies inside data.root={root}; write the run elsewhere")
+
+
 def check_writable(folder: Path, key: str) -> None:
     """The folder, or the nearest one above it that exists, must take new files."""
     existing = next((p for p in [folder, *folder.parents] if p.is_dir()), None)

@@ -130,7 +130,7 @@ class FailsToPickle:
 
     def __reduce__(self):
         # The new file is being written when the save fails.
-        self.seen = any(p.name.endswith(".tmp") for p in self.folder.iterdir())
+        self.seen = any(p.name.endswith(".tmp") and any(p.iterdir()) for p in self.folder.iterdir())
         raise RuntimeError("cannot pickle this entry")
 
 
@@ -191,7 +191,8 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monke
     before, _ = earlier_checkpoint(path)
     monkeypatch.setattr(secrets, "token_hex", lambda n: "known")  # the temporary file's name, known in advance
     # The new file's bytes land on a full device.
-    (tmp_path / f".last.pt.{os.getpid()}-known.tmp").symlink_to("/dev/full")
+    (tmp_path / f".last.pt.{os.getpid()}-known.tmp").mkdir()
+    (tmp_path / f".last.pt.{os.getpid()}-known.tmp" / "last.pt").symlink_to("/dev/full")
     with pytest.raises(UserError, match=f"cannot write {path}: No space left on device"):
         save_checkpoint(big_state(), path)
     assert path.read_bytes() == before

@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from bnntrain.engine import save_checkpoint
+
 from conftest import TINY, run_cli, write_image_folder
 
 
@@ -114,10 +116,10 @@ def test_divergence_after_resume_keeps_the_last_good_checkpoint(tmp_path, earlie
     shutil.copytree(earlier_run, run)
     state = torch.load(run / "stage1/last.pt", weights_only=True)
     state["model"]["classifier.bias"][0] = float("nan")  # weights gone bad: the next loss is NaN
-    torch.save(state, run / "stage1/last.pt")
+    save_checkpoint(state, run / "stage1/last.pt")  # with its new checksum
     (run / "results.json").unlink()  # as if interrupted before the stage finished
     before = fingerprint(run / "stage1")
-    out = run_cli([f"resume={run}", "schedule.epochs=2"], tmp_path / "resumer")
+    out = run_cli([f"resume={run}", "schedule.epochs=2"], cwd=tmp_path)
     assert_one_line_error(out, "loss became")
     assert {k: v for k, v in fingerprint(run / "stage1").items() if k.suffix == ".pt"} == \
         {k: v for k, v in before.items() if k.suffix == ".pt"}

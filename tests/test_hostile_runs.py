@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from bnntrain import runs
 from bnntrain.config import plan
 from bnntrain.engine import save_checkpoint
-from conftest import TINY, results, run_cli
+from bnntrain.errors import UserError
+from conftest import TINY, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error, fingerprint
 from test_long_runs import mount_tmpfs
 
@@ -118,6 +119,10 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_nothing(tmp_path):
         out = run_cli(TINY, disk / "runs" / "run")
         assert_one_line_error(out, f"hydra.run.dir={disk}/runs/run cannot be written", "the device is full")
         assert [p.name for p in disk.iterdir()] == ["fill"]
+        # Past that check (a disk that filled up since): the lock's write fails, and what it made goes.
+        with pytest.raises(UserError, match=f"cannot write {disk}/runs/run/.lock: No space left on device"):
+            runs.acquire(disk / "runs" / "run")
+        assert [p.name for p in disk.iterdir()] == ["fill"]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
@@ -199,3 +204,17 @@ def test_resume_in_another_folder_is_refused_and_leaves_no_lock(finished, tmp_pa
     out = run_cli([f"resume={finished}"], other)
     assert_one_line_error(out, f"resume={finished} continues the run in its own folder", f"hydra.run.dir={other}")
     assert not other.exists()
+
+
+def test_a_run_folder_inside_the_data_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    out = run_cli(["data=folder", f"data.root={root}", "model.width=0.125", "stage=1"], root / "train" / "run")
+    assert_one_line_error(out, f"lies inside data.root={root}")
+    assert not (root / "train" / "run").exists()
+
+
+def test_a_run_whose_results_are_not_results_is_one_line(finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "results.json").write_text('{"stage1": {"epochs": "many"}}')
+    out = run_cli([f"resume={run}"], cwd=tmp_path)
+    assert_one_line_error(out, f"{run}/results.json is not a run's results")

@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from bnntrain.engine import save_checkpoint
+
 from conftest import TINY, results, run_cli, write_image_folder
 from test_resume import assert_stage_matches, crash_run, fingerprint, shared_run
 
@@ -79,7 +81,7 @@ def from_stage1(last):
 def without_optimizer(last):
     state = torch.load(last, weights_only=True)
     del state["optimizer"]
-    torch.save(state, last)
+    save_checkpoint(state, last)  # with its new checksum
 
 
 BAD_CHECKPOINTS = {"another stage's": (from_stage1, ["is a stage1 checkpoint, not stage2"]),
