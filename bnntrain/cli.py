@@ -165,8 +165,11 @@ def resumed(argv: list[str], overrides: list[str], resume: str, owner: bool) -> 
 
 def multirun_preset(argv: list[str], overrides: list[str]) -> bool:
     """True where the config itself sweeps (a preset with `hydra.mode: MULTIRUN`, such as
-    experiment=ablation), though the command has no -m. A resumed run is one run."""
+    experiment=ablation), though the command has no -m. A resumed run is one run. Only the
+    command line and an experiment preset set `hydra.mode`: without either, nothing to compose."""
     if override_value(overrides, "resume") is not None:
+        return False
+    if override_value(overrides, "experiment") is None and override_value(argv, "hydra.mode") is None:
         return False
     hydra_keys = [a for a in argv if "=" in a and override_key(a).startswith("hydra.")]
     return str(compose(overrides + hydra_keys, hydra_config=True).hydra.mode) == str(RunMode.MULTIRUN)

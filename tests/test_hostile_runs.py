@@ -19,7 +19,9 @@ from bnntrain.engine import save_checkpoint
 from bnntrain.errors import UserError
 from conftest import TINY, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error, fingerprint
+from test_errors import earlier_run as finished  # noqa: F401 (a finished stage-1 run)
 from test_long_runs import mount_tmpfs
+from test_scale import TORCHRUN
 
 pytestmark = pytest.mark.slow
 SECRET = "not-for-the-log-3141"
@@ -29,14 +31,6 @@ def cli(args, cwd, module="bnntrain"):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "BNN_TEST_SECRET": SECRET}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    out = run_cli(TINY + ["stage=1"], run)
-    assert out.returncode == 0, out.stderr
-    return run
 
 
 def test_resume_keeps_only_the_task_settings_of_a_run_record(finished, tmp_path):
@@ -99,6 +93,14 @@ def test_each_run_gets_a_folder_of_its_own(tmp_path):
         assert torch.load(folder / "stage1/last.pt", weights_only=True)["config"]["seed"] == seed
         seeds.add(seed)
     assert seeds == {1, 2}
+
+
+def test_under_torchrun_the_ranks_share_the_one_folder_rank_0_made(tmp_path):
+    out = subprocess.run([*TORCHRUN, "-m", "bnntrain", *TINY, "stage=1", "trainer.device=cpu"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    (folder,) = (tmp_path / "outputs").glob("*/*")
+    assert (folder / "stage1/last.pt").exists() and (folder / ".hydra/overrides.yaml").exists()
 
 
 def test_a_second_sweep_into_a_sweep_folder_is_refused_before_anything_is_written(tmp_path):

@@ -220,11 +220,15 @@ def wider_checkpoint(path):
 @pytest.mark.slow
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")),
                     reason="ONNX export needs the optional packages: pip install 'bnntrain[export]'")
-def test_an_onnx_write_that_runs_out_of_space_keeps_the_earlier_file(files, tmp_path):
+def test_an_onnx_write_that_runs_out_of_space_keeps_the_earlier_file(tmp_path):
     import onnx
+    from onnx import TensorProto, helper
 
-    _, packed = files
-    export.export_onnx(packed, tmp_path / "good.onnx")  # the earlier, good file (about 1 MB)
+    # The earlier, good file: any valid ONNX model (one Identity node) will do.
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "earlier",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "good.onnx"))
     before = (tmp_path / "good.onnx").read_bytes()
     # Room for it and 512 KiB more: enough for the checks made before any work (256 KiB), too
     # little for the new file, beside it or in its place.
