@@ -21,6 +21,7 @@ What comes out holds each value once, as the stage trains with it: it is what
 """
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from contextlib import contextmanager
@@ -121,14 +122,23 @@ def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     from hydra.errors import HydraException
 
     overrides = normalize(overrides)
+    key = (tuple(overrides), hydra_config)
+    if key in _composed:  # a run composes the same config before Hydra starts and again inside it
+        return copy.deepcopy(_composed[key])
     if is_sweep(overrides):
         raise ConfigError("a sweep (a,b) describes several runs; give single values here")
     try:
         with _hydra():
-            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+            composed = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         reason = err.__cause__  # e.g. "Key 'lrr' is not in struct" behind "Could not override"
         raise ConfigError(one_line(str(err) + (f"\n({str(reason).splitlines()[0]})" if reason else ""))) from None
+    if not hydra_config:  # Hydra's own part holds the time and the folders of this moment
+        _composed[key] = copy.deepcopy(composed)
+    return composed
+
+
+_composed: dict[tuple[tuple[str, ...], bool], DictConfig] = {}
 
 
 def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int = 1,
