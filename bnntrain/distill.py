@@ -7,9 +7,9 @@ starts from), or a torchvision architecture with a weights file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-import torchvision
 from omegaconf import DictConfig
 from torch import nn
 
@@ -42,9 +42,11 @@ def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Mod
     return teacher
 
 
-def torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum | None:
+def torchvision_weights(name: str, weights: str) -> Any:
     """torchvision's published weights of architecture `name` called `weights` (e.g.
     IMAGENET1K_V1), or None where `weights` names no such thing (then it is a file)."""
+    import torchvision  # here: a run without a torchvision teacher need not import it
+
     try:
         return torchvision.models.get_model_weights(name).__members__.get(weights)
     except ValueError:
@@ -52,6 +54,8 @@ def torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEn
 
 
 def _torchvision_teacher(name: str, weights: str | None, num_classes: int) -> nn.Module:
+    import torchvision
+
     if not weights:
         raise ConfigError(f"distill.teacher.torchvision={name} needs distill.teacher.weights=PATH (a state dict) "
                           f"or the name of torchvision's weights (IMAGENET1K_V1)")

@@ -101,12 +101,12 @@ def test_sigterm_while_verifying_ends_the_run_within_seconds(tmp_path):
 
 
 def test_a_stop_signal_ends_the_listing_of_a_folder(tmp_path):
-    from bnntrain.data.datasets import _image_folder
+    from bnntrain.data.folders import image_folder
     from bnntrain.engine.stopping import Stopped, StopSignals
 
     root = write_image_folder(tmp_path / "imgs", per_class=2)
     with StopSignals():
         os.kill(os.getpid(), signal.SIGTERM)  # heard by StopSignals: only a flag is set
         with pytest.raises(Stopped, match="while listing the images under") as stop:
-            _image_folder(root / "train", transform=None)
+            image_folder(root / "train", transform=None)
     assert stop.value.exit_code == 128 + signal.SIGTERM

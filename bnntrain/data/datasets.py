@@ -6,19 +6,15 @@ instead of a deep stack trace from inside torchvision.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
-from torchvision import datasets
 
-from ..engine.stopping import raise_if_stopped
 from ..errors import DataError
 from ..registry import Registry
-from .walk import FolderWalk
 
 log = logging.getLogger("bnntrain")
 
@@ -79,16 +75,10 @@ def synthetic(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     return TensorImages(x_tr, y_tr, train_tf), TensorImages(x_te, y_te, test_tf), cfg.num_classes
 
 
-class _CIFAR100Files(datasets.CIFAR100):
-    # Check that the files exist, not their md5: hashing on every start is slow, and a
-    # corrupt file still fails at unpickling, which we report clearly.
-    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
-    meta = {**datasets.CIFAR100.meta, "md5": None}
-
-
 @DATASETS.register("cifar100")
 def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    from .folders import CIFAR100Files
+
     root = Path(str(cfg.root)).expanduser() if cfg.get("root") else None
     if cfg.download:
         if root is None:
@@ -100,8 +90,8 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
             raise DataError(f"data.root={root} holds no cifar-100-python/ folder: expected torchvision's CIFAR-100 "
                             f"files ({root}/cifar-100-python/{{train,test,meta}}), or add data.download=true")
     try:
-        train = _CIFAR100Files(str(root), train=True, transform=train_tf, download=cfg.download)
-        test = _CIFAR100Files(str(root), train=False, transform=test_tf)
+        train = CIFAR100Files(str(root), train=True, transform=train_tf, download=cfg.download)
+        test = CIFAR100Files(str(root), train=False, transform=test_tf)
     except RuntimeError as err:
         raise DataError(f"CIFAR-100 files under {root}/cifar-100-python are missing: {err}") from None
     except Exception as err:  # a truncated or foreign pickle
@@ -110,52 +100,17 @@ def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     return train, test, len(train.classes)
 
 
-class _ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder (its classes, indices and IMG_EXTENSIONS) listed by FolderWalk:
-    a symlink loop ends, and no file is counted twice."""
-
-    def __init__(self, root: str, transform: Callable) -> None:
-        self.walk = FolderWalk(lambda: raise_if_stopped(f"listing the images under {root}"))
-        # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
-        # with Pillow or torchcodec as data.decoder chooses).
-        super().__init__(root, transform=transform, loader=str)
-
-    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
-                     is_valid_file: Callable | None = None, allow_empty: bool = False) -> list[tuple[str, int]]:
-        extensions = extensions or datasets.folder.IMG_EXTENSIONS  # what ImageFolder passes
-        names = sorted(class_to_idx)
-        listed = self.walk.files([os.path.join(directory, name) for name in names])
-        samples = [(path, class_to_idx[name]) for name, paths in zip(names, listed) for path in paths
-                   if datasets.folder.has_file_allowed_extension(path, extensions)]
-        found = {index for _, index in samples}
-        empty = sorted(name for name, index in class_to_idx.items() if index not in found)
-        if empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
-                                    f"Supported extensions are: {', '.join(extensions)}")
-        return samples
-
-
-def _image_folder(path: Path, transform: Callable) -> datasets.ImageFolder:
-    try:
-        dataset = _ImageFolder(str(path), transform)
-    except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
-        raise DataError(f"{path} is not a class-folder dataset ({err}); expected {path}/<class>/<image>") from None
-    if dataset.walk.skipped:
-        first, more = dataset.walk.skipped[0], len(dataset.walk.skipped) - 1
-        log.warning(f"{path}: skipped the link {first} -> {os.path.realpath(first)}, which leads back into folders "
-                    f"already listed (each image counts once){f'; {more} more such links' if more else ''}")
-    return dataset
-
-
 def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    from .folders import image_folder
+
     root = _root(cfg)
     test_split = next((s for s in cfg.test_splits if (root / s).is_dir()), None)
     if not (root / cfg.train_split).is_dir() or test_split is None:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DataError(f"data.root={root} must hold {cfg.train_split}/ and one of "
                         f"{'/, '.join(cfg.test_splits)}/ with one folder per class; found {found or 'no folders'}")
-    train = _image_folder(root / cfg.train_split, train_tf)
-    test = _image_folder(root / test_split, test_tf)
+    train = image_folder(root / cfg.train_split, train_tf)
+    test = image_folder(root / test_split, test_tf)
     if train.classes != test.classes:
         raise DataError(f"{root}/{cfg.train_split} and {root}/{test_split} have different class folders")
     log.info(f"data.root={root}: {len(train)} training and {len(test)} test images in {len(train.classes)} classes")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
 from ..errors import DataError
 
@@ -51,13 +50,14 @@ def load_rgb(path: str) -> Image.Image:
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
 
-def load_rgb_tensor(path: str) -> tv_tensors.Image:
+def load_rgb_tensor(path: str) -> torch.Tensor:
     """An image file as a uint8 RGB tensor [3, H, W] (in the channels-last strides both
     decoders give, the layout torch's antialiased uint8 resize is fastest on): JPEGs by
     torchcodec's decoder (libjpeg-turbo, the same pixels as Pillow's for RGB, greyscale and
     CMYK files); any other file, and any JPEG torchcodec refuses, through `load_rgb`, which
     reads what Pillow can and names what it cannot."""
     from torchcodec.decoders import decode_jpeg
+    from torchvision import tv_tensors
 
     try:
         with open(path, "rb") as file:

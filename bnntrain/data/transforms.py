@@ -15,6 +15,9 @@ The listed transforms run per image in the loader's workers and end in a uint8 t
 What is the same for every image runs once per batch on the training device instead
 (`BatchNormalize` with the data preset's statistics, then MixUp/CutMix): workers hand over
 a quarter of float32's bytes, and one vectorised op replaces a normalisation per image.
+
+torchvision is imported where a transform needs it: importing it takes longer (1.6 s, its
+ops load torch's compiler) than a small run on in-memory data, which needs none of it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torchvision.transforms import v2
 
 from ..errors import ConfigError
 from ..registry import Registry
@@ -52,7 +54,7 @@ class Lighting(torch.nn.Module):
 
     def forward(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
         if isinstance(image, Image.Image):
-            image = v2.functional.pil_to_tensor(image)
+            image = _v2().functional.pil_to_tensor(image)
         if self.alphastd == 0:
             return image
         alpha = torch.randn(3) * self.alphastd
@@ -62,16 +64,22 @@ class Lighting(torch.nn.Module):
         return image + shift
 
 
+def _v2() -> Any:
+    from torchvision.transforms import v2
+
+    return v2
+
+
 TRANSFORMS: Registry[Callable[..., Callable]] = Registry("augment transform")
-TRANSFORMS.register("resize")(lambda size: v2.Resize(size, antialias=True))
-TRANSFORMS.register("center_crop")(v2.CenterCrop)
-TRANSFORMS.register("random_crop")(v2.RandomCrop)
+TRANSFORMS.register("resize")(lambda size: _v2().Resize(size, antialias=True))
+TRANSFORMS.register("center_crop")(lambda *args, **kwargs: _v2().CenterCrop(*args, **kwargs))
+TRANSFORMS.register("random_crop")(lambda *args, **kwargs: _v2().RandomCrop(*args, **kwargs))
 TRANSFORMS.register("random_resized_crop")(
-    lambda size, scale=(0.08, 1.0): v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True))
-TRANSFORMS.register("horizontal_flip")(v2.RandomHorizontalFlip)
-TRANSFORMS.register("rotation")(v2.RandomRotation)
-TRANSFORMS.register("color_jitter")(v2.ColorJitter)
-TRANSFORMS.register("autoaugment")(lambda policy="imagenet": v2.AutoAugment(v2.AutoAugmentPolicy(policy)))
+    lambda size, scale=(0.08, 1.0): _v2().RandomResizedCrop(size, scale=tuple(scale), antialias=True))
+TRANSFORMS.register("horizontal_flip")(lambda *args, **kwargs: _v2().RandomHorizontalFlip(*args, **kwargs))
+TRANSFORMS.register("rotation")(lambda *args, **kwargs: _v2().RandomRotation(*args, **kwargs))
+TRANSFORMS.register("color_jitter")(lambda *args, **kwargs: _v2().ColorJitter(*args, **kwargs))
+TRANSFORMS.register("autoaugment")(lambda policy="imagenet": _v2().AutoAugment(_v2().AutoAugmentPolicy(policy)))
 TRANSFORMS.register("lighting")(Lighting)
 
 
@@ -126,7 +134,33 @@ class Decode:
         return f"Decode({self.decoder})"
 
 
-def build_transform(spec: DictConfig | None, leave_out: Sequence[str] = (), decoder: str = "pillow") -> v2.Compose:
+class ToImage:
+    """The last step, torchvision's v2.ToImage for what reaches it: a PIL image becomes a uint8
+    [C, H, W] tensor, a tensor passes as it is."""
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return image if isinstance(image, torch.Tensor) else _v2().functional.pil_to_tensor(image)
+
+    def __repr__(self) -> str:
+        return "ToImage()"
+
+
+class Steps:
+    """Per-image steps applied in order (v2.Compose, without importing torchvision)."""
+
+    def __init__(self, transforms: list[Callable]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image: Any) -> Any:
+        for step in self.transforms:
+            image = step(image)
+        return image
+
+    def __repr__(self) -> str:
+        return f"Steps({', '.join(map(repr, self.transforms))})"
+
+
+def build_transform(spec: DictConfig | None, leave_out: Sequence[str] = (), decoder: str = "pillow") -> Steps:
     """Per-image transform: a file's path (decoded by `decoder`), a PIL image or a tensor in,
     the listed transforms (but `leave_out`), tensor out.
 
@@ -139,8 +173,8 @@ def build_transform(spec: DictConfig | None, leave_out: Sequence[str] = (), deco
     for name, args in _listed(spec).items():
         if name not in leave_out:
             steps.append(_make(name, args))
-    steps.append(v2.ToImage())
-    return v2.Compose(steps)
+    steps.append(ToImage())
+    return Steps(steps)
 
 
 def build_batch_augment(spec: DictConfig | None) -> torch.nn.Module | None:
@@ -184,8 +218,8 @@ def build_batch_mixing(augment: DictConfig, num_classes: int) -> Callable | None
     """MixUp or CutMix over whole (images, labels) batches; with both set, one is picked at
     random per batch. The labels become class probabilities, which `CrossEntropyLoss` takes
     as they are, so the training loop needs no special case."""
-    alphas = ((v2.MixUp, augment.get("mixup")), (v2.CutMix, augment.get("cutmix")))
-    mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in alphas if alpha]
+    alphas = (("MixUp", augment.get("mixup")), ("CutMix", augment.get("cutmix")))
+    mixers = [getattr(_v2(), mixer)(alpha=alpha, num_classes=num_classes) for mixer, alpha in alphas if alpha]
     if not mixers:
         return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return mixers[0] if len(mixers) == 1 else _v2().RandomChoice(mixers)
