@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 # The suite runs in two worker processes (pyproject.toml); one thread each keeps them from
-# fighting over the cores.
+# fighting over the cores, and so does one thread in every process a test starts (the CLI,
+# torchrun's ranks), unless the test asks for more.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A binary ResNet-18 at 1/8 width on 16x16 synthetic images: every part of the real
 # pipeline runs, in about a second per stage.
