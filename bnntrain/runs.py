@@ -23,12 +23,6 @@ def has_checkpoint(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.glob("*/last.pt"))
 
 
-def run_folder(path: Path) -> Path:
-    """The run folder a `resume=` path names: the folder itself, or <run> of <run>/<stage>/last.pt."""
-    path = Path(path).expanduser()
-    return path.parent.parent if path.is_file() else path
-
-
 def resume_target(path: Path, overrides: list[str]) -> tuple[Path, list[str], list[str]]:
     """The run folder to continue, the overrides that made it plus today's (less `resume`),
     and the lines of its record that were refused (see `untrusted.saved_overrides`).
