@@ -94,9 +94,17 @@ INVALID = {
     "seed not a number": (["seed=abc"], ["seed must be a whole number"]),
     "run folder name too long": ([f"hydra.run.dir={{tmp}}/{LONG}"], ["hydra.run.dir", "300 bytes", "allows 255"]),
     "data.root too long": (["data=folder", f"data.root=/tmp/{LONG}"], ["data.root", "300 bytes"]),
-    "precision mode as quantizer": (["model.quantizer=clamp"], ["precision mode", "stage.activations",
-                                                                "approx_sign, ste_sign, swish_sign"]),
-    "identity as quantizer": (["model.quantizer=identity"], ["model.quantizer", "approx_sign, ste_sign, swish_sign"]),
+    "precision mode as quantizer": (["model.input_quantizer.name=clamp"], ["precision mode", "stage.activations",
+                                                                          "approx_sign, ste_sign, swish_sign"]),
+    "precision mode by the old key": (["model.quantizer=clamp"], ["precision mode",
+                                                                  "approx_sign, ste_sign, swish_sign"]),
+    "identity as quantizer": (["model.input_quantizer.name=identity"],
+                              ["model.input_quantizer", "approx_sign, ste_sign, swish_sign"]),
+    "argument the quantizer lacks": (["+model.input_quantizer.beta=3"], ["model.input_quantizer=ste_sign",
+                                                                          "takes no arguments; got beta"]),
+    "unknown weight gradient": (["model.weight_quantizer.gradient=both"], ["model.weight_quantizer.gradient",
+                                                                           "scaled, unscaled"]),
+    "old weight_scale not a flag": (["model.weight_scale=maybe"], ["model.weight_scale", "true or false"]),
     "unknown block activation": (["model.activation=gelu"], ["model.activation", "identity, prelu, relu, rprelu"]),
     "unknown optimizer": (["optimizer.name=lion", "optimizer.lr=1e-3", "optimizer.weight_decay=0"],
                           ["optimizer.name", "adam, adamw, sgd"]),
@@ -179,3 +187,33 @@ def test_a_failed_write_leaves_the_earlier_file_whole(tmp_path):
     with pytest.raises(UserError, match="cannot write .*last.pt: No space left on device"):
         atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"the earlier checkpoint" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_old_quantizer_keys_build_the_same_model_with_one_note():
+    """A config saved before input_quantizer / weight_quantizer (the fixture checkpoint's) and
+    the old keys on the command line build what the new keys build."""
+    from bnntrain import notes
+    from bnntrain.models import build_model
+    from bnntrain.nn import binary_layers
+    from test_config import make
+
+    def quantizers(model_cfg):
+        torch.manual_seed(0)
+        model = build_model(model_cfg, num_classes=10, in_channels=1)
+        return ([(layer.input_quantizer.config(), layer.weight_quantizer.config(), layer.threshold is not None)
+                 for _, layer in binary_layers(model)], model.state_dict())
+
+    saved = torch.load(PACKAGE.parent / "tests/fixtures/reactnet18_w0.0625_v0.1.pt", weights_only=True)["config"]
+    assert "quantizer" in saved["model"] and "input_quantizer" not in saved["model"]
+    notes.drain()
+    old, old_weights = quantizers(saved["model"])
+    assert any("model.quantizer, model.weight_scale, model.weight_gradient are now read as" in n for n in notes.drain())
+    new, new_weights = quantizers(make("model=reactnet18", "model.width=0.0625").model)
+    assert old == new and old[0] == ({"name": "approx_sign"}, {"name": "scaled_sign", "gradient": "unscaled"}, True)
+    assert old_weights.keys() == new_weights.keys()
+    assert all(torch.equal(old_weights[k], new_weights[k]) for k in old_weights)
+    cli, _ = quantizers(make("model=tricks_resnet18", "model.width=0.0625", "model.quantizer=approx_sign",
+                             "model.weight_gradient=unscaled", "model.learnable_threshold=true",
+                             "model.bn_position=after_conv", "model.activation=rprelu", "model.downsample=v2",
+                             "model.stem_activation=identity", "model.bn_momentum=0.1").model)
+    assert cli == new

@@ -13,7 +13,7 @@ from bnntrain.engine import Trainer
 from bnntrain.losses import Objective
 from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, set_precision
-from bnntrain.nn.quantizers import SteSign
+from bnntrain.nn.quantizers import INPUT_QUANTIZERS
 from conftest import TINY, results
 from test_config import make
 from test_scale import adam_steps, record_convs, skipped_steps
@@ -92,7 +92,7 @@ def test_fused_sign_conv_matches_the_reference_on_cuda():
     y.backward(g)
     gx, gw = x.grad.clone(), conv.weight.grad.clone()
     x.grad, conv.weight.grad = None, None
-    ref = F.conv2d(SteSign.apply(x), conv.quantized_weight(), None, 1, 1)
+    ref = F.conv2d(INPUT_QUANTIZERS.get("ste_sign")()(x), conv.quantized_weight(), None, 1, 1)
     ref.backward(g)
     assert torch.allclose(y, ref, atol=1e-4) and torch.allclose(gx, x.grad, atol=1e-4)
     assert torch.allclose(gw, conv.weight.grad, rtol=1e-3, atol=1e-3)

@@ -13,9 +13,10 @@ from bnntrain import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import ConfigError
 from bnntrain.nn import BinaryConv2d, BinaryLinear
+from conftest import need
 from test_export import VARIANTS, digits, digits_test_set, export_variant  # noqa: F401 (a fixture)
 
-numba = pytest.importorskip("numba", reason="bnntrain.infer needs the optional extra `infer` (numba)")
+numba = need("numba", extra="infer")  # bnntrain.infer's kernels
 from bnntrain import infer  # noqa: E402  (needs numba)
 
 numba.set_num_threads(1)  # the suite's two workers share two cores
@@ -37,8 +38,8 @@ CONVS = {
 
 def binary_layer(cin, cout, kernel, stride, padding, dilation, groups, threshold=True, scale=True):
     torch.manual_seed(0)
-    conv = BinaryConv2d(cin, cout, kernel, stride, padding, groups=groups, bias=True, weight_scale=scale,
-                        learnable_threshold=threshold)
+    conv = BinaryConv2d(cin, cout, kernel, stride, padding, groups=groups, bias=True,
+                        weight_quantizer="scaled_sign" if scale else "sign", learnable_threshold=threshold)
     conv.dilation = (dilation, dilation)
     with torch.no_grad():
         conv.bias.normal_()

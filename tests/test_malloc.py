@@ -26,7 +26,7 @@ from bnntrain.nn.layers import BinaryConv2d
 if sys.argv[1] == "keep":
     assert tune_glibc_malloc()
 torch.set_num_threads(1)
-conv = BinaryConv2d(32, 32, 3, padding=1, quantizer="approx_sign", learnable_threshold=True)
+conv = BinaryConv2d(32, 32, 3, padding=1, input_quantizer="approx_sign", learnable_threshold=True)
 x = torch.randn(8, 32, 56, 56, requires_grad=True)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for step in range(8):

@@ -28,9 +28,9 @@ TRICKS = {
     "downsample v2": ["model.downsample=v2"],
     "downsample v3": ["model.downsample=v3"],
     "strided conv shortcut": ["model.downsample=conv"],
-    "approx_sign": ["model.quantizer=approx_sign"],
-    "swish_sign beta 3": ["model.quantizer=swish_sign", "+model.quantizer_args.beta=3.0"],
-    "no weight scale": ["model.weight_scale=false"],
+    "approx_sign": ["model.input_quantizer.name=approx_sign"],
+    "swish_sign beta 3": ["model.input_quantizer.name=swish_sign", "+model.input_quantizer.beta=3.0"],
+    "no weight scale": ["~model.weight_quantizer", "+model.weight_quantizer={name:sign}"],
     "rsign threshold": ["model.learnable_threshold=true"],
     "bn momentum 0.3": ["model.bn_momentum=0.3"],  # neither the preset's 0.2 nor PyTorch's 0.1
     "reordered stem pooling": ["model.stem=imagenet", "model.stem_pool_order=conv_pool_bn_act"],
@@ -46,10 +46,15 @@ TRICKS = {
     "bn after the conv": ["model.bn_position=after_conv"],
     "stem without activation": ["model.stem_activation=identity"],
     "parameter-free shortcut": ["model.downsample=pool"],
-    "unscaled weight gradient": ["model.weight_gradient=unscaled"],
+    "unscaled weight gradient": ["model.weight_quantizer.gradient=unscaled"],
     "bi-real init": ["model.binary_init=small_positive"],
     "birealnet34": ["model=birealnet34"],
     "reactnet_a": ["model=reactnet_a"],
+    # The names before input_quantizer / weight_quantizer, still read:
+    "old key: approx_sign": ["model.quantizer=approx_sign"],
+    "old keys: swish_sign beta 3": ["model.quantizer=swish_sign", "+model.quantizer_args.beta=3.0"],
+    "old key: no weight scale": ["model.weight_scale=false"],
+    "old key: unscaled weight gradient": ["model.weight_gradient=unscaled"],
 }
 
 
@@ -69,6 +74,11 @@ def test_trick_trains_and_stage1_checkpoint_loads_into_stage2(trick):
     set_precision(stage2, "binary", "binary")
     out = stage2(x)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def block_options(**overrides):
+    """The model group's block options (configs/model/_base.yaml), with `overrides`."""
+    return BlockOptions.from_config(make().model, **overrides)
 
 
 def blocks(model):
@@ -121,8 +131,9 @@ def check_collection_block(model):
     assert_block_computes(blocks(model)[5], prelu_of(blocks(model)[5]))
     assert downsampling_shortcuts(model) == [[nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d]] * 3  # v1
     assert all(b.attention is None for b in blocks(model))
-    assert all(c.groups == 1 and c.threshold is None and c.weight_scale and c.binarize
-               and c.weight_gradient == "scaled" for c in binary_convs(model))
+    assert all(c.groups == 1 and c.threshold is None and c.binarize
+               and c.input_quantizer.config() == {"name": "ste_sign"}
+               and c.weight_quantizer.config() == {"name": "scaled_sign", "gradient": "scaled"} for c in binary_convs(model))
     assert_sign_gradient(model, ste)
     assert all(b.norm_first and [n.num_features for n in b.norms] == [b.convs[0].in_channels] for b in blocks(model))
     assert len(batchnorms(model)) == 20 and all(bn.momentum == 0.2 for bn in batchnorms(model))  # trick 10's 0.2
@@ -216,7 +227,7 @@ def check_swish_beta_3(model):
 
 def check_no_weight_scale(model):
     for conv in binary_convs(model):
-        assert not conv.weight_scale
+        assert conv.weight_quantizer.config() == {"name": "sign"}
         assert set(conv.quantized_weight().unique().tolist()) == {-1.0, 1.0}  # signs alone
 
 
@@ -304,7 +315,7 @@ def check_parameter_free_shortcut(model):
 
 def check_unscaled_gradient(model):
     conv = binary_convs(model)[0]
-    assert all(c.weight_gradient == "unscaled" for c in binary_convs(model))
+    assert all(c.weight_quantizer.config()["gradient"] == "unscaled" for c in binary_convs(model))
     conv.quantized_weight().sum().backward()  # Bi-Real's code: g where |w| < 1, not times the scale
     torch.testing.assert_close(conv.weight.grad, (conv.weight.abs() < 1).float())
 
@@ -324,7 +335,7 @@ def check_bireal_block(model, depths):
     assert all(type(b.act) is nn.Identity for b in blocks(model))
     assert downsampling_shortcuts(model) == [[nn.AvgPool2d, nn.Conv2d, nn.BatchNorm2d]] * 3  # v2
     assert [type(m) for m in model.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.Identity]
-    assert all(c.weight_gradient == "unscaled" for c in binary_convs(model))
+    assert all(c.weight_quantizer.config()["gradient"] == "unscaled" for c in binary_convs(model))
     assert all(bn.momentum == 0.1 for bn in batchnorms(model))
     assert_block_computes(blocks(model)[4], lambda t: t, bn_first=False)
 
@@ -395,6 +406,10 @@ STRUCTURE = {
     "bi-real init": check_bireal_init,
     "birealnet34": lambda model: check_bireal_block(model, [6, 8, 12, 6]),
     "reactnet_a": check_reactnet_a,
+    "old key: approx_sign": check_quantizer(approx_sign),
+    "old keys: swish_sign beta 3": check_swish_beta_3,
+    "old key: no weight scale": check_no_weight_scale,
+    "old key: unscaled weight gradient": check_unscaled_gradient,
 }
 
 
@@ -427,7 +442,7 @@ def test_stage_precision_switches_the_conv():
 
 def test_channel_attention_scales_the_binary_conv_output():
     torch.manual_seed(0)
-    block = BinaryBlock(8, 8, 1, BlockOptions(attention="se", se_reduction=2, activation="identity")).eval()
+    block = BinaryBlock(8, 8, 1, block_options(attention="se", se_reduction=2, activation="identity")).eval()
     x = torch.randn(2, 8, 6, 6)
     real = block.norms[0](x)
     expected = block.convs[0](real) * block.attention[0](real) + x
@@ -443,7 +458,7 @@ def test_channel_attention_scales_the_binary_conv_output():
     ("conv", [nn.Conv2d, nn.BatchNorm2d]),
 ])
 def test_downsampling_shortcuts(variant, types):
-    block = BinaryBlock(8, 16, 2, BlockOptions(downsample=variant))
+    block = BinaryBlock(8, 16, 2, block_options(downsample=variant))
     assert [type(m) for m in block.shortcut] == types
     assert all(not isinstance(m, BinaryConv2d) for m in block.shortcut)  # real-valued
     if variant == "v3":
@@ -453,7 +468,7 @@ def test_downsampling_shortcuts(variant, types):
 
 
 def test_seed_bottleneck_as_written():
-    opts = BlockOptions()
+    opts = block_options()
     down = TricksBottleneck(256, 128, 2, opts)
     assert down.has_branch and isinstance(down.branch[2], nn.AvgPool2d) and down.branch[2].kernel_size == 2
     assert down.conv1.stride == (2, 2) and down.conv1.kernel_size == (1, 1)  # the collection strides the 1x1
@@ -495,3 +510,29 @@ def test_resnet18_shapes_and_parameter_count(data, size, kernel):
     feats = model.stages(model.stem(torch.randn(1, 3, size, size)))
     assert feats.shape == ((1, 512, 7, 7) if size == 224 else (1, 512, 4, 4))
     assert model(torch.randn(2, 3, size, size)).shape == (2, classes)
+
+
+@pytest.mark.parametrize("preset", ["reactnet18", "birealnet18"])
+def test_a_binary_classifier_is_built_like_every_other_binary_layer(preset):
+    """Its quantizers, RSign threshold and initialisation are the model's."""
+    model = model_from("model.width=0.125", f"model={preset}", "model.binary_classifier=true")
+    conv, classifier = binary_convs(model)[0], model.classifier
+    assert isinstance(classifier, BinaryLinear)
+    assert classifier.input_quantizer.config() == conv.input_quantizer.config() == {"name": "approx_sign"}
+    assert classifier.weight_quantizer.config() == conv.weight_quantizer.config()
+    assert (classifier.threshold is None) == (conv.threshold is None) == (preset == "birealnet18")
+    small = preset == "birealnet18"  # Bi-Real's U[0, 0.001)
+    assert (classifier.weight.min() >= 0 and classifier.weight.max() < 1e-3) == small
+
+
+def test_a_checkpoint_whose_model_config_does_not_build_is_a_checkpoint_error():
+    from bnntrain.errors import CheckpointError
+    from bnntrain.models import model_from_checkpoint
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(make("model.width=0.125").model, resolve=True)
+    state = {"config": {"model": {**model, "binary_init": "gaussian"}}, "num_classes": 10, "in_channels": 3,
+             "model": {}}
+    with pytest.raises(CheckpointError, match="saved.pt: its model config does not build: unknown model.binary_init "
+                                              "'gaussian'; expected one of: default, small_positive"):
+        model_from_checkpoint(state, "saved.pt")

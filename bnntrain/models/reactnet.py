@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..nn.blocks import BinaryBlock, BlockOptions
 from .registry import MODELS
-from .resnet import binary_or_real_classifier
+from ..registry import choose
+from .resnet import STEMS, binary_or_real_classifier
 
 # The stem's channels, then each block's output channels (the official `stage_out_channel`).
 CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
@@ -35,7 +36,7 @@ class ReActNetA(nn.Module):
         unit = max(1, round(CHANNELS[0] * width))
         channels = [unit * c // CHANNELS[0] for c in CHANNELS]
         # ImageNet: the stem halves 224 to 112. On small images (stem: cifar) it keeps the size.
-        stride = 2 if stem == "imagenet" else 1
+        stride = 2 if choose("model.stem", stem, STEMS) == "imagenet" else 1
         self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, stride, 1, bias=False), opts.norm(channels[0]))
         blocks = []
         for i, (cin, cout) in enumerate(zip(channels, channels[1:])):

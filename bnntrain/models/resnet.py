@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..nn.blocks import BinaryBlock, BlockOptions, TricksBottleneck
+from ..registry import choose
 from ..nn.layers import BinaryLinear
 from .registry import MODELS
 
@@ -36,7 +36,9 @@ BasicBlockBuilder = Callable[[int, int, int, BlockOptions], tuple[list[nn.Module
 SKIPS: dict[str, BasicBlockBuilder] = {"double": double_skip, "single": single_skip}
 
 
+STEMS = {"cifar": (3, 1), "imagenet": (7, 2)}  # kernel and stride of the first conv
 STEM_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "identity": nn.Identity}
+STEM_ORDERS = {"conv_bn_act_pool": ("conv", "bn", "act", "pool"), "conv_pool_bn_act": ("conv", "pool", "bn", "act")}
 
 
 def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts: BlockOptions,
@@ -47,21 +49,15 @@ def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts:
     which pools before BN and the activation. `activation`: ReLU as in ResNet, or none
     (`identity`) as in Bi-Real Net and ReActNet, whose stem ends in BN.
     """
-    if kind not in ("cifar", "imagenet"):
-        raise ConfigError(f"unknown model.stem '{kind}'; expected cifar or imagenet")
-    if activation not in STEM_ACTIVATIONS:
-        raise ConfigError(f"unknown model.stem_activation '{activation}'; expected one of: "
-                          f"{', '.join(STEM_ACTIVATIONS)}")
-    kernel, stride = (3, 1) if kind == "cifar" else (7, 2)
+    kernel, stride = STEMS[choose("model.stem", kind, STEMS)]
+    order = STEM_ORDERS[choose("model.stem_pool_order", pool_order, STEM_ORDERS)]
     conv = (opts.conv(in_channels, channels, kernel, stride) if binary
             else nn.Conv2d(in_channels, channels, kernel, stride, kernel // 2, bias=False))
-    layers = {"conv": conv, "bn": opts.norm(channels), "act": STEM_ACTIVATIONS[activation]()}
+    layers = {"conv": conv, "bn": opts.norm(channels),
+              "act": STEM_ACTIVATIONS[choose("model.stem_activation", activation, STEM_ACTIVATIONS)]()}
     if kind == "imagenet":
         layers["pool"] = nn.MaxPool2d(3, 2, 1)
-    orders = {"conv_bn_act_pool": ("conv", "bn", "act", "pool"), "conv_pool_bn_act": ("conv", "pool", "bn", "act")}
-    if pool_order not in orders:
-        raise ConfigError(f"unknown model.stem_pool_order '{pool_order}'; expected one of: {', '.join(orders)}")
-    return nn.Sequential(*(layers[k] for k in orders[pool_order] if k in layers))
+    return nn.Sequential(*(layers[k] for k in order if k in layers))
 
 
 class BinaryResNet(nn.Module):
@@ -73,9 +69,7 @@ class BinaryResNet(nn.Module):
                  binary_classifier: bool = False, **block_options: Any) -> None:
         super().__init__()
         opts = BlockOptions(**block_options)
-        if skip not in SKIPS:
-            raise ConfigError(f"unknown model.skip '{skip}'; expected one of: {', '.join(SKIPS)}")
-        make_block = bottleneck if use_bottleneck else SKIPS[skip]
+        make_block = bottleneck if use_bottleneck else SKIPS[choose("model.skip", skip, SKIPS)]
         # `width` scales every layer; `widen` (trick 15) multiplies the channels of the binary stages.
         stem_channels = max(1, round(BASE_CHANNELS[0] * width))
         self.stem = make_stem(in_channels, stem_channels, stem, stem_pool_order, opts, binary_stem, stem_activation)
@@ -104,8 +98,7 @@ class BinaryResNet(nn.Module):
 def binary_or_real_classifier(features: int, num_classes: int, opts: BlockOptions, binary: bool) -> nn.Module:
     if not binary:
         return nn.Linear(features, num_classes)
-    return BinaryLinear(features, num_classes, quantizer=opts.quantizer, quantizer_args=opts.quantizer_args,
-                        weight_scale=opts.weight_scale, binarize=opts.binarize, weight_gradient=opts.weight_gradient)
+    return BinaryLinear(features, num_classes, **opts.binary_layer())
 
 
 @MODELS.register("resnet18")

@@ -1,6 +1,7 @@
 from .blocks import BinaryBlock, BlockOptions, TricksBottleneck
-from .layers import BinaryConv2d, BinaryLinear, binary_layers, set_precision
-from .quantizers import PRECISION_MODES, SIGN_ESTIMATORS, binarize_weight, sign
+from .layers import ACTIVATION_MODES, WEIGHT_MODES, BinaryConv2d, BinaryLinear, binary_layers, set_precision
+from .quantizers import INPUT_QUANTIZERS, PRECISION_MODES, WEIGHT_QUANTIZERS, Quantizer, sign
 
-__all__ = ["PRECISION_MODES", "SIGN_ESTIMATORS", "BinaryBlock", "BinaryConv2d", "BinaryLinear", "BlockOptions",
-           "TricksBottleneck", "binarize_weight", "binary_layers", "set_precision", "sign"]
+__all__ = ["ACTIVATION_MODES", "INPUT_QUANTIZERS", "PRECISION_MODES", "WEIGHT_MODES", "WEIGHT_QUANTIZERS",
+           "BinaryBlock", "BinaryConv2d", "BinaryLinear", "BlockOptions", "Quantizer", "TricksBottleneck",
+           "binary_layers", "set_precision", "sign"]

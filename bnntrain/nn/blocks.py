@@ -10,15 +10,15 @@ convs under one shortcut; `kernel=1` gives ReActNet-A's pointwise half.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import Registry, choose
 from .layers import BinaryConv2d
+from .quantizers import QuantizerSpec
 from .shortcuts import halve, shortcut
 
 BN_POSITIONS = ("before_sign", "after_conv")
@@ -26,31 +26,37 @@ BN_POSITIONS = ("before_sign", "after_conv")
 
 @dataclass
 class BlockOptions:
-    """Everything a block needs to know about the tricks; filled from the `model` config."""
+    """Everything a block needs to know about the tricks. The values, and what each means,
+    are the `model` config group's (configs/model/base.yaml): no defaults here to drift."""
 
-    quantizer: str = "ste_sign"            # trick 1: ste_sign | approx_sign | swish_sign
-    quantizer_args: dict = field(default_factory=dict)
-    weight_scale: bool = True              # per-channel mean |w| (XNOR-Net / Bi-Real)
-    weight_gradient: str = "scaled"        # scaled (larq) | unscaled (Bi-Real/ReActNet code)
-    binary_init: str = "default"           # default | small_positive (Bi-Real's U[0, 0.001))
-    learnable_threshold: bool = False      # ReActNet's RSign
-    bn_position: str = "before_sign"       # before_sign (the collection) | after_conv (Bi-Real, ReActNet)
-    activation: str = "prelu"              # trick 2: prelu | relu | identity | rprelu
-    downsample: str = "v1"                 # trick 4: v1 | v2 | v3 | conv | pool
-    bn_momentum: float = 0.1               # trick 10 (PyTorch convention)
-    attention: str | None = None           # trick 13: se | None
-    se_reduction: int = 16
-    groups: int = 1                        # trick 15: grouped binary 3x3 convs
-    binarize: bool = True                  # False: the real-valued twin
+    input_quantizer: QuantizerSpec   # trick 1: the sign estimator
+    weight_quantizer: QuantizerSpec
+    binary_init: str
+    learnable_threshold: bool        # ReActNet's RSign
+    bn_position: str
+    activation: str                  # trick 2
+    downsample: str                  # trick 4
+    bn_momentum: float               # trick 10 (PyTorch convention)
+    attention: str | None            # trick 13
+    se_reduction: int
+    groups: int                      # trick 15: grouped binary 3x3 convs
+    binarize: bool                   # False: the real-valued twin
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any], **overrides: Any) -> BlockOptions:
+        """The block options among a `model` config's keys, with `overrides`."""
+        return cls(**{f.name: overrides[f.name] if f.name in overrides else model[f.name] for f in fields(cls)})
 
     def norm(self, channels: int) -> nn.BatchNorm2d:
         return nn.BatchNorm2d(channels, momentum=self.bn_momentum)
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> BinaryConv2d:
-        return BinaryConv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups,
-                            quantizer=self.quantizer, quantizer_args=self.quantizer_args,
-                            weight_scale=self.weight_scale, learnable_threshold=self.learnable_threshold,
-                            binarize=self.binarize, weight_gradient=self.weight_gradient, init=self.binary_init)
+        return BinaryConv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, **self.binary_layer())
+
+    def binary_layer(self) -> dict[str, Any]:
+        """What every binary layer of the model takes: quantizers, threshold, init."""
+        return {"input_quantizer": self.input_quantizer, "weight_quantizer": self.weight_quantizer,
+                "learnable_threshold": self.learnable_threshold, "binarize": self.binarize, "init": self.binary_init}
 
     def shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
         return shortcut(cin, cout, stride, self.downsample, self.norm)
@@ -105,12 +111,8 @@ class BinaryBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1,
                  kernel: int = 3) -> None:
         super().__init__()
-        if opts.attention not in ATTENTION:
-            raise ConfigError(f"unknown model.attention '{opts.attention}'; expected se or null")
-        if opts.bn_position not in BN_POSITIONS:
-            raise ConfigError(f"unknown model.bn_position '{opts.bn_position}'; expected one of: "
-                              f"{', '.join(BN_POSITIONS)}")
-        self.norm_first = opts.bn_position == "before_sign"
+        choose("model.attention", opts.attention, ATTENTION)
+        self.norm_first = choose("model.bn_position", opts.bn_position, BN_POSITIONS) == "before_sign"
         ins = [cin if i == 0 else cout for i in range(convs)]
         self.norms = nn.ModuleList(opts.norm(c if self.norm_first else cout) for c in ins)
         # A grouped conv needs both channel counts divisible by the groups; the stem-facing
@@ -149,7 +151,7 @@ class TricksBottleneck(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int, opts: BlockOptions) -> None:
         super().__init__()
         if opts.attention is not None:
-            raise ConfigError("model.attention is not available on the collection's bottleneck (resnet50)")
+            raise ValueError("model.attention is not available on the collection's bottleneck (resnet50)")
         cout = planes * self.expansion
         self.bn1, self.bn2, self.bn3, self.bn4 = (opts.norm(c) for c in (cin, planes, planes, cout))
         self.conv1 = opts.conv(cin, planes, 1, stride)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..registry import choose
 
 Norm = Callable[[int], nn.Module]
 
@@ -41,7 +41,7 @@ class Repeat(nn.Module):
 
 def _parameter_free(cin: int, cout: int, stride: int) -> nn.Module:
     if cout % cin:
-        raise ConfigError(f"model.downsample=pool repeats channels; it cannot map {cin} to {cout} channels")
+        raise ValueError(f"model.downsample=pool repeats channels; it cannot map {cin} to {cout} channels")
     layers = ([halve()] if stride == 2 else []) + ([Repeat(cout // cin)] if cout != cin else [])
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
@@ -61,7 +61,4 @@ def shortcut(cin: int, cout: int, stride: int, downsample: str, norm: Norm) -> n
         "v3": lambda: nn.Sequential(proj(), norm(cout), nn.AvgPool2d(3, 2, 1)),
         "conv": lambda: nn.Sequential(proj(stride), norm(cout)),
     }
-    if downsample not in variants:
-        raise ConfigError(f"unknown model.downsample '{downsample}'; expected one of: "
-                          f"{', '.join([*variants, 'pool'])}")
-    return variants[downsample]()
+    return variants[choose("model.downsample", downsample, [*variants, "pool"])]()

@@ -1,0 +1,103 @@
+"""What a quantizer is: one module that owns everything about one way of quantizing a tensor.
+
+Every binary quantizer returns +1 for x >= 0 and -1 otherwise, or a scale times that
+(sign(0) = +1, so a binary tensor never holds zeros); they differ in the gradient they pass
+back. A binary layer holds one for its input and one for its weight (layers.py), built by
+name from the config (`model.input_quantizer: {name: approx_sign}`) or given as an object.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, ClassVar, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+from ...registry import Registry
+
+
+def sign(x: Tensor) -> Tensor:
+    """+1 or -1 by the sign bit of x, in x's dtype: sign(0) = +1, so a binary tensor holds no
+    zeros. (IEEE's negative zero, which only a product with a negative factor yields, maps to
+    -1.) copysign is one pass over memory, several times faster than a compare-and-select."""
+    return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x)
+
+
+class Quantizer(nn.Module):
+    """One way to quantize a tensor. A subclass states:
+
+    - `forward(x)`: the quantized tensor, carrying the quantizer's own gradient;
+    - `values(x)`: the values forward(x) may take, along a new last dimension that
+      broadcasts against x (e.g. [-1, +1], or [-alpha, +alpha] per output channel);
+    - `bits`: what one quantized value costs in the cost report;
+    - `channel_scaled`: its values are +-(a scale per output channel), which the packed
+      export keeps beside the signs;
+    - `fused`: how a binary conv may fuse it with the convolution (sign_conv.py) and keep
+      exactly its gradient: "mask" (the gradient is g where `mask(x)` holds; the conv keeps
+      one byte per input), "input" (`gradient(x, g)` needs x; the conv keeps x), or None
+      (the conv runs it unfused, never with another gradient);
+    - `arguments()`: its constructor's arguments, so `config()` gives back what built it;
+    - `set_progress(progress)`: a schedule over the stage's epochs (0 at the first, towards
+      1 at the last), which the training loop calls at each epoch's start; none by default.
+    """
+
+    name: ClassVar[str]
+    bits: ClassVar[int] = 1
+    channel_scaled: ClassVar[bool] = False
+    fused: ClassVar[str | None] = None
+
+    def values(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mask(self, x: Tensor) -> Tensor:
+        """Where the gradient passes, for `fused = "mask"`."""
+        raise NotImplementedError
+
+    def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
+        """The gradient with respect to x, for `fused = "input"`; `signs` is sign(x) where the
+        caller has it at hand."""
+        raise NotImplementedError
+
+    def arguments(self) -> dict[str, Any]:
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.arguments()}
+
+    def set_progress(self, progress: float) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.arguments().items())
+
+
+QuantizerSpec = Union[str, Mapping[str, Any], Quantizer]
+
+# Read `model.input_quantizer` and `model.weight_quantizer`: a sign estimator for the
+# activations, a binarizer for the latent weights. Each entry is a Quantizer subclass.
+INPUT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.input_quantizer")
+WEIGHT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.weight_quantizer")
+
+
+def registered(registry: Registry[type[Quantizer]], name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator: registers a quantizer under `name`, which it also takes as its own."""
+    def add(cls: type[Quantizer]) -> type[Quantizer]:
+        cls.name = name
+        return registry.register(name)(cls)
+    return add
+
+
+def build_quantizer(registry: Registry[type[Quantizer]], spec: QuantizerSpec) -> Quantizer:
+    """A quantizer from a name, a `{name: ..., <arguments>}` mapping, or itself."""
+    if isinstance(spec, Quantizer):
+        return spec
+    options = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = options.pop("name", None)
+    cls = registry.get(name)
+    accepted = [p.name for p in inspect.signature(cls).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise ValueError(f"{registry.kind}={name} takes {', '.join(accepted) or 'no arguments'}; "
+                         f"got {', '.join(unknown)}")
+    return cls(**options)

@@ -1,0 +1,106 @@
+"""The sign estimators for a binary layer's input: the forward is sign(x); the gradient is the
+estimator's. Each saves the least its backward needs: a boolean mask where the gradient is
+a clipped identity, x itself only where the gradient's shape depends on it. Activation
+memory, not compute, limits BNN batch sizes."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .base import INPUT_QUANTIZERS, Quantizer, registered, sign
+
+_PLUS_MINUS_ONE = torch.tensor([-1.0, 1.0])
+
+
+class MaskedSign(torch.autograd.Function):
+    """sign(x) with the gradient g where mask(x) holds, else 0; saves the boolean mask."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.save_for_backward(mask(x))
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+class SurrogateSign(torch.autograd.Function):
+    """sign(x) with a surrogate gradient formula of x; saves x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gradient: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.gradient = gradient
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.gradient(x, grad), None
+
+
+class MaskedSignEstimator(Quantizer):
+    """sign(x) (values -1 and +1) whose gradient is g where `mask(x)` holds."""
+
+    fused = "mask"
+
+    def values(self, x: Tensor) -> Tensor:
+        return _PLUS_MINUS_ONE.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return MaskedSign.apply(x, self.mask)
+
+
+class SurrogateSignEstimator(Quantizer):
+    """sign(x) (values -1 and +1) whose gradient is `gradient(x, g)`."""
+
+    fused = "input"
+
+    def values(self, x: Tensor) -> Tensor:
+        return _PLUS_MINUS_ONE.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return SurrogateSign.apply(x, self.gradient)
+
+
+@registered(INPUT_QUANTIZERS, "ste_sign")
+class SteSign(MaskedSignEstimator):
+    """The collection's BinActive: gradient g where |x| < 1, else 0."""
+
+    def mask(self, x: Tensor) -> Tensor:
+        return x.abs() < 1
+
+
+_TWO = torch.tensor(2.0)
+
+
+@registered(INPUT_QUANTIZERS, "approx_sign")
+class ApproxSign(SurrogateSignEstimator):
+    """Bi-Real Net's ApproxSign (a piecewise-quadratic sign): g * (2 - 2|x|) where |x| < 1,
+    else 0 (2 at 0, 0 at |x| = 1: the official polynomial's)."""
+
+    def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
+        # With sign(x) at hand, |x| is x * sign(x), exactly, and 2 - 2|x| one pass; then in
+        # place on that one temporary.
+        slope = torch.addcmul(_TWO.to(x.dtype), x, signs, value=-2) if signs is not None else x.abs().mul_(-2).add_(2)
+        return slope.clamp_(min=0).mul_(grad)
+
+
+@registered(INPUT_QUANTIZERS, "swish_sign")
+class SwishSign(SurrogateSignEstimator):
+    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+
+    def __init__(self, beta: float = 5.0) -> None:  # BNN+'s default beta
+        super().__init__()
+        self.beta = beta
+
+    def arguments(self) -> dict[str, Any]:
+        return {"beta": self.beta}
+
+    def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
+        bx = self.beta * x
+        return grad * (self.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx)))
