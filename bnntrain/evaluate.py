@@ -21,13 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from .config import last_stage, one_line, run_tool, split_args
-from .engine import Trainer, distributed, load_checkpoint
+from .config import group_base, last_stage, one_line, run_tool, split_args
+from .engine import distributed, layout, load_checkpoint
 from .engine.recalibrate import recalibrate_batchnorm
-from .engine.setup import configure_malloc, resolve_device, trainer_options
+from .engine.setup import resolve_device
 from .errors import ConfigError
 from .files import refuse_overwrite, write_text
-from .models import model_from_checkpoint
+from .registry import UnknownChoice
 from .untrusted import inert
 
 USAGE = "usage: python -m bnntrain.evaluate ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH] [key=value ...]"
@@ -39,7 +39,9 @@ def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
         return last_stage(["stage=1", *overrides])
     # The checkpoint's config is data: read literally (no resolver runs), and it downloads
     # nothing (only data.download=true on the command line does).
-    saved = OmegaConf.create(inert({k: state["config"][k] for k in ("data", "augment", "trainer")}))
+    saved = OmegaConf.create(inert(layout.config_groups(state, ("data", "augment", "trainer"))))
+    for group in ("data", "augment"):  # a key added since the checkpoint was saved: its preset value
+        saved[group] = OmegaConf.merge(group_base(group), saved[group])
     if "download" in saved.data:
         saved.data.download = False
     OmegaConf.set_struct(saved, True)
@@ -50,36 +52,35 @@ def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
 
 
 def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
-    from .data import build_loaders
+    from .engine.build import build_evaluation
 
     state = load_checkpoint(ckpt)
     cfg = eval_config(state, overrides)
-    device = resolve_device(cfg.trainer.device)
-    configure_malloc(cfg.trainer.get("malloc", "auto"), device)  # checkpoints from before the key have none
-    distributed.init(str(device))
-    loaders = build_loaders(cfg.data, cfg.augment, device=device)
+    distributed.init(str(resolve_device(cfg.trainer.device)))
+    try:  # the saved config is not checked as a planned stage is (checks.check_builds)
+        parts = build_evaluation(cfg, state, str(ckpt))
+    except UnknownChoice as err:
+        raise ConfigError(str(err)) from None
+    loaders, trainer = parts.loaders, parts.trainer
     if cfg.data.channels != state["in_channels"]:
         raise ConfigError(f"{ckpt} takes {state['in_channels']}-channel images; data={cfg.data.name} has "
                           f"{cfg.data.channels}")
     if loaders.num_classes != state["num_classes"]:
         raise ConfigError(f"{ckpt} predicts {state['num_classes']} classes; data={cfg.data.name} has "
                           f"{loaders.num_classes}")
-    model = model_from_checkpoint(state, str(ckpt))
-    options = trainer_options(cfg.trainer, device)
-    model.to(device)
-    trainer = Trainer(model, None, None, device, amp=options["amp"], channels_last=options["channels_last"])
     show = distributed.is_main() and (cfg.trainer.progress == "bar" or
                                       (cfg.trainer.progress == "auto" and sys.stderr.isatty()))
     batches = tqdm(loaders.test, desc="evaluating", leave=False, dynamic_ncols=True) if show else loaders.test
     start = time.time()
     recalibrated = {}
-    if cfg.trainer.get("bn_recalibrate"):
+    if cfg.trainer.get("bn_recalibrate"):  # checkpoints from before the key have none
         recalibrated["before_recalibration"] = trainer.evaluate(loaders.test)
         recalibrated["recalibration_seconds"] = recalibrate_batchnorm(
-            model, loaders.train.unmixed(), cfg.trainer.bn_recalibrate, device, trainer.memory_format, trainer.autocast)
+            parts.model, loaders.train.unmixed(), cfg.trainer.bn_recalibrate, trainer.forward)
     metrics = trainer.evaluate(batches)
-    return {**recalibrated, "checkpoint": str(ckpt), "stage": state["stage"], "data": cfg.data.name, "root": cfg.data.get("root"),
-            "images": len(loaders.test.dataset), **metrics, "seconds": round(time.time() - start, 1)}
+    return {**recalibrated, "checkpoint": str(ckpt), "stage": state["stage"], "data": cfg.data.name,
+            "root": cfg.data.get("root"), "images": len(loaders.test.dataset), **metrics,
+            "seconds": round(time.time() - start, 1)}
 
 
 def run(argv: list[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .complexity import CostReport, count_costs, precision
 from .config import plan, run_tool, split_args
-from .engine import load_checkpoint
+from .engine import layout, load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .models import build_model, model_from_checkpoint
 from .nn import binary_layers
@@ -39,9 +39,9 @@ def checkpoint_report(path: str) -> tuple[str, CostReport]:
     try:
         model = model_from_checkpoint(state, path)
         _, layer = next(binary_layers(model), (None, None))
-        data = state["config"]["data"]
-        report = count_costs(model, (state["in_channels"], data["image_size"], data["image_size"]))
-        title = f"{path}: model {state['config']['model']['name']}, {state['stage']}"
+        size = layout.image_size(state)
+        report = count_costs(model, (state["in_channels"], size, size))
+        title = f"{path}: model {layout.model_config(state)['name']}, {state['stage']}"
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as err:
         # What the file says cannot be built or run (a forged shape, a config missing a key):
         # the file is at fault, and the error names it, with torch's or Python's first line.

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bnntrain import cli
 from bnntrain.errors import UserError
-from conftest import TINY, results, run_cli, write_image_folder
+from conftest import TINY, need, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error
 from test_resume import ENV, assert_same
 
@@ -30,10 +30,10 @@ ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=96", "data.test
 # over the whole run), or killed outright after writing a checkpoint AT batches into an epoch.
 SIGNAL_AT = """
 import os, signal, sys
-import bnntrain.engine.trainer as trainer, bnntrain.stage as stage
+import bnntrain.engine.trainer as trainer, bnntrain.engine.hooks as hooks
 from bnntrain.cli import main
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))
-steps, save = [0], stage.save_checkpoint
+steps, save = [0], hooks.save_checkpoint
 def train_step(self, *args, _step=trainer.Trainer.train_step, **kwargs):
     out = _step(self, *args, **kwargs)
     steps[0] += 1
@@ -44,7 +44,7 @@ def save_then_die(state, path):
     save(state, path)
     if how == "KILL_AFTER_SAVE" and state["position"]["batches"] == at:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.Trainer.train_step, stage.save_checkpoint = train_step, save_then_die
+trainer.Trainer.train_step, hooks.save_checkpoint = train_step, save_then_die
 main()
 """
 
@@ -87,20 +87,29 @@ def test_a_stop_signal_saves_says_how_to_resume_and_resumes_exactly(sig, straigh
     assert resumed.returncode == 0, resumed.stderr
     assert "after epoch 1 and 3 batches of epoch 2" in resumed.stdout
     assert_same_run(straight, run)
+    # The resumed epoch's train loss is over all its batches, those before the stop included.
+    assert epoch_line(resumed.stdout, "stage1 epoch 2/2") == epoch_line((straight / "cli.log").read_text(),
+                                                                         "stage1 epoch 2/2")
+
+
+def epoch_line(log, start):
+    """The line an epoch logs, from its stage and epoch to the test top-5 (not the seconds)."""
+    (line,) = [line[line.index(start):line.rindex("(")] for line in log.splitlines() if start in line and "lr " in line]
+    return line
 
 
 # `python -m bnntrain`, sent SIGTERM while the AT-th stage builds its data loaders, before it trains.
 SIGNAL_WHILE_LOADING = """
 import os, signal, sys
-import bnntrain.stage as stage
+import bnntrain.engine.build as build_module
 from bnntrain.cli import main
-at, build, calls = int(sys.argv.pop(1)), stage.build_loaders, [0]
+at, build, calls = int(sys.argv.pop(1)), build_module.build_loaders, [0]
 def build_loaders(*args, **kwargs):
     calls[0] += 1
     if calls[0] == at:
         os.kill(os.getpid(), signal.SIGTERM)
     return build(*args, **kwargs)
-stage.build_loaders = build_loaders
+build_module.build_loaders = build_loaders
 main()
 """
 
@@ -336,7 +345,7 @@ def processes_with(*words: str) -> list[int]:
 def test_a_preempted_submitit_job_requeues_itself_and_resumes(straight, tmp_path):
     """submitit's own mechanism, with its local executor: its preemption signal (USR2) stops
     the job with a checkpoint, submitit requeues it, and it goes on where it stopped."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    need("hydra_plugins.hydra_submitit_launcher", extra="slurm")
     sweep = tmp_path / "sweep"
     args = [*ARGS, "trainer.device=cpu", "trainer.checkpoint_every.steps=1"]
     job = subprocess.Popen([sys.executable, "-m", "bnntrain", "-m", "hydra/launcher=submitit_local", *args,

@@ -48,7 +48,7 @@ def test_recalibration_touches_no_weight_and_no_random_stream():
     random.seed(5)
     np.random.seed(5)
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    seconds = recalibrate_batchnorm(model, loaders.train.unmixed(), 3, torch.device("cpu"))
+    seconds = recalibrate_batchnorm(model, loaders.train.unmixed(), 3)
     assert seconds > 0
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
@@ -59,6 +59,23 @@ def test_recalibration_touches_no_weight_and_no_random_stream():
         else:
             assert torch.equal(after[key], value), key  # weights, and the batch counter training goes on from
     assert [bn.momentum for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d)][0] == 0.2
+
+
+def test_the_statistics_are_the_exact_average_over_the_batches_used():
+    """A cumulative average of each batch's mean and (unbiased) variance over the first
+    `count` batches, not a moving average that weighs the last batches more."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.1))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 6, 6, generator=g) * (1 + i) + i, None) for i in range(4)]  # unlike each other
+    recalibrate_batchnorm(model, batches, 3)  # the fourth is not used
+    with torch.no_grad():
+        outs = [model[0](x).transpose(0, 1).flatten(1) for x, _ in batches[:3]]
+    mean = torch.stack([o.mean(1) for o in outs]).mean(0)
+    var = torch.stack([o.var(1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.1
 
 
 @pytest.mark.slow
@@ -94,7 +111,7 @@ import sys
 from bnntrain.engine import distributed
 
 distributed.init("cpu")
-recalibrate_batchnorm(model, batches[distributed.rank()::2], 2, torch.device("cpu"))  # two batches each
+recalibrate_batchnorm(model, batches[distributed.rank()::2], 2)  # two batches each
 stats = torch.cat([model[1].running_mean, model[1].running_var]).tolist()
 with open(f"{sys.argv[1]}/rank{distributed.rank()}.json", "w") as f:  # a file each: ranks' stdout lines interleave
     json.dump(stats, f)
@@ -111,7 +128,7 @@ def test_ranks_average_their_statistics_as_one_process_would(tmp_path):
     assert out.returncode == 0, out.stderr
     ranks = [torch.tensor(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
     alone = {}
-    exec(SETUP + "recalibrate_batchnorm(model, batches, 4, torch.device('cpu'))", alone)  # one process, all four
+    exec(SETUP + "recalibrate_batchnorm(model, batches, 4)", alone)  # one process, all four
     single = torch.cat([alone["model"][1].running_mean, alone["model"][1].running_var])
     assert len(ranks) == 2 and torch.equal(ranks[0], ranks[1])
     torch.testing.assert_close(ranks[0], single, rtol=1e-5, atol=1e-6)

@@ -5,27 +5,49 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnntrain import summary
-from bnntrain.stage import _activations
+from bnntrain import pipeline, summary
+from bnntrain.engine import Trainer
+from bnntrain.engine.hooks import activations_at
 from conftest import TINY, results, run_cli
+
+
+@pytest.fixture
+def epoch_starts(monkeypatch):
+    """The weights every `Trainer.train_epoch` call starts from, in call order."""
+    starts, train_epoch = [], Trainer.train_epoch
+
+    def spy(self, *args, **kwargs):
+        starts.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return train_epoch(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    return starts
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_stage0_switches_from_leaky_clip_to_clamp_half_way():
     stage = OmegaConf.create({"activations": "leaky_clip", "switch": {"at": 0.5, "activations": "clamp"}})
-    assert [_activations(stage, e, 4) for e in range(4)] == ["leaky_clip", "leaky_clip", "clamp", "clamp"]
-    assert _activations(OmegaConf.create({"activations": "binary"}), 3, 4) == "binary"
+    assert [activations_at(stage, e, 4) for e in range(4)] == ["leaky_clip", "leaky_clip", "clamp", "clamp"]
+    assert activations_at(OmegaConf.create({"activations": "binary"}), 3, 4) == "binary"
 
 
 @pytest.mark.slow
-def test_three_stage_pipeline_hands_weights_along_and_reports_each_precision(tmp_path, capsys):
+def test_three_stage_pipeline_hands_weights_along_and_reports_each_precision(tmp_path, capsys, epoch_starts):
     run = tmp_path / "run"
-    out = run_cli(TINY + ["stage=three_stage", "schedule.epochs=2"], run)
-    assert out.returncode == 0, out.stderr
+    pipeline.run(TINY + ["stage=three_stage", "schedule.epochs=2"], run)
     assert list(results(run)) == ["stage0", "stage1", "stage2"]
     s0, s1 = (torch.load(run / f"stage{i}/last.pt", weights_only=True) for i in (0, 1))
     assert s0["config"]["stage"]["activations"] == "leaky_clip" and s0["config"]["stage"]["weights"] == "real"
     assert s0["precision"] == {"activations": "clamp", "weights": "real"}  # its second half: clamp
     assert s1["init_from"] == str(run / "stage0/last.pt")
+    # Two epochs a stage: stage 1's first epoch starts from stage 0's last weights, stage 2's from stage 1's.
+    assert len(epoch_starts) == 6
+    assert_same_tensors(epoch_starts[2], s0["model"])
+    assert_same_tensors(epoch_starts[4], s1["model"])
     check_summaries(run, capsys)
 
 
@@ -65,6 +87,19 @@ def test_stage0_alone(tmp_path):
     assert s0["init_from"] is None and s0["precision"]["weights"] == "real"
     cost = json.loads((tmp_path / "run/stage0/cost.json").read_text())["totals"]
     assert cost["bops"] == 0 and cost["binary_params"] == 0  # real-valued pre-training: nothing binary
+
+
+@pytest.mark.slow
+def test_stage2_starts_from_stage1s_last_weights_learned_thresholds_included(tmp_path, epoch_starts):
+    """ReActNet's RSign thresholds and RPReLU shifts are trained in stage 1 and handed over
+    with the weights: stage 2 starts from every tensor of stage 1's last.pt."""
+    run = tmp_path / "run"
+    pipeline.run(["model=reactnet18", "model.width=0.0625", "schedule.epochs=1", "trainer.progress=plain"], run)
+    s1 = torch.load(run / "stage1/last.pt", weights_only=True)["model"]
+    thresholds = [k for k in s1 if "threshold" in k]
+    assert thresholds and any(s1[k].abs().max() > 0 for k in thresholds)  # learned: moved from their zero start
+    assert len(epoch_starts) == 2
+    assert_same_tensors(epoch_starts[1], s1)
 
 
 # Stage 2's top-1 on the digits' 360 test images, measured with seed 0: birealnet18 93.06%,

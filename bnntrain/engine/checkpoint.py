@@ -1,13 +1,9 @@
 """Checkpoints: plain dicts of tensors and containers, written atomically, read with weights_only.
 
-A checkpoint holds `model` (the state dict: names -> tensors), `num_classes` and
-`in_channels` (what the model was built for), `optimizer`, `scheduler`, `objective`,
-`trainer` (the loop's step and gradient scaler), `epoch` (epochs completed), `stage`,
-`precision`, `metrics` (of the last evaluation), `best_top1`, `config` (the resolved stage
-config as plain containers), `init_from` (the checkpoint this stage started from, or None)
-and `checksum` ("sha256:<hex>" of all the others, see `bnntrain.files.checksum`), which
-loading checks and removes: a file whose contents do not match it is refused as damaged. A
-file from before checksums loads with a note.
+What a stage checkpoint holds is defined in `layout.py`. Each file also holds `checksum`
+("sha256:<hex>" of all the other entries, see `bnntrain.files.checksum`), which loading
+checks and removes: a file whose contents do not match it is refused as damaged. A file
+from before checksums loads with a note.
 """
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..files import CHECKSUM_KEY, checksum, save_tensors
-
-REQUIRED_KEYS = ("model", "num_classes", "in_channels", "epoch", "stage", "config")
+from .layout import REQUIRED_KEYS
 # What torch's weights_only unpickler says of a pickle that imports or calls something
 # (code), and the name it gives; its other refusals are of malformed pickles.
 CODE_IN_PICKLE = re.compile(r"GLOBAL (\S+)|call reduce|create new object|Can only build")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -39,13 +39,17 @@ def rng_untouched():
         torch.set_rng_state(state[2])
 
 
+def _plain(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int, device: torch.device,
-                          memory_format: torch.memory_format = torch.contiguous_format,
-                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int,
+                          forward: Callable[[nn.Module, torch.Tensor], Any] = _plain) -> float:
     """Re-estimate every BN's running mean and variance from `count` batches; return the seconds
     it took. `model` is the module itself, not a DDP wrapper (which would broadcast rank 0's
-    statistics at every forward pass)."""
+    statistics at every forward pass); `forward(model, images)` runs it as the loop does
+    (`Trainer.forward`: the device, memory format and autocast of the run)."""
     norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms or count <= 0:
         return 0.0
@@ -60,8 +64,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int, devic
         for i, (images, _) in enumerate(batches):
             if i == count:
                 break
-            with autocast():
-                model(images.to(device, non_blocking=True, memory_format=memory_format))
+            forward(model, images)
     model.train(was_training)
     for bn, (momentum, tracked) in zip(norms, saved):
         bn.momentum = momentum

@@ -1,6 +1,6 @@
 """The one training loop every stage runs: forward, loss, backward, step; and evaluation.
 
-Logging, checkpoints and the epoch loop live beside it (`bnntrain.stage`), not inside it.
+Logging, checkpoints and the epoch loop live beside it (`bnntrain.stage`, engine/hooks.py), not inside it.
 The loop never calls `.item()` except every `log_every` steps, so on a GPU it does not
 wait for the device between steps.
 """
@@ -26,10 +26,12 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, optimizer: Optimizer, device: torch.device,
-                 log_every: int = 50, amp: str | None = None, channels_last: bool = False,
+                 log_every: int | None = None, amp: str | None = None, channels_last: bool = False,
                  grad_clip: float | None = None, accumulate: int = 1) -> None:
         """`objective(model, images, targets)` returns the batch loss (see bnntrain.losses).
 
+        The options are `trainer.*` as `engine.setup.trainer_options` resolves them; left out,
+        each is off. `log_every`: optimizer steps between logged (and checked) training losses.
         `amp` (bf16 | fp16 | None) runs forward passes under autocast; fp16 adds a gradient
         scaler. `accumulate` sums gradients over that many batches per optimizer step.
         """
@@ -55,6 +57,12 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """`model` (this trainer's, or the module inside it) on a batch as the loop feeds it:
+        moved to the device, in the memory format, under autocast."""
+        with self.autocast():
+            return model(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, update: bool = True,
                    window: int = 1) -> torch.Tensor:
@@ -103,7 +111,7 @@ class Trainer:
                 continue
             self.step += 1
             self.progress = {"batches": i, "loss_sum": total}
-            if self.step % self.log_every == 0:
+            if self.log_every and self.step % self.log_every == 0:
                 self._report(logged.item() / logged_steps, on_log)
                 logged.zero_()
                 logged_steps = 0
@@ -125,10 +133,8 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(4, device=self.device)  # loss sum, top-1 hits, top-5 hits, samples
         for images, targets in batches:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            logits = self.forward(self.model, images)
             targets = targets.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.model(images)
             loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
             top1, top5 = topk_correct(logits, targets)
             sums += torch.stack([loss, top1.float(), top5.float(), torch.tensor(float(len(targets)), device=self.device)])
