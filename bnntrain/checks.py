@@ -5,14 +5,16 @@ First the types and ranges in `RULES`, the paths and the values that depend on e
 other; then the choices: the model, optimizer, schedule and transforms are built once,
 the model on the meta device (no memory, no compute), so that an unknown name fails here
 with its registry's error listing the valid ones, and a bad combination fails as it would
-in training.
+in training. The builders raise plain ValueErrors; `check_builds` is the one place that
+turns them into the one-line ConfigError. A choice list here is the one its code owns.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,19 +54,32 @@ def optional(check: Check) -> Check:
     return (lambda v: v is None or ok(v)), f"null or {what}"
 
 
+class Owned:
+    """`one_of` the choices that the code owns (`"optim.DECAYED"`: a tuple, or a mapping's
+    keys, in a module of bnntrain), between `before` and `after`; looked up when the check is
+    unpacked, as a value is checked: composing a config, and its one-line errors, import no torch."""
+
+    def __init__(self, where: str, before: tuple = (), after: tuple = ()) -> None:
+        self.where, self.before, self.after = where, before, after
+
+    def __iter__(self) -> Iterator:
+        module, name = self.where.rsplit(".", 1)
+        owned = getattr(importlib.import_module(f"bnntrain.{module}"), name)
+        return iter(one_of(*self.before, *owned, *self.after))
+
+
 POSITIVE = number(0, low_open=True, what="a positive number")
 NON_NEGATIVE = number(0, what="zero or a positive number")
 FRACTION = number(0, 1)
-ACTIVATIONS = ("binary", "real", "leaky_clip", "clamp")  # precision modes a stage sets
 
-RULES: dict[str, Check] = {
+RULES: dict[str, Check | Owned] = {
     "seed": whole(0, 2**64 - 1),  # what torch's generators take
-    "stage.activations": one_of(*ACTIVATIONS),
-    "stage.weights": one_of("binary", "real"),
+    "stage.activations": Owned("nn.ACTIVATION_MODES"),
+    "stage.weights": Owned("nn.WEIGHT_MODES"),
     "stage.color_jitter": flag(),
     "stage.needs_init": flag(),
     "stage.switch.at": FRACTION,
-    "stage.switch.activations": one_of(*ACTIVATIONS),
+    "stage.switch.activations": Owned("nn.ACTIVATION_MODES"),
     "data.batch_size": whole(1),
     "data.num_workers": whole(0),
     "data.image_size": whole(1),
@@ -78,7 +93,7 @@ RULES: dict[str, Check] = {
     "model.groups": whole(1),
     "model.bn_momentum": FRACTION,
     "model.se_reduction": whole(1),
-    "model.weight_scale": flag(),
+    "model.weight_scale": optional(flag()),  # the old name (null: not set); the quantizers check at build
     "model.learnable_threshold": flag(),
     "model.binary_stem": flag(),
     "model.binary_classifier": flag(),
@@ -86,7 +101,7 @@ RULES: dict[str, Check] = {
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.momentum": number(0, 1, high_open=True),
-    "optimizer.weight_decay_on": one_of("all", "weights", "4d"),
+    "optimizer.weight_decay_on": Owned("optim.DECAYED"),
     "optimizer.gradient_centralization": flag(),
     "optimizer.weight_clip": optional(POSITIVE),
     "schedule.epochs": whole(1),
@@ -101,7 +116,7 @@ RULES: dict[str, Check] = {
     "distill.kd_weight": FRACTION,
     "distill.temperature": POSITIVE,
     "distill.feature_weight": NON_NEGATIVE,
-    "trainer.amp": one_of("auto", "bf16", "fp16", None),
+    "trainer.amp": Owned("engine.trainer.AMP_DTYPES", before=("auto",), after=(None,)),
     "trainer.channels_last": one_of("auto", True, False),
     "trainer.compile": flag(),
     "trainer.malloc": one_of("auto", "keep", "release"),
@@ -113,11 +128,11 @@ RULES: dict[str, Check] = {
     "trainer.bn_recalibrate": whole(0),
     "trainer.checkpoint_every.steps": optional(whole(1)),
     "trainer.checkpoint_every.minutes": optional(POSITIVE),
-    "data.bad_images": one_of("error", "skip"),
+    "data.bad_images": Owned("data.samples.BAD_IMAGES"),
     "data.max_bad_images": whole(0),
     "data.verify": flag(),
-    "data.batch_augment": one_of("auto", True, False),
-    "data.decoder": one_of("auto", "pillow", "torchcodec"),
+    "data.batch_augment": Owned("data.BATCH_AUGMENT"),
+    "data.decoder": Owned("data.transforms.DECODERS"),
     "trainer.progress": one_of("auto", "bar", "plain"),
 }
 PATHS = ("data.root", "init", "resume", "distill.teacher.checkpoint", "distill.teacher.weights")
@@ -170,17 +185,17 @@ def check_relations(cfg: DictConfig) -> None:
     if (schedule.get("warmup_lr") or 0) > cfg.optimizer.lr:
         raise ConfigError(f"schedule.warmup_lr ({schedule.warmup_lr}) must not exceed optimizer.lr "
                           f"({cfg.optimizer.lr}): the warm-up leads up to the lr")
-    distill = cfg.get("distill")
+    distill = cfg.get("distill")  # absent without distill=
     if distill and cfg.stage.name in distill.stages:
         teacher = distill.teacher
-        if not teacher.get("checkpoint") and not teacher.get("torchvision"):
+        if not teacher.checkpoint and not teacher.torchvision:
             raise ConfigError("distillation needs a teacher: distill.teacher.checkpoint=PATH (a bnntrain checkpoint) "
                               "or distill.teacher.torchvision=NAME with distill.teacher.weights=PATH")
-        if teacher.get("torchvision") and not teacher.get("weights"):
+        if teacher.torchvision and not teacher.weights:
             raise ConfigError(f"distill.teacher.torchvision={teacher.torchvision} needs distill.teacher.weights=PATH "
                               f"(a state dict)")
         for key in ("checkpoint", "weights"):
-            path = teacher.get(key)
+            path = teacher[key]
             if not path or path == "init" or (key == "weights" and _published(teacher.torchvision, path)):
                 continue
             if not Path(path).expanduser().is_file():
@@ -194,7 +209,16 @@ def _published(architecture: str | None, weights: str) -> bool:
 
 
 def check_builds(cfg: DictConfig) -> None:
-    """Build what the stage will build, once, where it costs nothing."""
+    """Build what the stage will build, once, where it costs nothing. What a builder raises
+    about a value (a ValueError: an unknown name, options that do not go together) is the
+    ConfigError of its message."""
+    try:
+        build_once(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_once(cfg: DictConfig) -> None:
     import torch
 
     from .data.datasets import DATASETS, RGB_DATASETS
@@ -210,9 +234,9 @@ def check_builds(cfg: DictConfig) -> None:
     for key in ("mean", "std"):
         if len(cfg.data[key]) != cfg.data.channels:
             raise ConfigError(f"data.{key} has {len(cfg.data[key])} values for data.channels={cfg.data.channels}")
-    build_transform(cfg.augment.get("train"))
-    build_transform(cfg.augment.get("test"))
-    num_classes = cfg.data.get("num_classes") or 10  # a folder dataset counts its classes when it loads
+    build_transform(cfg.augment.train)
+    build_transform(cfg.augment.test)
+    num_classes = cfg.data.num_classes or 10  # a folder dataset counts its classes when it loads
     build_batch_mixing(cfg.augment, num_classes)
     trainer_options(cfg.trainer, resolve_device(cfg.trainer.device))
     with torch.device("meta"):
@@ -220,11 +244,11 @@ def check_builds(cfg: DictConfig) -> None:
     check_model_size(model, cfg)
     set_precision(model, cfg.stage.activations, cfg.stage.weights)
     build_scheduler(cfg.schedule, build_optimizer(cfg.optimizer, model))
-    distill = cfg.get("distill")
+    distill = cfg.get("distill")  # absent without distill=
     if distill and cfg.stage.name in distill.stages:
         layers = dict(model.named_modules())
-        missing = [student for student, _ in distill.get("feature_pairs") or [] if student not in layers]
-        if distill.get("feature_weight") and missing:
+        missing = [student for student, _ in distill.feature_pairs or [] if student not in layers]
+        if distill.feature_weight and missing:
             raise ConfigError(f"distill.feature_pairs: the model has no layer '{missing[0]}'")
 
 

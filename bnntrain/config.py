@@ -4,8 +4,9 @@ Every entry point composes through here: the command line (before Hydra starts, 
 each stage inside the run), `bnntrain.summary`, `scripts/bench.py` and the tests. A
 stage's config comes about in five steps:
 
-1. Hydra composes `configs/config.yaml` with the overrides. A pipeline choice
-   (`stage=two_stage`) lists its stages in `stage.run`.
+1. Hydra composes `configs/config.yaml` with the overrides. Each preset of a group extends
+   the group's `_base.yaml`, which holds every key the group's presets share. A pipeline
+   choice (`stage=two_stage`) lists its stages in `stage.run`.
 2. Each stage is composed as `stage=N` with the same overrides, so that a stage of a
    pipeline trains exactly as the same stage run alone.
 3. The stage's own overrides, `stages.<name>.<key>=...`, are merged into it.
@@ -202,7 +203,7 @@ def finish_stage(cfg: DictConfig, init: str | None, world_size: int = 1) -> Dict
         raise ConfigError(one_line(str(err))) from None
     del values["stages"]
     fill_from_recipe(values["optimizer"], values["stage"].pop("recipe", None) or {}, name)
-    if not values["stage"]["color_jitter"] and "color_jitter" in (values["augment"].get("train") or {}):
+    if not values["stage"]["color_jitter"] and "color_jitter" in (values["augment"]["train"] or {}):
         values["augment"]["train"]["color_jitter"] = None  # trick 9: the stage trains without it
     values["init"] = init
     if values["trainer"]["scale_lr"] and world_size > 1:  # linear scaling with the global batch
@@ -221,13 +222,21 @@ def fill_from_recipe(optimizer: dict[str, Any], recipe: dict[str, Any], stage: s
     """`optimizer.lr` / `weight_decay` left null take the stage recipe's values for this optimizer."""
     values = recipe.get(optimizer["name"]) or {}
     for key in ("lr", "weight_decay"):
-        if optimizer.get(key) is not None:
+        if optimizer[key] is not None:
             continue
         if values.get(key) is None:
             written = f"it is written for {', '.join(recipe)}" if recipe else "it states none"
             raise ConfigError(f"{stage}'s recipe has no {key} for optimizer={optimizer['name']} ({written}); "
                               f"give optimizer.{key}=... (or stages.{stage}.optimizer.{key}=...)")
         optimizer[key] = values[key]
+
+
+def group_base(group: str) -> DictConfig:
+    """What every preset of a config group holds (`configs/<group>/_base.yaml`): for a config
+    saved before a key was added, the value every preset has had since."""
+    from importlib import resources
+
+    return OmegaConf.create(resources.files(CONFIG_MODULE).joinpath(group, "_base.yaml").read_text())
 
 
 def last_stage(overrides: list[str]) -> DictConfig:
@@ -250,9 +259,9 @@ def one_line(message: str) -> str:
     message = message.split("Config search path:")[0]
     lines = [line.strip() for line in message.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
     text = " ".join(lines)
-    # "Available options in 'data': a b c" reads better as a list.
-    return re.sub(r"(Available options in '[^']+':) (.*)$", lambda m: f"{m.group(1)} {', '.join(m.group(2).split())}",
-                  text)
+    # "Available options in 'data': a b c" reads better as a list; a group's _base is no option.
+    return re.sub(r"(Available options in '[^']+':) (.*)$",
+                  lambda m: f"{m.group(1)} {', '.join(o for o in m.group(2).split() if not o.startswith('_'))}", text)
 
 
 def error_line(err: BaseException) -> str:

@@ -20,7 +20,7 @@ from .models import model_from_checkpoint
 
 def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Module:
     teacher_cfg = cfg.teacher
-    if teacher_cfg.get("checkpoint"):
+    if teacher_cfg.checkpoint:
         path = teacher_cfg.checkpoint
         if path == "init":  # label refinery: the model this stage starts from
             if init is None:
@@ -31,8 +31,8 @@ def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Mod
         if teacher.classifier.out_features != num_classes:
             raise ConfigError(f"the teacher {path} predicts {teacher.classifier.out_features} classes, "
                               f"this data has {num_classes}")
-    elif teacher_cfg.get("torchvision"):
-        teacher = _torchvision_teacher(teacher_cfg.torchvision, teacher_cfg.get("weights"), num_classes)
+    elif teacher_cfg.torchvision:
+        teacher = _torchvision_teacher(teacher_cfg.torchvision, teacher_cfg.weights, num_classes)
     else:
         raise ConfigError("distillation needs a teacher: distill.teacher.checkpoint=PATH (a bnntrain checkpoint) "
                           "or distill.teacher.torchvision=NAME with distill.teacher.weights=PATH")

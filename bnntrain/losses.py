@@ -106,12 +106,13 @@ class Objective(nn.Module):
 
 
 def build_objective(cfg: DictConfig, model: nn.Module, num_classes: int, teacher: nn.Module | None) -> Objective:
-    """The objective of one stage, from `cfg.loss` and `cfg.distill`."""
+    """The objective of one stage, from `cfg.loss` and, where this stage has a teacher, `cfg.distill`."""
     center_cfg = cfg.loss.center
     use_center = center_cfg.weight > 0 and cfg.stage.name in center_cfg.stages
     center = CenterLoss(num_classes, model.num_features) if use_center else None
-    distill = (cfg.get("distill") or {}) if teacher is not None else {}
-    return Objective(model, label_smoothing=cfg.loss.label_smoothing, teacher=teacher,
-                     kd_weight=distill.get("kd_weight", 0.0), temperature=distill.get("temperature", 1.0),
-                     feature_weight=distill.get("feature_weight", 0.0), feature_pairs=distill.get("feature_pairs"),
-                     center=center, center_weight=center_cfg.weight)
+    distill = {}
+    if teacher is not None:  # built only where `distill` names this stage
+        keys = ("kd_weight", "temperature", "feature_weight", "feature_pairs")
+        distill = {key: cfg.distill[key] for key in keys}
+    return Objective(model, label_smoothing=cfg.loss.label_smoothing, teacher=teacher, center=center,
+                     center_weight=center_cfg.weight, **distill)

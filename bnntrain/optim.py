@@ -11,9 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
-from .errors import ConfigError
 from .nn import binary_layers
-from .registry import Registry
+from .registry import Registry, choose
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
 OPTIMIZERS.register("adam")(torch.optim.Adam)      # trick 7: Adam with default betas
@@ -23,22 +22,24 @@ OPTIMIZERS.register("sgd")(torch.optim.SGD)
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> Optimizer:
     """The optimizer over `model`'s parameters (and `extra` ones, such as centre-loss centres,
-    which never take weight decay)."""
+    which never take weight decay). `cfg` is an `optimizer` preset (configs/optimizer/): the
+    keys of its _base.yaml are ours, every other key is an argument of the optimizer."""
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     name = options.pop("name")
-    decay_on = options.pop("weight_decay_on", "all")
-    centralize = options.pop("gradient_centralization", False)
-    clip = options.pop("weight_clip", None)
+    decay_on = options.pop("weight_decay_on")
+    centralize = options.pop("gradient_centralization")
+    clip = options.pop("weight_clip")
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    groups = param_groups(model, options.get("weight_decay", 0.0), decay_on)
+    groups = param_groups(model, options["weight_decay"], decay_on)
     extra = list(extra)
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
+    factory = OPTIMIZERS.get(name)
     try:
-        optimizer = OPTIMIZERS.get(name)(groups, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"optimizer={name}: {err}") from None
+        optimizer = factory(groups, **options)
+    except (TypeError, ValueError) as err:  # an option it does not take, a value it refuses
+        raise ValueError(f"optimizer={name}: {err}") from None
     if centralize:
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: centralize_gradients(weights))
@@ -68,11 +69,10 @@ DECAYED: dict[str, Callable[[nn.Module], set[int]]] = {
 }
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_on: str = "all") -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[dict]:
     """One group where every parameter takes weight decay, else a decayed and an exempt group."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if decay_on not in DECAYED:
-        raise ConfigError(f"unknown optimizer.weight_decay_on '{decay_on}'; expected one of: {', '.join(DECAYED)}")
+    choose("optimizer.weight_decay_on", decay_on, DECAYED)
     if decay_on == "all":
         return [{"params": params}]
     decayed = DECAYED[decay_on](model)
@@ -123,14 +123,3 @@ def build_scheduler(cfg: DictConfig, optimizer: Optimizer) -> lr_scheduler.LRSch
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     return SCHEDULES.get(options.pop("name"))(optimizer, **options)
 
-
-def validate_schedule(cfg: DictConfig) -> None:
-    """Reject schedules that cannot do what they say, before any work starts."""
-    if cfg.epochs < 1:
-        raise ConfigError(f"schedule.epochs must be at least 1; got {cfg.epochs}")
-    late = [m for m in cfg.get("milestones", []) if m >= cfg.epochs]
-    if late:
-        raise ConfigError(f"schedule.milestones {late} lie past the last epoch (schedule.epochs={cfg.epochs}); "
-                          f"each milestone must be below the number of epochs")
-    if cfg.get("warmup_epochs", 0) and not cfg.get("warmup_lr"):
-        raise ConfigError("schedule.warmup_epochs is set but schedule.warmup_lr is not")

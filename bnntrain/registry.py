@@ -1,16 +1,35 @@
-"""A name -> factory table, so configs pick components by name without if/elif chains."""
+"""A name -> factory table, so configs pick components by name without if/elif chains; and
+`choose`, the one check (and message) for an option that names one of a fixed set of choices.
+
+Both raise `UnknownChoice`, a plain ValueError: the code that builds objects (`nn/`, `models/`,
+`optim.py`, `data/`) knows nothing of configs, and `checks.check_builds` turns what it raises
+while building a stage into the one-line `ConfigError`.
+"""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
-
-from .errors import ConfigError
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
+V = TypeVar("V")
+
+
+class UnknownChoice(ValueError):
+    """A name that is not among the choices of an option."""
+
+
+def choose(kind: str, value: V, choices: Iterable[V]) -> V:
+    """`value` if it is among `choices`; otherwise an UnknownChoice naming the option (`kind`,
+    as the config spells it) and the choices."""
+    choices = list(choices)
+    if value not in choices:
+        names = ", ".join("null" if c is None else str(c) for c in choices)
+        raise UnknownChoice(f"unknown {kind} '{value}'; expected one of: {names}")
+    return value
 
 
 class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
-        """`kind` names the choice in errors, as the user sets it (e.g. `model.quantizer`)."""
+        """`kind` names the choice in errors, as the user sets it (e.g. `model.activation`)."""
         self.kind = kind
         self._items: dict[str, T] = {}
 
@@ -27,6 +46,4 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise ConfigError(f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}")
-        return self._items[name]
+        return self._items[choose(self.kind, name, self.names())]

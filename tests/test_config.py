@@ -68,7 +68,7 @@ NEEDS = {"optimizer=sgd": ["optimizer.lr=0.1", "optimizer.weight_decay=1e-4"],
 def test_every_option_of_every_group_composes(group):
     """Every option plans into stages whose every value is resolved and checked, with an lr
     and weight decay for the optimizer it trains with."""
-    for path in sorted((CONFIGS / group).glob("*.yaml")):
+    for path in sorted((CONFIGS / group).glob("[!_]*.yaml")):  # _base.yaml is no option
         choice = f"{group}={path.stem}"
         extra = NEEDS.get(choice, NEEDS.get(group, []) if group == "distill" else [])
         if group == "schedule" and path.stem == "imagenet_warmup":
@@ -95,6 +95,7 @@ def test_task_overrides_skip_flags_and_hydra_keys():
 def test_one_line_lists_the_available_options():
     msg = "In 'config': Could not find 'data/nope'\n\nAvailable options in 'data':\n\ta\n\tb\nConfig search path:\n\tx"
     assert one_line(msg) == "In 'config': Could not find 'data/nope' Available options in 'data': a, b"
+    assert one_line(msg.replace("\ta\n", "\t_base\n\ta\n")).endswith("'data': a, b")  # a base is no option
 
 
 @pytest.mark.slow
@@ -102,10 +103,10 @@ def test_experiment_presets_encode_their_recipes():
     cifar = make("experiment=cifar100_two_stage")
     assert (cifar.data.name, cifar.schedule.epochs, cifar.augment.mixup) == ("cifar100", 350, 0.2)
     assert list(compose(["experiment=cifar100_two_stage"]).stage.run) == ["1", "2"]
-    assert cifar.model.quantizer == "ste_sign"
+    assert cifar.model.input_quantizer.name == "ste_sign"
     inet1, inet = plan(["experiment=imagenet_two_stage"])
     assert (inet.data.name, inet.schedule.epochs, inet.loss.label_smoothing) == ("imagenet", 75, 0.1)
-    assert (inet.model.quantizer, inet.model.skip, inet.model.downsample) == ("approx_sign", "double", "v1")
+    assert (inet.model.input_quantizer.name, inet.model.skip, inet.model.downsample) == ("approx_sign", "double", "v1")
     assert inet1.augment.train.color_jitter.brightness == 0.4
     assert inet.augment.train.color_jitter is None  # stage 2 trains without it, and its config says so
     kd = make("experiment=imagenet_kd", *NEEDS["experiment=imagenet_kd"])

@@ -3,12 +3,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bnntrain.config import compose, plan
 from bnntrain.errors import ConfigError
-from bnntrain.optim import build_optimizer, build_scheduler, validate_schedule
+from bnntrain.optim import build_optimizer, build_scheduler
+
+
+def adam(**values):
+    """The adam preset (configs/optimizer/adam.yaml) with these values."""
+    return OmegaConf.merge(compose([]).optimizer, values)
 
 
 def lrs(schedule: dict, lr: float, epochs: int) -> list[float]:
-    opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": lr, "weight_decay": 0.0}), torch.nn.Linear(1, 1))
+    opt = build_optimizer(adam(lr=lr, weight_decay=0.0), torch.nn.Linear(1, 1))
     sched = build_scheduler(OmegaConf.create(schedule), opt)
     out = []
     for _ in range(epochs):
@@ -19,8 +25,7 @@ def lrs(schedule: dict, lr: float, epochs: int) -> list[float]:
 
 
 def test_adam_with_default_betas_and_weight_decay():
-    opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": 2e-4, "weight_decay": 1e-5,
-                                            "betas": [0.9, 0.999]}), torch.nn.Linear(1, 1))
+    opt = build_optimizer(adam(lr=2e-4, weight_decay=1e-5), torch.nn.Linear(1, 1))
     assert isinstance(opt, torch.optim.Adam)
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (2e-4, 1e-5, (0.9, 0.999))
@@ -47,10 +52,10 @@ def test_one_stage_warmup_then_step_decay():
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"epochs": 100, "milestones": [150]}, "past the last epoch"),
-    ({"epochs": 0}, "at least 1"),
-    ({"epochs": 10, "warmup_epochs": 2}, "warmup_lr"),
+    (["schedule.epochs=30"], "past the last epoch"),
+    (["schedule.epochs=0"], "schedule.epochs must be a whole number >= 1"),
+    (["+schedule.warmup_epochs=2"], "warmup_lr"),
 ])
 def test_invalid_schedules_are_rejected(bad, words):
     with pytest.raises(ConfigError, match=words):
-        validate_schedule(OmegaConf.create(bad))
+        plan(["stage=1", "schedule=imagenet", *bad])

@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.transforms import v2
 
-from bnntrain.data.transforms import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, BatchNormalize, Lighting, build_batch_mixing,
-                                      build_transform)
+from bnntrain.config import compose
+from bnntrain.data.transforms import BatchNormalize, Lighting, build_batch_mixing, build_transform
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import ConfigError
@@ -21,13 +21,26 @@ from test_config import make
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+# AlexNet's ImageNet RGB principal components as fb.resnet.torch (datasets/imagenet.lua)
+# publishes them and every Lighting transform copies them, written out here rather than read
+# from the module under test.
+PUBLISHED_EIGVAL = (0.2175, 0.0188, 0.0045)
+PUBLISHED_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                    (-0.5808, -0.0045, -0.8140),
+                    (-0.5836, -0.6948, 0.4203))
+
+
 def test_lighting_follows_the_pca_formula():
+    assert Lighting(0.1).eigval.tolist() == pytest.approx(PUBLISHED_EIGVAL, abs=1e-7)
+    assert [row.tolist() for row in Lighting(0.1).eigvec] == [pytest.approx(r, abs=1e-7) for r in PUBLISHED_EIGVEC]
     image = torch.rand(3, 8, 8)
     torch.manual_seed(7)
     out = Lighting(0.1)(image)
     torch.manual_seed(7)
-    alpha = torch.randn(3) * 0.1  # the same draw
-    shift = torch.tensor(IMAGENET_EIGVEC) @ (alpha * torch.tensor(IMAGENET_EIGVAL))
+    alpha = (torch.randn(3) * 0.1).tolist()  # the same draw
+    # fb.resnet.torch's arithmetic: channel c moves by sum_j eigvec[c][j] * alpha[j] * eigval[j].
+    shift = torch.tensor([sum(PUBLISHED_EIGVEC[c][j] * alpha[j] * PUBLISHED_EIGVAL[j] for j in range(3))
+                          for c in range(3)])
     assert torch.allclose(out - image, shift.view(3, 1, 1).expand(3, 8, 8), atol=1e-6)
     assert not torch.equal(out, image)
     uint8 = (image * 255).round().to(torch.uint8)
@@ -165,7 +178,8 @@ def test_teacher_of_another_architecture_loads_from_its_checkpoint(tmp_path):
     real34 = build_model(cfg.model, num_classes=10, in_channels=3)
     save_checkpoint({"model": real34.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": "stage1", "init_from": None,
                      "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "teacher.pt")
-    teacher = build_teacher(OmegaConf.create({"teacher": {"checkpoint": str(tmp_path / "teacher.pt")}}), None, 10)
+    kd = compose(["distill=kd"]).distill  # the kd preset, whose teacher is set below
+    teacher = build_teacher(OmegaConf.merge(kd, {"teacher": {"checkpoint": str(tmp_path / "teacher.pt")}}), None, 10)
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(teacher(x), real34.eval()(x), atol=1e-5)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -174,7 +188,7 @@ def test_teacher_of_another_architecture_loads_from_its_checkpoint(tmp_path):
     import torchvision
     tv = torchvision.models.resnet18(num_classes=10)
     torch.save(tv.state_dict(), tmp_path / "tv.pt")
-    loaded = build_teacher(OmegaConf.create({"teacher": {"torchvision": "resnet18", "weights": str(tmp_path / "tv.pt")}}),
+    loaded = build_teacher(OmegaConf.merge(kd, {"teacher": {"torchvision": "resnet18", "weights": str(tmp_path / "tv.pt")}}),
                            None, 10)
     assert torch.allclose(loaded(x), tv.eval()(x), atol=1e-5)
 
@@ -193,7 +207,9 @@ def test_center_loss_pulls_features_to_their_class_centre():
 def test_gradient_centralization_zero_mean_per_output_channel():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
     model(torch.randn(2, 3, 6, 6))
-    opt = build_optimizer(OmegaConf.create({"name": "sgd", "lr": 0.0, "gradient_centralization": True}), model)
+    sgd = OmegaConf.merge(compose(["optimizer=sgd"]).optimizer, {"lr": 0.0, "weight_decay": 0.0,
+                                                                 "gradient_centralization": True})
+    opt = build_optimizer(sgd, model)
     model(torch.randn(2, 3, 6, 6)).pow(2).sum().backward()
     bn_grad = model[1].weight.grad.clone()
     opt.step()
@@ -204,10 +220,9 @@ def test_gradient_centralization_zero_mean_per_output_channel():
 
 def test_weight_decay_exemption():
     model = build_model(make("model.width=0.125", "model=reactnet18").model, num_classes=10, in_channels=3)
-    cfg = {"name": "adam", "lr": 1e-3, "weight_decay": 1e-5}
-    assert len(build_optimizer(OmegaConf.create(cfg), model).param_groups) == 1
-    decayed, exempt = build_optimizer(OmegaConf.create({**cfg, "weight_decay_on": "weights"}),
-                                      model).param_groups
+    cfg = OmegaConf.merge(compose([]).optimizer, {"lr": 1e-3, "weight_decay": 1e-5})  # the adam preset
+    assert len(build_optimizer(cfg, model).param_groups) == 1
+    decayed, exempt = build_optimizer(OmegaConf.merge(cfg, {"weight_decay_on": "weights"}), model).param_groups
     assert decayed["weight_decay"] == 1e-5 and exempt["weight_decay"] == 0.0
     conv_linear = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert {id(p) for p in decayed["params"]} == conv_linear

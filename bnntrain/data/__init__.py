@@ -86,19 +86,20 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     """Train and test batches on `device`; under torchrun each rank gets its share of every batch.
 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
+    Every key of `data` comes from its preset (configs/data/_base.yaml lists them).
     """
     device = torch.device(device)
-    on_batches = augments_on_batches(data.get("batch_augment", "false"), device)
+    on_batches = augments_on_batches(data.batch_augment, device)
     on_device = ON_BATCHES if on_batches else ()  # left out of the workers' per-image transforms
-    decoder = data.get("decoder", "auto")
-    train_tf = build_transform(augment.get("train"), on_device, decoder_for(decoder, augment.get("train"), on_device))
-    test_tf = build_transform(augment.get("test"), decoder=decoder_for(decoder, augment.get("test")))
+    decoder = data.decoder
+    train_tf = build_transform(augment.train, on_device, decoder_for(decoder, augment.train, on_device))
+    test_tf = build_transform(augment.test, decoder=decoder_for(decoder, augment.test))
     train_set, test_set, num_classes = DATASETS.get(data.name)(data, train_tf, test_tf)
-    train_set, test_set = _limit(train_set, data.get("train_limit")), _limit(test_set, data.get("test_limit"))
+    train_set, test_set = _limit(train_set, data.train_limit), _limit(test_set, data.test_limit)
     if len(train_set) == 0 or len(test_set) == 0:
         raise DataError(f"data={data.name}: the train or test split holds no images")
-    policy = data.get("bad_images", "error")
-    if data.get("verify"):
+    policy = data.bad_images
+    if data.verify:
         show = distributed.is_main() and sys.stderr.isatty()
         test_set = verify(test_set, data.num_workers, policy, bad_images, show)
     train_set, test_set = SeededSamples(train_set, seed, policy), SeededSamples(test_set, seed, policy)
@@ -114,9 +115,12 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
     test = DataLoader(test_set, sampler=distributed.ShardSampler(len(test_set)), **common)
     normalize = BatchNormalize(data.mean, data.std)
     train_batches = DeviceBatches(train, device, normalize, build_batch_mixing(augment, num_classes), seed, bad_images,
-                                  build_batch_augment(augment.get("train")) if on_batches else None)
+                                  build_batch_augment(augment.train) if on_batches else None)
     return Loaders(train_batches, DeviceBatches(test, device, normalize, bad_images=bad_images), num_classes,
                    data.channels)
+
+
+BATCH_AUGMENT = ("auto", True, False)  # data.batch_augment
 
 
 def augments_on_batches(setting: str | bool, device: torch.device) -> bool:

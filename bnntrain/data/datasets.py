@@ -37,7 +37,7 @@ class TensorImages(Dataset):
 
 
 def _root(cfg: DictConfig) -> Path:
-    if not cfg.get("root"):
+    if not cfg.root:
         raise DataError(f"data.root is not set: data={cfg.name} needs data.root=PATH to the dataset folder")
     root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
@@ -79,7 +79,7 @@ def synthetic(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
 def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     from .folders import CIFAR100Files
 
-    root = Path(str(cfg.root)).expanduser() if cfg.get("root") else None
+    root = Path(str(cfg.root)).expanduser() if cfg.root else None
     if cfg.download:
         if root is None:
             raise DataError("data.root is not set: data=cifar100 data.download=true needs a folder to download into")

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ..engine.stopping import raise_if_stopped
 from ..errors import DataError
+from ..registry import choose
 from .images import BadImage
 
 BAD_IMAGES = ("error", "skip")
@@ -50,9 +51,8 @@ class SeededSamples(Dataset):
     """`dataset`'s samples as (image, target, bad), each drawn with its own seed; `bad` lists
     (one per line) the unreadable files skipped to get there, or is empty."""
 
-    def __init__(self, dataset: Dataset, seed: int, bad_images: str = "error") -> None:
-        if bad_images not in BAD_IMAGES:
-            raise DataError(f"data.bad_images must be one of {', '.join(BAD_IMAGES)}; got {bad_images!r}")
+    def __init__(self, dataset: Dataset, seed: int, bad_images: str) -> None:
+        choose("data.bad_images", bad_images, BAD_IMAGES)
         self.dataset, self.seed, self.skip, self.epoch = dataset, seed, bad_images == "skip", 0
 
     def __len__(self) -> int:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import Registry, choose
 
 # ImageNet's RGB principal components (trick 9), for Lighting.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -101,12 +101,16 @@ ON_BATCHES = ("color_jitter", "lighting")  # per-pixel colour: they may run on w
 GEOMETRIC = ("resize", "center_crop", "random_crop", "random_resized_crop", "horizontal_flip")
 
 
+DECODERS = ("auto", "pillow", "torchcodec")  # data.decoder
+
+
 def decoder_for(setting: str, spec: DictConfig | None, leave_out: Sequence[str] = ()) -> str:
     """`data.decoder` for one split: `auto` decodes with torchcodec where it is installed and
     the split's per-image transforms are all geometric (decode plus crop on its tensor cost
     about 25% less per full-size JPEG than Pillow's path), and with Pillow where a colour
     transform still runs per image in the workers (stage 1's colour jitter, unless
     `data.batch_augment` moves it: Pillow's colour operations cost about half torch's)."""
+    choose("data.decoder", setting, DECODERS)
     installed = importlib.util.find_spec("torchcodec") is not None
     if setting == "torchcodec" and not installed:
         raise ConfigError("data.decoder=torchcodec needs torchcodec: pip install 'bnntrain[decode]' "

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..config import run_tool, split_args
 from ..errors import ConfigError, DataError
+from ..registry import UnknownChoice, choose
 from . import PackedBinaryConv2d, float_model, load, require_numba, set_threads
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]
@@ -54,11 +55,12 @@ def preset_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from omegaconf import OmegaConf
 
     folder = Path(__file__).parent.parent / "configs" / "data"
-    file = folder / f"{name}.yaml"
-    if not file.is_file():
-        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise ConfigError(f"unknown data preset '{name}'; expected one of: {names}")
-    data = OmegaConf.to_container(OmegaConf.load(file))
+    presets = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))  # _base: no preset
+    try:
+        choose("data preset", name, presets)
+    except UnknownChoice as err:
+        raise ConfigError(str(err)) from None
+    data = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"))
     data = data.get("data", data)  # digits.yaml is a global package
     return tuple(data["mean"]), tuple(data["std"])
 
