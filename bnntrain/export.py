@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import run_tool, split_args
-from .engine import load_checkpoint, load_model_weights
+from .engine import layout, load_checkpoint, load_model_weights
 from .engine.checkpoint import load_tensors
 from .errors import CheckpointError, ConfigError, UserError
 from .files import atomic_write, refuse_overwrite, save_tensors
@@ -67,7 +67,7 @@ class InferenceBinaryLayer(nn.Module):
                       "groups": layer.groups} if isinstance(layer, nn.Conv2d) else None)
         weight = layer.quantized_weight().detach().clone()
         scale = None
-        if self.binary_weights and layer.weight_scale:
+        if self.binary_weights and layer.weight_quantizer.channel_scaled:
             # |sign(w) x s| is s itself: the scale is read back bit for bit.
             scale = weight.abs().flatten(1)[:, :1].reshape(-1, *[1] * (weight.dim() - 1)).clone()
         self.register_buffer("weight", sign(weight) if self.binary_weights else weight)
@@ -175,8 +175,8 @@ def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[s
             packed[layer] = list(value.shape)
         else:
             tensors[key] = value.detach().cpu().clone()  # a compact copy: torch.save writes whole storages
-    config = {"model": state["config"]["model"], "num_classes": state["num_classes"], "in_channels": state["in_channels"],
-              "image_size": state["config"]["data"]["image_size"], "activations": activations,
+    config = {"model": layout.model_config(state), "num_classes": state["num_classes"],
+              "in_channels": state["in_channels"], "image_size": layout.image_size(state), "activations": activations,
               "weights": weights, "stage": state["stage"], "checkpoint": str(source), "packed": packed,
               "folded": folded}
     return {"format": FORMAT, "version": VERSION, "config": json.dumps(config), "tensors": tensors}

@@ -29,11 +29,11 @@ from bnntrain.config import last_stage
 from bnntrain.files import write_text
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
+from bnntrain.engine.build import build_stage
 from bnntrain.engine.malloc import tune_glibc_malloc
 from bnntrain.losses import build_objective
 from bnntrain.models import build_model
 from bnntrain.nn import binary_layers, set_precision
-from bnntrain.optim import build_optimizer, build_scheduler
 
 
 def config(*overrides: str) -> DictConfig:
@@ -81,12 +81,15 @@ def row(name: str, baseline: str, base: float, ours: float, unit: str, target: s
 
 
 def bench_overhead(steps: int, repeats: int) -> list[dict]:
-    """A full bnntrain step (objective, optimizer, scheduler, logging) against a minimal loop."""
-    cfg = config("data=cifar100", "model.width=0.5", "trainer.log_every=10")
+    """A full bnntrain step (objective, optimizer, scheduler, logging), built as a stage builds
+    it, against a minimal loop. (Contiguous tensors and glibc's default malloc for both.)"""
+    cfg = config("data=synthetic", "data.num_classes=100", "model.width=0.5", "trainer.log_every=10",
+                 "trainer.device=cpu", "trainer.channels_last=false", "trainer.malloc=release")
+    parts = build_stage(cfg)  # no init: random weights
+    set_precision(parts.model, cfg.stage.activations, cfg.stage.weights)
     images, targets = torch.randn(64, 3, 32, 32), torch.randint(100, (64,))
     batches = [(images, targets)] * steps
-    plain_model = model_for(cfg)
-    ours_model = copy.deepcopy(plain_model)
+    plain_model = copy.deepcopy(parts.model)
 
     def hand_written(model: torch.nn.Module) -> Callable[[], None]:
         opt = torch.optim.Adam(model.parameters(), 2e-4)
@@ -101,10 +104,7 @@ def bench_overhead(steps: int, repeats: int) -> list[dict]:
 
     plain, plain_twin = hand_written(plain_model), hand_written(copy.deepcopy(plain_model))
 
-    objective = build_objective(cfg, ours_model, 100, None)
-    optimizer = build_optimizer(cfg.optimizer, ours_model, extra=objective.parameters())
-    scheduler = build_scheduler(cfg.schedule, optimizer)
-    trainer = Trainer(ours_model, objective, optimizer, torch.device("cpu"), log_every=cfg.trainer.log_every)
+    trainer, scheduler = parts.trainer, parts.scheduler
     with tempfile.TemporaryDirectory() as tmp:
         logger = StageLogger(Path(tmp), "stage2", 1, progress="plain")
 
@@ -180,7 +180,7 @@ def bench_memory() -> list[dict]:
     ours = model_for(cfg)
     theirs = model_for(cfg)
     for _, layer in binary_layers(theirs):
-        layer._binary_act, layer.fused_sign = CollectionSign.apply, False
+        layer.input_quantizer.forward, layer.fused_sign = CollectionSign.apply, False
     set_precision(theirs, "binary", "binary")
     x = torch.randn(32, 3, 32, 32)
     base, mine = saved_bytes(theirs, x), saved_bytes(ours, x)

@@ -1,12 +1,14 @@
 """Shared helpers: run the real CLI in a subprocess on tiny settings, write tiny datasets."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -23,6 +25,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # pipeline runs, in about a second per stage.
 TINY = ["data=synthetic", "data.image_size=16", "data.train_size=64", "data.test_size=32",
         "data.batch_size=16", "model.width=0.125", "schedule.epochs=1"]
+
+
+def need(*modules: str, extra: str) -> ModuleType:
+    """The optional `modules` (of the extra `extra`), imported; the last is returned. Where one
+    is missing the test is skipped, except under CI (CI=true), where the `dev` extra installs
+    every one of them: there a missing one is a failure, not a silent skip. Called at module
+    level it skips or fails the whole file."""
+    module = None
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            missing = f"{name} is missing ({err}): it comes with pip install -e '.[{extra}]' (or '.[dev]')"
+            break
+    else:
+        return module
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true: {missing}", pytrace=False)
+    pytest.skip(missing, allow_module_level=True)
 
 
 def run_cli(args: list[str], run_dir: Path | None = None, cwd: Path | None = None,

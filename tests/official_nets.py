@@ -4,6 +4,8 @@ birealnet.py`; liuzechun/ReActNet `resnet/*/birealnet.py`, `mobilenet/*/reactnet
 their module names, parameter shapes and arithmetic: torch.sign (0 at 0), the piecewise
 polynomial straight-through gradient, the `a.detach() - b.detach() + b` weight binarizer,
 flat (N, 1) step-2 weights. The tests compare bnntrain's presets and converter against them.
+`width` scales the channels as bnntrain's `model.width` does (the official code is width 1),
+so that a test can run the same arithmetic on a network of a few thousand parameters.
 """
 import torch
 import torch.nn.functional as F
@@ -84,13 +86,14 @@ class BasicBlock(nn.Module):
 
 
 class BiRealNet(nn.Module):
-    def __init__(self, layers=(4, 4, 4, 4), num_classes=1000, react=False, step=2, flat=True):
+    def __init__(self, layers=(4, 4, 4, 4), num_classes=1000, react=False, step=2, flat=True, width=1.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        channels = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, channels[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels[0])
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+        cin = channels[0]
+        for i, (planes, n) in enumerate(zip(channels, layers)):
             blocks = []
             for b in range(n):
                 stride = 2 if i > 0 and b == 0 else 1
@@ -102,7 +105,7 @@ class BiRealNet(nn.Module):
                 cin = planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x):
         x = self.maxpool(self.bn1(self.conv1(x)))
@@ -147,10 +150,10 @@ class ReActBlock(nn.Module):
 
 
 class FirstConv(nn.Module):
-    def __init__(self):
+    def __init__(self, channels=32):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
+        self.conv1 = nn.Conv2d(3, channels, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
 
     def forward(self, x):
         return self.bn1(self.conv1(x))
@@ -159,15 +162,16 @@ class FirstConv(nn.Module):
 class ReActNetA(nn.Module):
     CHANNELS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
 
-    def __init__(self, num_classes=1000, step=2):
+    def __init__(self, num_classes=1000, step=2, width=1.0):
         super().__init__()
-        c = self.CHANNELS
-        self.feature = nn.ModuleList([FirstConv()])
+        unit = max(1, round(32 * width))
+        c = [n // 32 * unit for n in self.CHANNELS]
+        self.feature = nn.ModuleList([FirstConv(c[0])])
         for i in range(1, len(c)):
-            stride = 2 if c[i - 1] != c[i] and c[i] != 64 else 1
+            stride = 2 if c[i - 1] != c[i] and c[i] != 2 * unit else 1  # 2 * unit: the official 64, scaled
             self.feature.append(ReActBlock(c[i - 1], c[i], stride, step))
         self.pool1 = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(1024, num_classes)
+        self.fc = nn.Linear(c[-1], num_classes)
 
     def forward(self, x):
         for block in self.feature:

@@ -88,3 +88,40 @@ def test_the_loaders_move_colour_work_to_the_batches_where_asked(setting, in_wor
     again = [x for x, _ in loaders.train]
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # seeded per batch: resumable
     assert make("data=imagenet", f"data.root={root}").data.batch_augment == "auto"
+
+
+LABELS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])  # 10 classes, one repeated
+
+
+def indexed_images(n: int, size: int = 6) -> torch.Tensor:
+    """Image i is 1 in channel i and 0 in every other, at every pixel: a mixed image's channel
+    means are then the weights it was mixed with, row i = lam e_i + (1 - lam) e_j."""
+    return torch.eye(n).view(n, n, 1, 1).expand(n, n, size, size).clone()
+
+
+@pytest.mark.parametrize("alphas", [{"mixup": 0.2}, {"cutmix": 1.0}, {"mixup": 0.2, "cutmix": 1.0}])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_mixing_targets_are_the_mix_of_the_images(alphas, seed):
+    """The targets are exactly lam * onehot(y) + (1 - lam) * onehot(y[perm]) for the lam and the
+    pairing the images were mixed with, both read back from the images (for CutMix lam is the
+    fraction of the image kept)."""
+    from omegaconf import OmegaConf
+
+    from bnntrain.data.transforms import build_batch_mixing
+
+    mix = build_batch_mixing(OmegaConf.create(alphas), num_classes=10)
+    torch.manual_seed(seed)
+    images, targets = mix(indexed_images(len(LABELS)), LABELS)
+    weights = images.mean((2, 3))
+    kept = weights.diagonal()
+    partner = (weights - torch.diag(kept)).argmax(1)
+    assert 0 < kept.min() and kept.max() < 1  # these seeds mix every image
+    assert sorted(partner.tolist()) == list(range(len(LABELS)))  # a pairing of the batch with itself
+    assert torch.allclose(kept, kept[0].expand_as(kept))  # one lam per batch
+    assert torch.count_nonzero(weights, dim=1).tolist() == [2] * len(LABELS)
+    if ((images == 0) | (images == 1)).all():  # CutMix pastes a box: the kept area is lam
+        inside = images[torch.arange(len(LABELS)), torch.arange(len(LABELS))] == 1
+        assert torch.allclose(inside.float().mean((1, 2)), kept)
+    lam = kept[0]
+    onehot = torch.nn.functional.one_hot(LABELS, 10).float()
+    torch.testing.assert_close(targets, lam * onehot + (1 - lam) * onehot[partner], rtol=0, atol=1e-6)

@@ -10,7 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-import bnntrain.stage as stage_module
+import bnntrain.engine.build as stage_module
 from bnntrain import pipeline
 from bnntrain.losses import kd_loss
 from bnntrain.models import model_from_checkpoint
@@ -111,6 +111,11 @@ def test_each_recipe_option_acts_on_the_training_steps(tmp_path, monkeypatch):
     assert all(torch.allclose(s["targets"].sum(1), torch.ones(16)) for s in steps)
     mixed = sum(int((s["targets"].max(1).values < 0.999).any()) for s in steps)
     assert mixed >= 4, mixed
+    for s in steps:  # each row lam of its own class and 1 - lam of its partner's, one lam per batch
+        weights = s["targets"][s["targets"] > 1e-6]
+        parts = weights[weights < 1 - 1e-6].unique()
+        assert (s["targets"] > 1e-6).sum(1).max() <= 2 and len(parts) <= 2, s["targets"]
+        assert len(parts) < 2 or abs(parts.sum().item() - 1) < 1e-5, parts
 
     # Label smoothing 0.1 in both stages, and the centre loss (weight 0.01) in stage 2 only:
     # each step's loss is exactly that sum, which plain cross-entropy is not.

@@ -164,3 +164,39 @@ def test_summary_of_a_checkpoint_it_cannot_build_is_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             summary_main([f"ckpt={tiny_checkpoint(tmp_path / name, **change)}"])
         assert f"{name}: its model cannot be built or counted" in capsys.readouterr().err
+
+
+SMALL_REACTNETS = {  # official network at 1/16 width, step= where the file cannot tell
+    "reactnet-18 step 1": (lambda: official.BiRealNet(num_classes=10, react=True, step=1, width=1 / 16),
+                           "reactnet18", "1"),
+    "reactnet-18 step 2, flat weights": (lambda: official.BiRealNet(num_classes=10, react=True, width=1 / 16),
+                                         "reactnet18", None),
+    "reactnet-18 step 2, 4-D weights": (lambda: official.BiRealNet(num_classes=10, react=True, flat=False,
+                                                                   width=1 / 16), "reactnet18", "2"),
+    "reactnet-a step 2": (lambda: official.ReActNetA(num_classes=10, width=1 / 16), "reactnet_a", None),
+}
+
+
+@pytest.mark.parametrize("layout", SMALL_REACTNETS)
+def test_every_learnable_shift_lands_where_the_official_code_adds_it(layout, tmp_path):
+    """Every shift (RSign's `move0`/`move11`/`move21`, RPReLU's `move1`/`move12`/`move22` before the
+    PReLU and `move2`/`move13`/`move23` after it) holds its own nonzero values, so a shift
+    converted into another's place changes the logits, which must be the official ones."""
+    torch.manual_seed(0)
+    net = away_from_zero(SMALL_REACTNETS[layout][0]())
+    shifts = [p for name, p in net.named_parameters() if re.search(r"\.move\d+\.bias$", name)]
+    with torch.no_grad():
+        for p in shifts:
+            p.copy_(torch.empty(p.shape).uniform_(0.05, 0.5) * (torch.randint(0, 2, p.shape) * 2 - 1))
+    values = torch.cat([p.flatten() for p in shifts])
+    assert values.abs().min() > 0 and values.unique().numel() == values.numel()
+    save_official(net, tmp_path / "official.pth.tar")
+    preset, step = SMALL_REACTNETS[layout][1:]
+    convert(tmp_path / "official.pth.tar", tmp_path / "ours.pt", [f"model={preset}", "model.width=0.0625"], step)
+    ours = model_from_checkpoint(torch.load(tmp_path / "ours.pt", weights_only=True)).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = net.double().eval()(x)
+        got = ours(x)
+    assert want.std() > 0.01  # the logits depend on the input: the network is not flat
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)  # float64: no sign flips on rounding

@@ -10,10 +10,10 @@ from bnntrain.data import build_loaders
 from bnntrain.data.images import BadImage, load_rgb, load_rgb_tensor
 from bnntrain.data.transforms import ON_BATCHES, decoder_for
 from bnntrain.errors import ConfigError
-from conftest import write_image_folder
+from conftest import need, write_image_folder
 from test_config import make
 
-pytest.importorskip("torchcodec", reason="data.decoder=torchcodec needs the optional extra `decode` (torchcodec)")
+need("torchcodec", extra="decode")  # data.decoder=torchcodec
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Packed 1-bit export: the format; the round trip, checked against the module that was
 trained (not one rebuilt from the checkpoint by the code the export shares) and the metrics
 the stage saved; the sizes of README's table; the command line; ONNX."""
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -18,6 +17,7 @@ from bnntrain.errors import CheckpointError
 from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, set_precision
 from bnntrain.stage import train_stage
+from conftest import need
 from test_config import make
 from test_readme_claims import agrees, readme_rows
 
@@ -76,7 +76,7 @@ def digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits")
     built = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("bnntrain.stage.build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+        patch.setattr("bnntrain.engine.build.build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
         train_stage(make("stage='1'", "stage.weights=binary", "data=digits", "model.width=0.125", "schedule.epochs=8",
                          "trainer.device=cpu", "trainer.progress=plain"), folder / "stage1")
     (model,) = built
@@ -235,13 +235,14 @@ def test_load_refuses_what_is_not_an_export(trained):
         export.load(trained)
 
 
-needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
-                                reason="ONNX export needs the optional packages: pip install 'bnntrain[export]'")
+def needs_onnx():
+    """onnxruntime, after onnx and onnxscript (the exporter's): skipped or, under CI, failed without them."""
+    return need("onnx", "onnxscript", "onnxruntime", extra="export")
 
 
 @pytest.mark.slow
-@needs_onnx
 def test_onnx_of_the_trained_model(digits, tmp_path, capsys):
+    needs_onnx()
     import onnx
     import onnxruntime
 
@@ -281,10 +282,10 @@ def test_onnx_of_the_trained_model(digits, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_onnx
 def test_onnx_matches_pytorch_at_full_width(tmp_path):
     """README: ONNX Runtime's logits match PyTorch's to about 1e-6 for a full-width ResNet-18 at
     224 px (measured 7.7e-7 against the module itself, logits up to 1.8)."""
+    needs_onnx()
     import onnxruntime
 
     cfg = make("stage='2'", "model=resnet18", "data=imagenet")

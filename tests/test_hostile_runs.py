@@ -171,7 +171,7 @@ def test_an_error_inside_a_run_is_in_its_log(tmp_path):
 
 STOP_WHILE_LOADING = """
 import os, signal
-import bnntrain.stage as stage
+import bnntrain.engine.build as stage
 from bnntrain.cli import main
 build = stage.build_loaders
 def build_loaders(*args, **kwargs):

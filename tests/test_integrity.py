@@ -1,7 +1,6 @@
 """Files a command reads are data: a damaged checkpoint or export is refused (one line naming
 it), a file from before checksums loads with a note, a pickle that holds code is not run, an
 entry of the wrong kind is named, and an output never lands on an input or another output."""
-import importlib.util
 import os
 import shutil
 import struct
@@ -18,7 +17,7 @@ from bnntrain import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import CheckpointError
 from bnntrain.models import build_model
-from conftest import TINY, run_cli, write_image_folder
+from conftest import TINY, need, run_cli, write_image_folder
 from test_config import make
 from test_errors import assert_one_line_error
 
@@ -218,9 +217,8 @@ def wider_checkpoint(path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")),
-                    reason="ONNX export needs the optional packages: pip install 'bnntrain[export]'")
 def test_an_onnx_write_that_runs_out_of_space_keeps_the_earlier_file(tmp_path):
+    need("onnx", "onnxscript", extra="export")
     import onnx
     from onnx import TensorProto, helper
 

@@ -165,3 +165,127 @@ def test_imagenette_study_table_is_the_studys_results():
     arms = study["arms"]
     gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
     assert f"ends {gap:.1f} points below the one-stage one" in README.replace("\n", " ")
+
+
+def test_quick_start_figures_are_the_default_runs():
+    """'about 50 seconds and stage 2 ends at 98.61% top-1 with the default seed (98.89% at its
+    best epoch)' is scripts/results_default_run_cpu.json, the `python -m bnntrain` it names."""
+    run = json.loads((ROOT / "scripts" / "results_default_run_cpu.json").read_text())
+    text = README.replace("\n", " ")
+    found = re.search(r"On a 2-core CPU it takes about (\d+) seconds and stage 2 ends at ([\d.]+)% top-1 with the "
+                      r"default seed \(([\d.]+)% at its best epoch; `scripts/results_default_run_cpu.json`\)", text)
+    assert found, "the Quick start no longer states the default run's time and accuracy"
+    seconds, top1, best = found.groups()
+    assert run["command"] == "python -m bnntrain" and run["seed"] == 0
+    assert "pip install -e \".[dev]\" && python -m bnntrain " in README
+    assert agrees(top1, run["stages"]["stage2"]["top1"]) and agrees(best, run["stages"]["stage2"]["best_top1"])
+    total = sum(stage["seconds"] for stage in run["stages"].values())
+    assert total <= run["log_seconds"] and abs(run["log_seconds"] / int(seconds) - 1) <= 0.1  # "about"
+    assert "H200 GPU, 27 seconds" not in text  # measured nowhere
+
+
+def test_bn_recalibration_sentence_is_the_studys_runs():
+    """'-0.90 to +0.40 points (mean -0.13 over the six runs ...)': each recalibrated arm of the
+    CIFAR-10 study against the same arm without, seed by seed."""
+    arms = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())["arms"]
+    changes = [after - before
+               for plain in ("two-stage (stage 1 then stage 2)", "one stage, fully binary")
+               for before, after in zip(arms[plain]["top1"], arms[f"{plain.split(' (')[0]}, BN recalibrated"]["top1"])]
+    assert len(changes) == 6
+    sentence = (f"changed the final network's top-1 by {min(changes):+.2f} to {max(changes):+.2f} points "
+                f"(mean {sum(changes) / 6:+.2f} over the six runs of the study's table below)")
+    assert sentence in README.replace("\n", " "), sentence
+
+
+def test_benchmark_values_and_noise_floors_agree_with_the_json():
+    """The Benchmarks table's baseline and bnntrain values (its ratios are checked above), the
+    end-to-end epoch, the GPU throughput table, the seven rounds, and the noise floors quoted."""
+    cpu = {r["benchmark"]: r for r in bench("bench_results_cpu.json")}
+    gpu = {r["benchmark"]: r for r in bench("bench_results_gpu.json")}
+    rows = {row[0]: row for row in readme_rows("| benchmark | baseline | bnntrain | ratio | target |")}
+    for start, entry in (("framework overhead", cpu["framework overhead (train step)"]),
+                         ("binarization cost, ResNet-18, CIFAR stem", cpu["binarization cost, cifar100 stem 32px"]),
+                         ("binarization cost, ResNet-18, ImageNet stem", cpu["binarization cost, imagenet stem 224px"]),
+                         ("memory saved for backward", cpu["memory saved for backward, resnet18 batch 32"]),
+                         ("data pipeline, Imagenette", cpu["data pipeline, Imagenette, 2 workers, batches on cpu"]),
+                         ("data pipeline, same", gpu["data pipeline, Imagenette, 8 workers, batches on cuda"])):
+        row = next(row for name, row in rows.items() if name.startswith(start))
+        baseline = re.fullmatch(r".*, ([\d.]+) [\w/]+", row[1]).group(1)
+        assert agrees(baseline, entry["baseline_value"]), (row, entry)
+        assert agrees(row[2].split()[0], entry["bnntrain_value"]), (row, entry)
+        if "rounds" in entry:  # the data pipeline: "the median of seven interleaved rounds' ratios"
+            assert [len(entry["rounds"][arm]) for arm in ("plain", "ours")] == [7, 7]
+    epoch = next(row for name, row in rows.items() if name.startswith("end to end"))
+    end_to_end = cpu["end to end: cifar10_folder_quick, one stage-1 epoch"]
+    assert agrees(epoch[2].removesuffix(" s"), end_to_end["bnntrain_value"])
+    throughput = readme_rows("| GPU throughput, binary ResNet-18, 224 px, batch 128, H200 | images/s |")
+    settings = [("off", False), ("off", True), ("bf16", False), ("bf16", True)]
+    assert len(throughput) == len(settings)
+    for row, (amp, channels_last) in zip(throughput, settings):
+        entry = gpu[f"GPU resnet18 224px batch 128, amp={amp}, channels_last={channels_last}"]
+        assert entry["device"] == "NVIDIA H200" and row[1] == f"{entry['bnntrain_value']:,.0f}", (row, entry)
+    text = README.replace("\n", " ")
+    overhead = cpu["framework overhead (train step)"]
+    assert f"(`noise_floor_ratio`, {overhead['noise_floor_ratio']:.3f} in this run)" in text
+    floors = {r["noise_floor_ratio"] for r in bench("bench_results_presets_cpu.json") if "noise_floor_ratio" in r}
+    assert len(floors) == 1 and f"(`noise_floor_ratio` in the JSON: {floors.pop():.3f} for both)" in text
+
+
+def test_preset_table_values_agree_with_the_json():
+    rows = readme_rows("| preset benchmark | baseline | bnntrain | ratio | target |")
+    for entry in bench("bench_results_presets_cpu.json"):
+        row = next(r for r in rows if r[0] == entry["benchmark"] and r[1].startswith(entry["baseline"]))
+        assert agrees(re.fullmatch(r".*, ([\d.]+) [\w/]+", row[1]).group(1), entry["baseline_value"]), row
+        assert agrees(row[2].split()[0], entry["bnntrain_value"]), row
+
+
+def test_ranges_nothing_measured_are_gone():
+    """Figures of runs no JSON holds were taken out of the README: they must not come back unbacked."""
+    text = README.replace("\n", " ")
+    for unbacked in ("99.17%", "-1.1 to +0.45", "+4.95 points", "0.969-1.082x", "1.002-1.088x", "14,000-25,000",
+                     "0.96-1.04", "1.002x and 1.006x", "about 4 s once"):
+        assert unbacked not in text, unbacked
+
+
+def test_decode_and_colour_work_sentences_agree_with_the_json():
+    """'Decode alone: Pillow 1.49 ms, torchcodec 1.39 ms, simplejpeg 1.25 ms', the draft
+    fraction, and the colour work on the batch (bench_data's batch row, per image) against in a
+    worker (stage 1's worker cost with colour work less without)."""
+    decode = json.loads((ROOT / "scripts" / "bench_results_decode_cpu.json").read_text())
+    ms = decode["ms_per_image"]
+    text = README.replace("\n", " ")
+    assert (f"Decode alone: Pillow {ms['decode, Pillow (data.decoder=pillow)']:.2f} ms, torchcodec "
+            f"{ms['decode, torchcodec (data.decoder=torchcodec)']:.2f} ms, simplejpeg {ms['decode, simplejpeg']:.2f} ms"
+            ) in text
+    assert f"would apply to {decode['draft_fraction']:.0%} of the crops" in text
+    data = {r["benchmark"]: r for r in bench("bench_results_data_cpu.json")}
+    batch = data["batch colour work per batch of 32 (CPU), share of a binary ResNet-18 step"]["bnntrain_value"] / 32
+    worker = (data["worker ms per full-size JPEG, bnntrain, stage 1, batch_augment=false"]["bnntrain_value"]
+              - data["worker ms per full-size JPEG, bnntrain, stage 1, batch_augment=true"]["bnntrain_value"])
+    assert f"costs {batch:.1f} ms an image in the training process against {worker:.1f} ms in a worker" in text
+
+
+def test_binary_inference_sentences_agree_with_the_json():
+    """The popcount peak, what is left of the batch-1 latency, and the logits against the float
+    baseline (4e-7, but for one image of 16 whose logits are 0.04 apart)."""
+    results = json.loads((ROOT / "scripts" / "bench_results_infer_cpu.json").read_text())
+    text = README.replace("\n", " ")
+    peak = results["peak"]
+    assert (f"{peak['binary_macs_per_s'] / 1e9:,.0f} G binary multiply-accumulates per second (64 per 64-bit word, "
+            f"{peak['binary_macs_per_s_one_thread'] / 1e9:,.0f} G on one thread)") in text
+    one = next(net for net in results["networks"] if net["image_size"] == 224)["batches"]["1"]
+    rest, total = one["end_to_end_ms"]["packed"] - one["binary_layers_ms"]["packed"], one["end_to_end_ms"]["packed"]
+    assert f"What is left ({rest:.1f} of the {total:.1f} ms at 224 px, batch 1)" in text
+    runs = [(net["image_size"], b) for net in results["networks"] for b in net["batches"].values()]
+    clean = max(b["max_abs_logit_difference"] for _, b in runs if b["logits_within_1e-5"] == b["same_prediction"])
+    off = [(size, b) for size, b in runs if b["logits_within_1e-5"] != b["same_prediction"]]
+    assert f"the logits agree to {clean:.0e}".replace("e-0", "e-") in text
+    assert len(off) == 1 and off[0][0] == 224 and off[0][1]["same_prediction"] - off[0][1]["logits_within_1e-5"] == 1
+    apart = off[0][1]["max_abs_logit_difference"]
+    assert f"(1 of the 16 images at 224 px: same prediction, logits {apart:.2f} apart)" in text
+
+
+def test_the_cifar_study_gap_sentence():
+    arms = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())["arms"]
+    gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
+    assert f"the two-stage network ends {gap:.0f} points below a fully binary network" in README.replace("\n", " ")

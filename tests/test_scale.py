@@ -15,7 +15,7 @@ from bnntrain.config import compose
 from bnntrain.engine import Trainer
 from bnntrain.losses import Objective
 from bnntrain.models import build_model
-from conftest import TINY, results, run_cli
+from conftest import TINY, need, results, run_cli
 from test_config import make
 
 # torchrun is torch.distributed.run; launched through this interpreter it needs nothing on PATH.
@@ -180,7 +180,7 @@ def test_compile_trains_a_binary_block_on_the_cpu():
     counters.clear()
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BinaryBlock(8, 8, 1, BlockOptions()),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BinaryBlock(8, 8, 1, BlockOptions.from_config(make().model)),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = OmegaConf.create({"compile": True, "sync_bn": False})
@@ -347,7 +347,7 @@ def test_ranks_that_end_a_stage_with_different_weights_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    need("hydra_plugins.hydra_joblib_launcher", extra="joblib")
     out = run_cli(["-m", "hydra/launcher=local_parallel", "stage=1", "optimizer.lr=1e-3,2e-3",
                    f"hydra.sweep.dir={tmp_path}"] + TINY)
     assert out.returncode == 0, out.stderr
@@ -361,7 +361,7 @@ def test_joblib_launcher_runs_a_sweep_in_parallel(tmp_path):
 
 
 def test_slurm_launcher_preset_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    need("hydra_plugins.hydra_submitit_launcher", extra="slurm")
     cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=imagenet_two_stage"],
                   hydra_config=True)
     launcher = cfg.hydra.launcher
@@ -374,7 +374,7 @@ def test_slurm_launcher_preset_composes():
 def test_submitit_launcher_runs_a_job_as_two_ranks(tmp_path):
     """The path a SLURM job takes, on this machine: Hydra's submitit launcher with its local
     executor starts two tasks, submitit's variables make them two gloo ranks of one run."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    need("hydra_plugins.hydra_submitit_launcher", extra="slurm")
     out = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "stage=1",
                    "trainer.device=cpu", f"hydra.sweep.dir={tmp_path}"] + TINY)
     assert out.returncode == 0, out.stderr
