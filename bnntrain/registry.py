@@ -7,6 +7,8 @@ while building a stage into the one-line `ConfigError`.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -28,9 +30,11 @@ def choose(kind: str, value: V, choices: Iterable[V]) -> V:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
-        """`kind` names the choice in errors, as the user sets it (e.g. `model.activation`)."""
-        self.kind = kind
+    def __init__(self, kind: str, package: str | None = None) -> None:
+        """`kind` names the choice in errors, as the user sets it (e.g. `model.activation`).
+        `package`: where the entries live; each of its modules is imported before the first
+        lookup, so a new entry is one file that registers itself, with no list to extend."""
+        self.kind, self.package = kind, package
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -43,7 +47,15 @@ class Registry(Generic[T]):
         return add
 
     def names(self) -> list[str]:
+        self._import_package()
         return sorted(self._items)
+
+    def _import_package(self) -> None:
+        if self.package is None:
+            return
+        package, self.package = importlib.import_module(self.package), None  # once
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
 
     def get(self, name: str) -> T:
         return self._items[choose(self.kind, name, self.names())]

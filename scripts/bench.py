@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from bnntrain.config import last_stage
+from bnntrain.run.config import last_stage
 from bnntrain.files import write_text
 from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
@@ -236,7 +236,7 @@ def bench_data(root: Path, images: int, workers: int, device: str = "cpu", round
 
 def bench_epoch(root: Path) -> list[dict]:
     """Seconds of one stage-1 epoch of the cifar10_folder_quick preset, as a figure to watch."""
-    from bnntrain.stage import train_stage
+    from bnntrain.engine.stage import train_stage
 
     cfg = last_stage(["experiment=cifar10_folder_quick", f"data.root={root}", "stage=1", "schedule.epochs=1",
                       "trainer.progress=plain"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bnntrain.config import last_stage
+from bnntrain.run.config import last_stage
 from bnntrain.files import write_text
 from bnntrain.data import build_loaders
 

@@ -7,7 +7,7 @@ bench.py's interleaved, run for a time budget), so that they hold on a noisy mac
     python scripts/bench_infer.py --data imagenet --batches 1 --seconds 2 --json FILE
 
 The network: full-width `model=resnet18`, stage 2 (fully binary), random weights and
-randomized BN statistics, exported with `bnntrain.export`: `data=imagenet` (224 px, 1000
+randomized BN statistics, exported with `bnntrain.tools.export`: `data=imagenet` (224 px, 1000
 classes) and `data=cifar100` (32 px, 100 classes). Reported:
 
 - peak: the machine's popcount throughput, from a microbenchmark of the kernel's inner loop
@@ -18,8 +18,8 @@ classes) and `data=cifar100` (32 px, 100 classes). Reported:
   pre-scaled), each on the input it gets in its own network; the binary MACs per second and
   their fraction of the peak;
 - end to end: the packed model (`bnntrain.infer.load`) against the float model (weights
-  pre-scaled, NCHW as `bnntrain.export.load` runs it; channels_last shown beside it) and
-  against `bnntrain.export.load` itself.
+  pre-scaled, NCHW as `bnntrain.tools.export.load` runs it; channels_last shown beside it) and
+  against `bnntrain.tools.export.load` itself.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import interleaved, paired_ratio  # noqa: E402
 
-from bnntrain import export, infer  # noqa: E402
-from bnntrain.config import last_stage  # noqa: E402
+from bnntrain import infer  # noqa: E402
+from bnntrain.tools import export  # noqa: E402
+from bnntrain.run.config import last_stage  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.engine import save_checkpoint  # noqa: E402
 from bnntrain.models import build_model  # noqa: E402

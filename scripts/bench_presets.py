@@ -28,7 +28,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import interleaved, paired_ratio, saved_bytes  # noqa: E402
 
-from bnntrain.config import last_stage  # noqa: E402
+from bnntrain.run.config import last_stage  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.engine.malloc import tune_glibc_malloc  # noqa: E402
 from bnntrain.models import build_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""What a run does, seen from inside it: tiny real runs of the pipeline (bnntrain.pipeline.run,
+"""What a run does, seen from inside it: tiny real runs of the pipeline (bnntrain.run.pipeline.run,
 what the CLI calls) with spies on the objects each stage builds, and tiny CLI runs whose
 checkpoints and logs show the effect of an option."""
 import math
@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import bnntrain.engine.build as stage_module
-from bnntrain import pipeline
+from bnntrain.run import pipeline
 from bnntrain.losses import kd_loss
 from bnntrain.models import model_from_checkpoint
 from conftest import TINY, results, run_cli

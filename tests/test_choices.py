@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnntrain.checks import RULES
-from bnntrain.config import plan
+from bnntrain.run.checks import RULES
+from bnntrain.run.config import plan
 from bnntrain.data import BATCH_AUGMENT
 from bnntrain.data.samples import BAD_IMAGES
 from bnntrain.data.transforms import DECODERS
 from bnntrain.engine.trainer import AMP_DTYPES
 from bnntrain.errors import ConfigError, UserError
-from bnntrain.evaluate import eval_config, evaluate
+from bnntrain.tools.evaluate import eval_config, evaluate
 from bnntrain.nn import ACTIVATION_MODES, WEIGHT_MODES
 from bnntrain.optim import DECAYED, OPTIMIZERS
 from bnntrain.registry import Registry, UnknownChoice, choose
@@ -25,7 +25,7 @@ OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "reactnet18_w0.0625_v0.1.p
 
 def test_composing_a_config_imports_no_torch():
     """The checks find the owned choices when they check a value, not when they are imported."""
-    code = "import sys, bnntrain.cli; assert 'torch' not in sys.modules"
+    code = "import sys, bnntrain.run.cli; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 

@@ -1,5 +1,5 @@
 """Cost accounting: BOPs, FLOPs, OPs and model size in the BNN literature's convention,
-checked against numbers worked out by hand, and the `python -m bnntrain.summary` tool."""
+checked against numbers worked out by hand, and the `python -m bnntrain.tools.summary` tool."""
 import json
 import re
 
@@ -13,7 +13,7 @@ from bnntrain.complexity import count_costs, precision
 from bnntrain.engine import save_checkpoint
 from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, BinaryLinear
-from bnntrain.summary import main as summary_main
+from bnntrain.tools.summary import main as summary_main
 from test_config import make
 from test_readme_claims import agrees, readme_rows
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from bnntrain.config import compose, last_stage, normalize, one_line, plan, task_overrides
+from bnntrain.run.config import compose, last_stage, normalize, one_line, plan, task_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bnntrain" / "configs"
 

@@ -160,7 +160,7 @@ def test_no_import_cycles():
 
     for name in modules:
         visit(name, [])
-    assert "bnntrain.cli" not in modules["bnntrain.summary"] and "bnntrain.summary" not in modules["bnntrain.stage"]
+    assert "bnntrain.run.cli" not in modules["bnntrain.tools.summary"] and "bnntrain.tools.summary" not in modules["bnntrain.engine.stage"]
 
 
 def test_trainer_state_round_trips_step_and_scaler():

@@ -1,7 +1,7 @@
-"""bnntrain.convert reads an official checkpoint as data: every shape is ours exactly (or step
+"""bnntrain.tools.convert reads an official checkpoint as data: every shape is ours exactly (or step
 2's flat `weights`, or one of ReActNet-A's joined halves), no tensor is empty or of the wrong
 dtype, no count builds a model bigger than memory, out never replaces src, and the output says
-how many latent binary weights are exactly 0. bnntrain.summary names a checkpoint it cannot
+how many latent binary weights are exactly 0. bnntrain.tools.summary names a checkpoint it cannot
 build or count in one line."""
 import os
 import re
@@ -13,18 +13,18 @@ import torch
 from omegaconf import OmegaConf
 
 import official_nets as official
-from bnntrain.convert import convert
+from bnntrain.tools.convert import convert
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import CheckpointError, ConfigError, UserError
 from bnntrain.models import build_model, model_from_checkpoint
-from bnntrain.summary import main as summary_main
+from bnntrain.tools.summary import main as summary_main
 from test_config import make
 from test_errors import assert_one_line_error
 from test_reference_nets import away_from_zero, save_official
 
 
 def tool(name, *args):
-    return subprocess.run([sys.executable, "-m", f"bnntrain.{name}", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", f"bnntrain.tools.{name}", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
 

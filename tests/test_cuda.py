@@ -56,7 +56,7 @@ if "trainer.compile=true" not in sys.argv:
     nn.modules.module.register_module_forward_hook(record)
 atexit.register(dump)
 
-from bnntrain.cli import main
+from bnntrain.run.cli import main
 
 main()
 """

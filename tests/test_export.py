@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from bnntrain import export
+from bnntrain.tools import export
 from bnntrain.data import build_loaders
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import CheckpointError
 from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, set_precision
-from bnntrain.stage import train_stage
+from bnntrain.engine.stage import train_stage
 from conftest import need
 from test_config import make
 from test_readme_claims import agrees, readme_rows

@@ -10,7 +10,7 @@ from bnntrain.engine import save_checkpoint
 from bnntrain.engine.flips import FlipTracker
 from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, BinaryLinear, binary_layers
-from bnntrain.stage import train_stage
+from bnntrain.engine.stage import train_stage
 from test_config import make
 
 

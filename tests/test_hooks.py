@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-import bnntrain.stage
+import bnntrain.engine.stage
 from bnntrain.engine import layout
 from bnntrain.engine.hooks import Hook, QuantizerSchedule
-from bnntrain.stage import train_stage
+from bnntrain.engine.stage import train_stage
 from test_config import make
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reactnet18_w0.0625_v0.1.pt"  # stage 2 after 1 epoch, by 0.1.0
@@ -56,12 +56,12 @@ class EpochCount(Hook):
 
 
 def test_a_hook_keeps_its_state_across_resumes_from_a_checkpoint_that_had_none(tmp_path, monkeypatch):
-    counts, stage_hooks = [], bnntrain.stage.stage_hooks
+    counts, stage_hooks = [], bnntrain.engine.stage.stage_hooks
 
     def with_count(cfg):
         counts.append(EpochCount())
         return [counts[-1], *stage_hooks(cfg)]  # before the checkpoint is written
-    monkeypatch.setattr(bnntrain.stage, "stage_hooks", with_count)
+    monkeypatch.setattr(bnntrain.engine.stage, "stage_hooks", with_count)
     shutil.copy(FIXTURE, tmp_path / "old.pt")
     old = torch.load(FIXTURE, weights_only=True)
     assert "hooks" not in old and layout.hook_state(old, "count") == {}

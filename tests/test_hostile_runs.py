@@ -13,8 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnntrain import runs
-from bnntrain.config import plan
+from bnntrain.run import folders as runs
+from bnntrain.run.config import plan
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import UserError
 from conftest import TINY, results, run_cli, write_image_folder
@@ -54,7 +54,7 @@ def test_evaluate_reads_a_checkpoints_config_literally_and_downloads_nothing(fin
     state = torch.load(finished / "stage1/last.pt", weights_only=True)
     state["config"]["data"]["root"] = "${oc.env:BNN_TEST_SECRET}"
     save_checkpoint(state, tmp_path / "secret.pt")
-    out = cli([f"ckpt={tmp_path}/secret.pt", f"out={tmp_path}/eval.json"], tmp_path, "bnntrain.evaluate")
+    out = cli([f"ckpt={tmp_path}/secret.pt", f"out={tmp_path}/eval.json"], tmp_path, "bnntrain.tools.evaluate")
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["root"] == "${oc.env:BNN_TEST_SECRET}"
     assert SECRET not in out.stdout + out.stderr
@@ -62,7 +62,7 @@ def test_evaluate_reads_a_checkpoints_config_literally_and_downloads_nothing(fin
     cifar = plan(["stage=1", "data=cifar100", f"data.root={tmp_path}/downloads", "data.download=true"])[0]
     state["config"]["data"] = OmegaConf.to_container(cifar.data)
     save_checkpoint(state, tmp_path / "download.pt")
-    out = cli([f"ckpt={tmp_path}/download.pt"], tmp_path, "bnntrain.evaluate")
+    out = cli([f"ckpt={tmp_path}/download.pt"], tmp_path, "bnntrain.tools.evaluate")
     assert_one_line_error(out, f"data.root={tmp_path}/downloads does not exist")
     assert not (tmp_path / "downloads").exists()
 
@@ -72,7 +72,7 @@ def test_evaluate_never_writes_over_its_checkpoint(finished, tmp_path):
     (tmp_path / "link.pt").symlink_to(ckpt)
     before = Path(ckpt).read_bytes()
     for out in (ckpt, "link.pt", "./model.pt"):
-        result = cli([f"ckpt={ckpt}", f"out={out}"], tmp_path, "bnntrain.evaluate")
+        result = cli([f"ckpt={ckpt}", f"out={out}"], tmp_path, "bnntrain.tools.evaluate")
         assert_one_line_error(result, f"is also ckpt={ckpt}", "would write over it")
     assert Path(ckpt).read_bytes() == before
 
@@ -172,7 +172,7 @@ def test_an_error_inside_a_run_is_in_its_log(tmp_path):
 STOP_WHILE_LOADING = """
 import os, signal
 import bnntrain.engine.build as stage
-from bnntrain.cli import main
+from bnntrain.run.cli import main
 build = stage.build_loaders
 def build_loaders(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)

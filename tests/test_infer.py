@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bnntrain import export
+from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import ConfigError
 from bnntrain.nn import BinaryConv2d, BinaryLinear

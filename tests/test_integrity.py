@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnntrain import export
+from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import CheckpointError
 from bnntrain.models import build_model
@@ -23,9 +23,10 @@ from test_errors import assert_one_line_error
 
 
 def run_tool(tool, *args, cwd=None):
-    """`python -m bnntrain.TOOL ARGS`, as a user runs it."""
+    """`python -m bnntrain.tools.TOOL ARGS` (or `bnntrain.infer`), as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", f"bnntrain.{tool}", *map(str, args)], capture_output=True,
+    module = "bnntrain.infer" if tool == "infer" else f"bnntrain.tools.{tool}"
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
 
 

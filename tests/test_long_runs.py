@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bnntrain import cli
+from bnntrain.run import cli
 from bnntrain.errors import UserError
 from conftest import TINY, need, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error
@@ -31,7 +31,7 @@ ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=96", "data.test
 SIGNAL_AT = """
 import os, signal, sys
 import bnntrain.engine.trainer as trainer, bnntrain.engine.hooks as hooks
-from bnntrain.cli import main
+from bnntrain.run.cli import main
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))
 steps, save = [0], hooks.save_checkpoint
 def train_step(self, *args, _step=trainer.Trainer.train_step, **kwargs):
@@ -102,7 +102,7 @@ def epoch_line(log, start):
 SIGNAL_WHILE_LOADING = """
 import os, signal, sys
 import bnntrain.engine.build as build_module
-from bnntrain.cli import main
+from bnntrain.run.cli import main
 at, build, calls = int(sys.argv.pop(1)), build_module.build_loaders, [0]
 def build_loaders(*args, **kwargs):
     calls[0] += 1
@@ -322,7 +322,7 @@ def test_export_checks_its_outputs_before_it_starts(tmp_path, straight):
     try:
         ckpt = straight / "stage2/last.pt"
         for args in ([f"out={ro}/m.bnn"], [f"out={tmp_path}/m.bnn", f"onnx={ro}/m.onnx"]):
-            out = subprocess.run([sys.executable, "-m", "bnntrain.export", f"ckpt={ckpt}", *args], capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "bnntrain.tools.export", f"ckpt={ckpt}", *args], capture_output=True,
                                  text=True, env=ENV)
             assert_one_line_error(out, "cannot be written", "read-only file system")
             assert not (tmp_path / "m.bnn").exists()  # refused before any work
@@ -371,7 +371,7 @@ def test_only_rank_zero_checks_and_holds_the_folder_lock(tmp_path, monkeypatch):
     when another rank looks, so only rank 0 checks it (rank 1 refusing its own run's folder
     was a race)."""
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"from pathlib import Path; from bnntrain import runs; "
+    holder = subprocess.Popen([sys.executable, "-c", f"from pathlib import Path; from bnntrain.run import folders as runs; "
                                f"runs.acquire(Path({str(run)!r})); import time; time.sleep(120)"])
     try:
         deadline = time.time() + 60

@@ -8,11 +8,14 @@ shows up here as a load error or a different logit.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from bnntrain import export
+from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint
 from bnntrain.models import model_from_checkpoint
 
@@ -37,3 +40,13 @@ def test_an_old_packed_export_runs_the_same():
     with torch.no_grad():
         logits = model(fixed_input())
     torch.testing.assert_close(logits, torch.tensor(EXPECTED["packed_logits"]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "export", "convert", "summary"])
+def test_a_tools_former_command_still_runs_it_with_a_note(tool):
+    out = subprocess.run([sys.executable, "-m", f"bnntrain.{tool}"], capture_output=True, text=True)
+    now = subprocess.run([sys.executable, "-m", f"bnntrain.tools.{tool}"], capture_output=True, text=True)
+    assert out.returncode == now.returncode != 0  # a usage error, from the tool itself
+    note, *rest = out.stderr.splitlines()
+    assert note == f"note: bnntrain.{tool} is now bnntrain.tools.{tool}; the old name goes in the next release"
+    assert rest == now.stderr.splitlines()

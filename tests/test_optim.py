@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnntrain.config import compose, plan
+from bnntrain.run.config import compose, plan
 from bnntrain.errors import ConfigError
 from bnntrain.optim import build_optimizer, build_scheduler
 

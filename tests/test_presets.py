@@ -3,7 +3,7 @@ source states: label smoothing, lr, weight decay, epochs and schedule of every s
 are written here, each with its source, rather than read from the preset under test."""
 import pytest
 
-from bnntrain.config import plan
+from bnntrain.run.config import plan
 
 TEACHER = ["distill.teacher.torchvision=resnet34", "distill.teacher.weights=IMAGENET1K_V1"]
 

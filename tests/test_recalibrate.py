@@ -12,7 +12,7 @@ import torch
 from bnntrain.data import build_loaders
 from bnntrain.engine import save_checkpoint
 from bnntrain.engine.recalibrate import recalibrate_batchnorm
-from bnntrain.evaluate import evaluate
+from bnntrain.tools.evaluate import evaluate
 from bnntrain.models import build_model
 from conftest import run_cli
 from test_config import make

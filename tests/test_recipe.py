@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.transforms import v2
 
-from bnntrain.config import compose
+from bnntrain.run.config import compose
 from bnntrain.data.transforms import BatchNormalize, Lighting, build_batch_mixing, build_transform
 from bnntrain.distill import build_teacher
 from bnntrain.engine import save_checkpoint

@@ -13,11 +13,11 @@ import yaml
 from torch import nn
 
 import official_nets as official
-from bnntrain import export
-from bnntrain.convert import convert
+from bnntrain.tools import export
+from bnntrain.tools.convert import convert
 from bnntrain.models import build_model, model_from_checkpoint
 from bnntrain.nn.shortcuts import Repeat
-from bnntrain.summary import main as summary_main
+from bnntrain.tools.summary import main as summary_main
 from conftest import TINY, run_cli
 from test_config import make
 from test_errors import assert_one_line_error
@@ -162,7 +162,7 @@ GRADIENT_CASES = {  # official network, our preset, the converter's rules, step=
 def test_gradients_are_the_official_codes(case, tmp_path):
     """Step 1 (binary activations, real weights) and step 2 (fully binary): every parameter's
     gradient is the official one."""
-    from bnntrain.convert import RULES
+    from bnntrain.tools.convert import RULES
 
     make_net, preset, rules, step = GRADIENT_CASES[case]
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_the_scaled_estimator_is_not_the_official_one(tmp_path):
     convert(tmp_path / "official.pth.tar", tmp_path / "ours.pt", ["model=birealnet18", "model.weight_gradient=scaled"])
     ours = model_from_checkpoint(torch.load(tmp_path / "ours.pt", weights_only=True))
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    from bnntrain.convert import RULES
+    from bnntrain.tools.convert import RULES
 
     differs = {key for key, (theirs, mine) in mapped_grads(net, ours, RULES["resnet18"], x).items()
                if not torch.allclose(mine, theirs, rtol=1e-9, atol=1e-12)}
@@ -224,7 +224,7 @@ def test_latent_weight_clipping(tmp_path):
 def test_a_foreign_file_is_one_line_naming_keys(tmp_path):
     torch.manual_seed(0)
     save_official(official.BiRealNet(), tmp_path / "bireal.pth.tar")
-    out = subprocess.run([sys.executable, "-m", "bnntrain.convert", f"src={tmp_path / 'bireal.pth.tar'}",
+    out = subprocess.run([sys.executable, "-m", "bnntrain.tools.convert", f"src={tmp_path / 'bireal.pth.tar'}",
                           f"out={tmp_path / 'x.pt'}", "model=reactnet_a"], capture_output=True, text=True)
     assert_one_line_error(out, "no rule maps 120 official key(s)", "conv1.weight, bn1.weight")
     state = official.BiRealNet(react=True, flat=False).state_dict()
@@ -239,7 +239,7 @@ def test_a_foreign_file_is_one_line_naming_keys(tmp_path):
 
 @pytest.mark.slow
 def test_a_converted_checkpoint_works_with_summary_export_and_evaluate(tmp_path, capsys):
-    from bnntrain.evaluate import evaluate
+    from bnntrain.tools.evaluate import evaluate
 
     torch.manual_seed(0)
     save_official(away_from_zero(official.BiRealNet()), tmp_path / "official.pth.tar")
@@ -338,7 +338,7 @@ def test_evaluate_through_the_cli(tmp_path):
     assert run_cli(["stage=1", "data=folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=6",
                     "data.image_size=16", "model.width=0.125", "schedule.epochs=2"], run).returncode == 0
     env_run, py = subprocess.run, sys.executable
-    out = env_run([py, "-m", "bnntrain.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'e.json'}"],
+    out = env_run([py, "-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'e.json'}"],
                   capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "e.json").read_text())
@@ -346,11 +346,11 @@ def test_evaluate_through_the_cli(tmp_path):
     assert result["top1"] == pytest.approx(saved["top1"]) and result["loss"] == pytest.approx(saved["loss"], rel=1e-5)
     assert result["images"] == 24 and "top1" in out.stdout
     other = write_image_folder(tmp_path / "two", classes=("a", "b"), per_class=2)
-    bad = env_run([py, "-m", "bnntrain.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"data.root={other}"],
+    bad = env_run([py, "-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"data.root={other}"],
                   capture_output=True, text=True)
     assert_one_line_error(bad, "predicts 3 classes", "has 2")
     torchrun = env_run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                        "bnntrain.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'ddp.json'}",
+                        "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'ddp.json'}",
                         "trainer.device=cpu"], capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert json.loads((tmp_path / "ddp.json").read_text())["top1"] == pytest.approx(result["top1"])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from bnntrain.config import compose
+from bnntrain.run.config import compose
 from bnntrain.engine import Trainer
 from bnntrain.losses import Objective
 from bnntrain.models import build_model
@@ -274,7 +274,7 @@ import sys
 
 import torch
 
-from bnntrain.cli import main
+from bnntrain.run.cli import main
 from bnntrain.engine import distributed
 
 agree = distributed.weights_agree

@@ -5,7 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnntrain import pipeline, summary
+from bnntrain.run import pipeline
+from bnntrain.tools import summary
 from bnntrain.engine import Trainer
 from bnntrain.engine.hooks import activations_at
 from conftest import TINY, results, run_cli
@@ -52,7 +53,7 @@ def test_three_stage_pipeline_hands_weights_along_and_reports_each_precision(tmp
 
 
 def summary_of(path, capsys):
-    """`python -m bnntrain.summary ckpt=PATH`: its title line and the rows of binary layers."""
+    """`python -m bnntrain.tools.summary ckpt=PATH`: its title line and the rows of binary layers."""
     summary.main([f"ckpt={path}"])
     text = capsys.readouterr().out
     rows = [line.split() for line in text.splitlines() if "BinaryConv2d" in line]
@@ -60,7 +61,7 @@ def summary_of(path, capsys):
 
 
 def check_summaries(run, capsys):
-    """What `bnntrain.summary` reports of each stage's checkpoint."""
+    """What `bnntrain.tools.summary` reports of each stage's checkpoint."""
     # Stage 0 ends after its switch: clamp activations, real weights; nothing binary, no BOPs.
     title, rows, text = summary_of(run / "stage0/last.pt", capsys)
     assert title.endswith("stage0; clamp activations, real weights; input 3x16x16")

@@ -9,7 +9,7 @@
     cutmix: null
 
 A stage without colour jitter (stage 2 of the collection's recipe) has it set to null in
-its config (see `bnntrain.config`).
+its config (see `bnntrain.run.config`).
 
 The listed transforms run per image in the loader's workers and end in a uint8 tensor.
 What is the same for every image runs once per batch on the training device instead

@@ -1,6 +1,6 @@
 """The concerns of a stage's epoch loop besides training and evaluating, one hook each.
 
-The loop (`bnntrain.stage`) calls every hook, in the order of `stage_hooks`, at each of
+The loop (`bnntrain.engine.stage`) calls every hook, in the order of `stage_hooks`, at each of
 these points: `before_stage` (built, restored, not trained yet), `before_epoch`,
 `after_step` (after each optimizer step: only hooks that define it are called there, and
 the loop stays one call a step), `after_evaluation` (the epoch trained and evaluated;

@@ -1,6 +1,6 @@
 """The one training loop every stage runs: forward, loss, backward, step; and evaluation.
 
-Logging, checkpoints and the epoch loop live beside it (`bnntrain.stage`, engine/hooks.py), not inside it.
+Logging, checkpoints and the epoch loop live beside it (`bnntrain.engine.stage`, engine/hooks.py), not inside it.
 The loop never calls `.item()` except every `log_every` steps, so on a GPU it does not
 wait for the device between steps.
 """

@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import run_tool, split_args
+from ..run.config import run_tool, split_args
 from ..errors import ConfigError, DataError
 from ..registry import UnknownChoice, choose
-from . import PackedBinaryConv2d, float_model, load, require_numba, set_threads
+from .runtime import PackedBinaryConv2d, float_model, load, require_numba, set_threads
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]
        python -m bnntrain.infer model=FILE --bench [batch=1,16] [threads=N] [strict=false]"""
@@ -197,7 +197,7 @@ def run(argv: list[str]) -> None:
         raise ConfigError(f"unknown argument(s): {' '.join(unknown)}; expected model=FILE images=FOLDER or "
                           f"model=FILE --bench")
     if "model" not in own:
-        raise ConfigError("expected model=FILE (a bnntrain.export file) and images=FOLDER or --bench")
+        raise ConfigError("expected model=FILE (a bnntrain.tools.export file) and images=FOLDER or --bench")
     if ("images" in own) == ("--bench" in flags):
         raise ConfigError("give images=FOLDER (predictions) or --bench (latency), one of them")
     if not Path(own["model"]).expanduser().is_file():

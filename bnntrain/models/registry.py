@@ -10,7 +10,7 @@ from .. import notes
 from ..errors import CheckpointError
 from ..registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name", package="bnntrain.models")
 
 # The quantizer keys before `input_quantizer` and `weight_quantizer`, still read from the
 # command line, experiment files and the configs that checkpoints saved (null: not set).

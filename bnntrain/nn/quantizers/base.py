@@ -75,8 +75,8 @@ QuantizerSpec = Union[str, Mapping[str, Any], Quantizer]
 
 # Read `model.input_quantizer` and `model.weight_quantizer`: a sign estimator for the
 # activations, a binarizer for the latent weights. Each entry is a Quantizer subclass.
-INPUT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.input_quantizer")
-WEIGHT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.weight_quantizer")
+INPUT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.input_quantizer", package=__package__)
+WEIGHT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.weight_quantizer", package=__package__)
 
 
 def registered(registry: Registry[type[Quantizer]], name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:

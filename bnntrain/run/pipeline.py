@@ -15,14 +15,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import override_value, plan, to_yaml
-from .data.samples import BadImageLog
-from .engine import distributed, load_checkpoint
-from .engine.stopping import StopSignals
-from .errors import ConfigError, UserError
-from .files import write_text
-from . import notes, runs
-from .runs import resume_target
-from .stage import train_stage
+from ..data.samples import BadImageLog
+from ..engine import distributed, load_checkpoint
+from ..engine.stopping import StopSignals
+from ..errors import ConfigError, UserError
+from ..files import write_text
+from .. import notes
+from . import folders
+from .folders import resume_target
+from ..engine.stage import train_stage
 
 log = logging.getLogger("bnntrain")
 
@@ -33,24 +34,24 @@ def run(overrides: list[str], run_dir: Path, world_size: int = 1) -> dict:
     if resume is not None:  # the overrides are already the resumed run's (see cli.prepare)
         run_dir, _, _ = resume_target(Path(resume), [])
         log.info(f"resuming the run in {run_dir}")
-    requeued = resume is None and runs.requeued_job(run_dir)
+    requeued = resume is None and folders.requeued_job(run_dir)
     if requeued:
         log.info(f"a requeued job: resuming the run in {run_dir}")
     stages = plan(overrides, run_dir, world_size)
     if distributed.is_main():
-        took_over = runs.acquire(run_dir)
+        took_over = folders.acquire(run_dir)
         if took_over:
             notes.add(took_over)
         for note in notes.drain():
             log.warning(note)
-    if resume is not None and not runs.has_checkpoint(run_dir):
+    if resume is not None and not folders.has_checkpoint(run_dir):
         log.info(f"{run_dir} holds no checkpoint yet: the run starts from its beginning there")
     try:
         with StopSignals() as signals:  # from the moment the run holds its folder
             return _run_stages(stages, run_dir, resume is not None or requeued, signals)
     finally:
         if distributed.is_main():
-            runs.release(run_dir)
+            folders.release(run_dir)
 
 
 def _run_stages(stages: list[DictConfig], run_dir: Path, resuming: bool, signals: StopSignals) -> dict:

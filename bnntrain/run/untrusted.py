@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 
 PLAIN_CHOICE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a config file's name, not a path
 

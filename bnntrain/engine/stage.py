@@ -16,15 +16,15 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .data.samples import BadImageLog
-from .engine import StageLogger, distributed, layout, load_checkpoint
-from .engine.build import build_stage
-from .engine.hooks import StageRun, resume_command, stage_hooks, steps_hooked
-from .engine.seeding import epoch_seed, seed_everything
-from .engine.stopping import Stopped, StopSignals
-from .engine.trainer import check_finite
-from .errors import CheckpointError
-from .files import write_text
+from ..data.samples import BadImageLog
+from . import StageLogger, distributed, layout, load_checkpoint
+from .build import build_stage
+from .hooks import StageRun, resume_command, stage_hooks, steps_hooked
+from .seeding import epoch_seed, seed_everything
+from .stopping import Stopped, StopSignals
+from .trainer import check_finite
+from ..errors import CheckpointError
+from ..files import write_text
 
 log = logging.getLogger("bnntrain")
 

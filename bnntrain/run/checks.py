@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 
 Check = tuple[Callable[[Any], bool], str]  # (is it valid?, what a valid value is)
 
@@ -203,7 +203,7 @@ def check_relations(cfg: DictConfig) -> None:
 
 
 def _published(architecture: str | None, weights: str) -> bool:
-    from .distill import torchvision_weights
+    from ..distill import torchvision_weights
 
     return bool(architecture) and torchvision_weights(architecture, weights) is not None
 
@@ -221,12 +221,12 @@ def check_builds(cfg: DictConfig) -> None:
 def build_once(cfg: DictConfig) -> None:
     import torch
 
-    from .data.datasets import DATASETS, RGB_DATASETS
-    from .data.transforms import build_batch_mixing, build_transform
-    from .engine.setup import resolve_device, trainer_options
-    from .models import build_model
-    from .nn import set_precision
-    from .optim import build_optimizer, build_scheduler
+    from ..data.datasets import DATASETS, RGB_DATASETS
+    from ..data.transforms import build_batch_mixing, build_transform
+    from ..engine.setup import resolve_device, trainer_options
+    from ..models import build_model
+    from ..nn import set_precision
+    from ..optim import build_optimizer, build_scheduler
 
     DATASETS.get(cfg.data.name)
     if cfg.data.name in RGB_DATASETS and cfg.data.channels != 3:
@@ -255,8 +255,8 @@ def build_once(cfg: DictConfig) -> None:
 def check_model_size(model: Any, cfg: DictConfig) -> None:
     """A model whose weights alone would take half this machine's memory is refused before it
     is built; one whose binary layers are under 4 channels wide trains to chance: a note."""
-    from . import notes
-    from .nn import binary_layers
+    from .. import notes
+    from ..nn import binary_layers
 
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

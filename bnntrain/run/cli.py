@@ -1,7 +1,7 @@
 """The command line: `python -m bnntrain [group=option ...] [key=value ...]`, a Hydra app.
 
 Before Hydra starts (and makes a run folder), `prepare` composes and checks every stage
-through `bnntrain.config`, so a bad option or value is one `error:` line and nothing is
+through `bnntrain.run.config`, so a bad option or value is one `error:` line and nothing is
 written. `--cfg job` prints each stage's config as that stage will train.
 """
 from __future__ import annotations
@@ -16,20 +16,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import notes, runs
+from .. import notes
+from . import folders
 from .checks import check_path
 from .config import (compose, error_line, fail, is_sweep, normalize, override_key, override_value, plan,
                      renamed_choices, task_overrides, to_yaml)
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("bnntrain")
 
 
-@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://bnntrain.configs", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     from . import pipeline  # imported here: torch is slow to import, and a bad override needs none of it
-    from .engine import distributed
-    from .engine.stopping import Stopped
+    from ..engine import distributed
+    from ..engine.stopping import Stopped
 
     distributed.init(cfg.trainer.device)  # a no-op unless launched as several processes
     hydra_cfg = HydraConfig.get()
@@ -101,7 +102,7 @@ def print_job_config(overrides: list[str], package: str | None) -> None:
     """Each stage's config, resolved, as it will train (a pipeline's labelled by stage)."""
     resume = override_value(overrides, "resume")
     if resume is not None:
-        _, overrides, _ = runs.resume_target(Path(resume), overrides)
+        _, overrides, _ = folders.resume_target(Path(resume), overrides)
         overrides += [f"resume={resume}"]
     print(to_yaml(plan(overrides, check_init=False), package), end="")
 
@@ -114,7 +115,7 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
         check_path(key, override_value(argv, key))
     sweep = overrides is None or multirun_preset(argv, overrides)
     out_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    runs.check_writable(Path(override_value(argv, out_key) or ("multirun" if sweep else "outputs")), out_key)
+    folders.check_writable(Path(override_value(argv, out_key) or ("multirun" if sweep else "outputs")), out_key)
     if sweep:
         return argv + sweep_folder(argv), "auto"  # Hydra composes each job, and each job checks itself
     # One owner: rank 0 checks the folder and holds its lock (another rank checking would find
@@ -126,18 +127,18 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
     else:
         given = override_value(argv, "hydra.run.dir")
         if given and owner:
-            runs.check_free(Path(given))  # a live run's folder: say whose, before anything else
-        runs.refuse_existing_run(argv)
+            folders.check_free(Path(given))  # a live run's folder: say whose, before anything else
+        folders.refuse_existing_run(argv)
     stages = plan(overrides)
     run_dir = override_value(argv, "hydra.run.dir")
     if run_dir is not None:
-        runs.refuse_inside_data(Path(run_dir), stages)
+        folders.refuse_inside_data(Path(run_dir), stages)
     if run_dir is None and owner and not launched_by_torchrun():  # under torchrun, see under_torchrun
         # Hydra's outputs/<date>/<time> would be shared by two runs started in the same second.
-        run_dir = str(runs.new_run_folder(Path("outputs")))
+        run_dir = str(folders.new_run_folder(Path("outputs")))
         argv = argv + [f"hydra.run.dir={run_dir}"]
     if run_dir is not None and owner:
-        took_over = runs.acquire(Path(run_dir))  # before Hydra writes a file there
+        took_over = folders.acquire(Path(run_dir))  # before Hydra writes a file there
         if took_over:
             notes.add(took_over)
     return argv, str(stages[0].trainer.device)
@@ -147,16 +148,16 @@ def resumed(argv: list[str], overrides: list[str], resume: str, owner: bool) -> 
     """The command and overrides that continue the run `resume` names, in its own folder: the
     overrides that made it (those its record may give, see `untrusted`) plus today's."""
     check_path("resume", resume)
-    run_dir, full, refused = runs.resume_target(Path(resume), overrides)  # it exists and is a run
+    run_dir, full, refused = folders.resume_target(Path(resume), overrides)  # it exists and is a run
     given = override_value(argv, "hydra.run.dir")
     if given is not None and Path(given).expanduser().resolve() != run_dir.resolve():
         raise UserError(f"resume={resume} continues the run in its own folder, {run_dir}; "
                         f"hydra.run.dir={given} names another (leave it out)")
     if owner:
-        runs.check_free(run_dir)  # a live run's folder: say whose, before anything else
-        runs.check_writable(run_dir, "resume")
+        folders.check_free(run_dir)  # a live run's folder: say whose, before anything else
+        folders.check_writable(run_dir, "resume")
     if refused:
-        notes.add(runs.refused_note(run_dir, refused))  # logged once the run has its log
+        notes.add(folders.refused_note(run_dir, refused))  # logged once the run has its log
     # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
     kept = [a for a in argv if a not in overrides and not a.startswith("hydra.run.dir=")]
     return (kept + full + [f"resume={resume}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"],
@@ -180,11 +181,11 @@ def sweep_folder(argv: list[str]) -> list[str]:
     refused. With no folder given, the sweep gets one of its own."""
     given = override_value(argv, "hydra.sweep.dir")
     if given is not None:
-        if runs.holds_jobs(Path(given)):
+        if folders.holds_jobs(Path(given)):
             raise UserError(f"hydra.sweep.dir={given} already holds a sweep, whose records this one would "
                             f"overwrite; choose another folder")
         return []
-    return [f"hydra.sweep.dir={runs.new_run_folder(Path('multirun'))}"]
+    return [f"hydra.sweep.dir={folders.new_run_folder(Path('multirun'))}"]
 
 
 def launched_by_torchrun() -> bool:
@@ -195,14 +196,14 @@ def launched_by_torchrun() -> bool:
 def under_torchrun(argv: list[str], device: str) -> list[str]:
     """Under torchrun every rank runs this app: join the process group first and pin one run
     folder, named by rank 0's clock, for all ranks (Hydra would name one per rank)."""
-    from .engine import distributed
+    from ..engine import distributed
 
     if not distributed.launched_by_torchrun():
         return argv
     distributed.init(device)
     if not any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
         # Rank 0 makes a run folder of its own and tells the others its name.
-        made = str(runs.new_run_folder(Path("outputs"))) if distributed.is_main() else ""
+        made = str(folders.new_run_folder(Path("outputs"))) if distributed.is_main() else ""
         argv = argv + [f"hydra.run.dir={distributed.broadcast_text(made)}"]
     return argv
 

@@ -16,7 +16,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .files import write_text
+from ..files import write_text
 
 
 FAILED = "failed.txt"  # written into a job's folder when it stopped with an error

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from .config import override_key, override_value
-from .errors import UserError
+from ..errors import UserError
 from .untrusted import saved_overrides
 
 COMMAND_FILE = Path(".hydra") / "overrides.yaml"  # Hydra's record of the overrides that made a run

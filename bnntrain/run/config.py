@@ -1,7 +1,7 @@
 """A run's config: composing it, checking it, and the one-line errors.
 
 Every entry point composes through here: the command line (before Hydra starts, and for
-each stage inside the run), `bnntrain.summary`, `scripts/bench.py` and the tests. A
+each stage inside the run), `bnntrain.tools.summary`, `scripts/bench.py` and the tests. A
 stage's config comes about in five steps:
 
 1. Hydra composes `configs/config.yaml` with the overrides. Each preset of a group extends
@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import check_stage
-from .errors import CheckpointError, ConfigError, UserError
+from ..errors import CheckpointError, ConfigError, UserError
 
 CONFIG_MODULE = "bnntrain.configs"
 RUN_FOLDER = "<run folder>"  # where a pipeline's later stages find their init, before the folder exists
@@ -178,7 +178,7 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
 
 def note_unread_keys(overrides: list[str]) -> None:
     """`+foo=1` adds a key no part of bnntrain reads: legal for Hydra, almost surely a typo."""
-    from . import notes
+    from .. import notes
     from .untrusted import config_groups
 
     known = {*ORDER, "stages", *config_groups()}
@@ -299,7 +299,7 @@ def run_tool(body: Callable[[list[str]], None], argv: list[str] | None, usage: s
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage)
         return
-    from . import notes
+    from .. import notes
 
     try:
         body(argv)

@@ -1,0 +1,261 @@
+"""Binary inference on the CPU: bit-packed XNOR-popcount convolutions for exported models.
+
+    python -m bnntrain.infer model=FILE images=FOLDER     # the predicted class of each image
+    python -m bnntrain.infer model=FILE --bench           # latency, batch 1 and 16, against PyTorch
+
+`load(FILE)` rebuilds the packed file's inference model (`bnntrain.tools.export.load`) and swaps
+each binary layer whose inputs and weights are both binary for a `PackedBinaryConv2d`: the
+input's signs packed along the channels into uint64 words (NHWC), the weights packed once at
+load time, and the conv computed as K - 2 x popcount(a xor w) over the valid taps of each
+output position by numba-compiled kernels (`kernels.py`; numba is the optional extra
+`infer`: `pip install 'bnntrain[infer]'`). Everything else (the real-valued stem, shortcuts,
+BN, activations, pooling, the classifier) stays the PyTorch module it was, so the outputs are
+those of `bnntrain.tools.export.load` to float rounding: the binary sums are integers, and a tap in
+the zero padding counts for nothing, as in PyTorch.
+
+A binary layer the kernels cannot run (a stage-1 checkpoint's layers: binary activations,
+real weights; a stage-0 one's: real activations; padding given as a string) stops `load`
+with one line naming it, unless `strict=False`, which leaves such layers to PyTorch as float
+convolutions (listed in `model.fallbacks`, with a warning). Grouped, strided and dilated
+convs, 1x1 convs and binary linear layers all run packed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tools import export
+from ..errors import ConfigError, UserError
+
+WORD = 64  # bits per packed word
+
+
+def require_numba():
+    """The kernel module; numba is an optional extra."""
+    if importlib.util.find_spec("numba") is None:
+        raise UserError("bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)")
+    from . import kernels
+    return kernels
+
+
+def set_threads(threads: int) -> None:
+    """The same number of threads for PyTorch and for the kernels."""
+    if threads < 1:
+        raise ConfigError(f"threads={threads}: expected a whole number >= 1")
+    torch.set_num_threads(threads)
+    import numba
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def pack_weight(weight: Tensor, groups: int) -> np.ndarray:
+    """+-1 weights [O, C/G, KH, KW] -> uint64 [G, KH, KW, words per group, O/G]: bit c % 64 of
+    word c // 64 set for +1, the bits past the last channel 0, the output channel innermost."""
+    out_channels, per_group, kh, kw = weight.shape
+    words = math.ceil(per_group / WORD)
+    bits = (weight >= 0).view(groups, out_channels // groups, per_group, kh, kw).permute(0, 3, 4, 2, 1)
+    bits = F.pad(bits.to(torch.int64), (0, 0, 0, words * WORD - per_group))  # pad the channel dim with 0
+    bits = bits.reshape(groups, kh, kw, words, WORD, out_channels // groups)
+    shifts = torch.arange(WORD, dtype=torch.int64).view(1, 1, 1, 1, WORD, 1)
+    # Bit 63 makes the int64 sum negative; viewed as uint64 it is the word.
+    packed = (bits << shifts).sum(4)
+    return np.ascontiguousarray(packed.numpy().view(np.uint64))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def why_not_packed(layer: export.InferenceBinaryLayer) -> str | None:
+    """Why the kernels cannot run `layer` (None: they can)."""
+    if layer.activations != "binary":
+        return f"{layer.activations} input activations (not binary)"
+    if not layer.binary_weights:
+        return "real-valued weights (a stage-1 checkpoint)"
+    if layer.conv is not None and isinstance(layer.conv["padding"], str):
+        return f"padding={layer.conv['padding']!r}"
+    return None
+
+
+class PackedBinaryConv2d(nn.Module):
+    """A binary conv (or a binary linear layer, as a 1x1 conv on a 1x1 image) run by the
+    XNOR-popcount kernels: the input's signs packed once per call, the weights at build time.
+    Outputs float32 scale x (whole-number sum) + bias, in the input's memory layout."""
+
+    def __init__(self, layer: export.InferenceBinaryLayer) -> None:
+        super().__init__()
+        self.kernels = require_numba()
+        weight = layer.weight.detach().float().cpu()
+        self.linear = layer.conv is None
+        if self.linear:
+            weight = weight[:, :, None, None]
+            conv = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        else:
+            conv = layer.conv
+        self.out_channels, self.in_per_group, self.kh, self.kw = weight.shape
+        self.groups = conv["groups"]
+        self.in_channels = self.in_per_group * self.groups
+        self.stride, self.padding, self.dilation = (_pair(conv[k]) for k in ("stride", "padding", "dilation"))
+        self.words_per_group = math.ceil(self.in_per_group / WORD)
+        self.weight_words = pack_weight(weight, self.groups)
+        # One group, no dilation: the faster kernel, its weights [KH, KW x words, O].
+        self.dense = self.groups == 1 and self.dilation == (1, 1)
+        if self.dense:
+            self.weight_words = np.ascontiguousarray(self.weight_words.reshape(
+                self.kh, self.kw * self.words_per_group, self.out_channels))
+
+        def vector(t: Tensor | None, n: int, fill: float) -> np.ndarray:
+            v = np.full(n, fill, np.float32) if t is None else t.detach().float().cpu().reshape(-1).numpy()
+            return np.ascontiguousarray(v, dtype=np.float32)
+
+        self.scale = vector(layer.scale, self.out_channels, 1.0)
+        self.bias = vector(layer.bias, self.out_channels, 0.0)
+        # Adding a zero threshold changes no sign (-0.0 + 0.0 = +0.0, and x >= 0 holds for both).
+        self.threshold = vector(layer.threshold, self.in_channels, 0.0)
+
+    def extra_repr(self) -> str:
+        kind = "linear" if self.linear else f"conv {self.kh}x{self.kw}"
+        return (f"{kind}, {self.in_channels} -> {self.out_channels}, stride {self.stride}, padding {self.padding}, "
+                f"groups {self.groups}: XNOR-popcount, {self.words_per_group} uint64 words per tap")
+
+    def pack(self, x: Tensor) -> np.ndarray:
+        """The signs of x + threshold, uint64 [N, H, W, groups * words per group]."""
+        n, _, h, w = x.shape
+        words = np.empty((n, h, w, self.groups * self.words_per_group), np.uint64)
+        if x.is_contiguous():
+            self.kernels.pack_nchw(x.numpy(), self.threshold, self.groups, self.words_per_group, words)
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            self.kernels.pack_nhwc(x.permute(0, 2, 3, 1).numpy(), self.threshold, self.groups,
+                                   self.words_per_group, words)
+        else:
+            self.kernels.pack_nchw(x.contiguous().numpy(), self.threshold, self.groups, self.words_per_group, words)
+        return words
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise UserError(f"bnntrain.infer runs on the CPU; the input is on {x.device}")
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if self.linear:
+            x = x.reshape(x.shape[0], -1, 1, 1)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise UserError(f"a packed binary layer of {self.in_channels} input channels got shape {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        words = self.pack(x)
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
+        out = np.empty((n, oh, ow, self.out_channels), np.float32)
+        if self.dense:
+            self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
+                                           self.in_channels, out)
+        else:
+            self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
+                                     self.in_per_group, out)
+        result = torch.from_numpy(out)
+        if self.linear:
+            return result.reshape(n, self.out_channels)
+        # The layout it came in: PyTorch's real-valued layers round differently on the two
+        # layouts, and this keeps the model's outputs those of export.load's in that layout.
+        result = result.permute(0, 3, 1, 2)
+        return result if x.is_contiguous(memory_format=torch.channels_last) else result.contiguous()
+
+
+def _swap(model: nn.Module, make: Callable[[str, export.InferenceBinaryLayer], nn.Module | None]) -> None:
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, export.InferenceBinaryLayer)]:
+        new = make(name, layer)
+        if new is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+
+
+def pack_model(model: nn.Module) -> dict[str, str]:
+    """Swap, in place, each binary layer of an inference model (`bnntrain.tools.export.load`) that
+    the kernels run for a PackedBinaryConv2d; returns {layer: why it stays in PyTorch} for the
+    others."""
+    left: dict[str, str] = {}
+
+    def make(name: str, layer: export.InferenceBinaryLayer) -> nn.Module | None:
+        reason = why_not_packed(layer)
+        if reason is not None:
+            left[name] = reason
+            return None
+        return PackedBinaryConv2d(layer)
+
+    _swap(model, make)
+    return left
+
+
+def fallback_note(left: dict[str, str], total: int) -> str:
+    """One line on the binary layers that stay in PyTorch."""
+    reasons = sorted(set(left.values()))
+    return (f"{len(left)} of {total} binary layers run as float convs in PyTorch (not packed): "
+            f"{'; '.join(reasons)} (first: {next(iter(left))})")
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> nn.Module:
+    """The inference model of a packed file with its binary layers run by the XNOR-popcount
+    kernels; in eval mode, its outputs those of `bnntrain.tools.export.load(path)` to float
+    rounding. `model.export_config` holds the file's config.
+
+    `strict` (default): a binary layer the kernels cannot run is an error (ConfigError, one
+    line). `strict=False` leaves such layers to PyTorch, lists them in `model.fallbacks`
+    ({layer: reason}) and warns.
+
+    `channels_last` (default): the real-valued layers run on channels-last tensors, the
+    layout the kernels write and read fastest (the input is converted on the way in)."""
+    require_numba()
+    model = export.load(path)
+    total = sum(isinstance(m, export.InferenceBinaryLayer) for m in model.modules())
+    left = pack_model(model)
+    if strict and left:
+        raise ConfigError(f"{path}: {fallback_note(left, total)}; the XNOR-popcount kernels need binary "
+                          f"activations and binary weights (a stage-2 export); strict=false runs such layers "
+                          f"as float convs")
+    model.fallbacks = left  # model.export_config: set by export.load, which read (and checked) the file once
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.register_forward_pre_hook(_to_channels_last)
+    if left:
+        warnings.warn(fallback_note(left, total), stacklevel=2)
+    return model
+
+
+class FloatBinaryConv2d(nn.Module):
+    """The baseline: an InferenceBinaryLayer as float convolution with its weight x scale
+    computed once (the export's module multiplies them on every call)."""
+
+    def __init__(self, layer: export.InferenceBinaryLayer) -> None:
+        super().__init__()
+        self.layer = layer
+        weight = layer.weight if layer.scale is None else layer.weight * layer.scale
+        self.register_buffer("weight", weight.contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if layer.threshold is not None:
+            x = x + layer.threshold
+        x = export.INPUT_FUNCTIONS[layer.activations](x)
+        if layer.conv is None:
+            return F.linear(x, self.weight, layer.bias)
+        return F.conv2d(x, self.weight, layer.bias, **layer.conv)
+
+
+def float_model(path: str | Path) -> nn.Module:
+    """The packed file's model with every binary layer a float convolution in PyTorch
+    (oneDNN), weights pre-scaled: the baseline the benchmarks compare with."""
+    model = export.load(path)
+    _swap(model, lambda name, layer: FloatBinaryConv2d(layer))
+    return model

@@ -1,0 +1,261 @@
+"""Official checkpoints into bnntrain checkpoints:
+`python -m bnntrain.tools.convert src=PATH out=PATH model=NAME [step=1|2] [overrides]`.
+
+Reads what Bi-Real Net's and ReActNet's official PyTorch code saves (liuzechun/Bi-Real-net
+`pytorch_implementation/BiReal18_34`, liuzechun/ReActNet `resnet/` and `mobilenet/`, both
+steps): the state dict alone or inside a dict (`state_dict`, `epoch`, `best_top1_acc`,
+`optimizer`), keys with or without DataParallel's `module.` prefix, step 1's real 4-D conv
+weights, step 2's 4-D `weight` or flat `(N, 1)` `weights`. Every official key is mapped to
+exactly one of ours (ReActNet-A's two 1x1 convs and BNs where the channels double are joined
+into our one 1x1 conv and BN along the output channels, in order); a key with no rule, a key of
+ours left unfilled, a shape other than ours (or, for step 2's binary convs, the flat `(N, 1)`),
+a dimension of size 0 or a non-float tensor where ours is float is an error naming it. The
+result loads with `init=`, and works with `bnntrain.tools.summary`, `bnntrain.tools.export` and
+`bnntrain.tools.evaluate`. Latent binary weights of exactly 0 are counted: the official torch.sign
+makes them 0, bnntrain's sign +1, so the two networks' logits differ unless there are none.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from ..run.config import last_stage, run_tool, split_args
+from ..engine import save_checkpoint
+from ..engine.checkpoint import load_model_weights, load_tensors
+from ..errors import CheckpointError, ConfigError
+from ..files import refuse_overwrite
+from ..models import build_model
+from ..nn import set_precision
+
+USAGE = "usage: python -m bnntrain.tools.convert src=PATH out=PATH model=NAME [step=1|2] [group=option ...]"
+Rule = tuple[str, Callable[[re.Match], str]]
+BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+# Bi-Real Net 18/34 and ReActNet's ResNet-18: layer{L}.{B} is our stages.{L-1}.{B}.
+RESNET_RULES: list[Rule] = [
+    (r"conv1\.weight", lambda m: "stem.0.weight"),
+    (rf"bn1\.{BN}", lambda m: f"stem.1.{m[1]}"),
+    (r"layer(\d)\.(\d+)\.binary_conv\.weights?", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.convs.0.weight"),
+    (rf"layer(\d)\.(\d+)\.bn1\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.norms.0.{m[3]}"),
+    (r"layer(\d)\.(\d+)\.move0\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.convs.0.threshold"),
+    (r"layer(\d)\.(\d+)\.move1\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.shift_in"),
+    (r"layer(\d)\.(\d+)\.prelu\.weight", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.prelu.weight"),
+    (r"layer(\d)\.(\d+)\.move2\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.shift_out"),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.weight", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.1.weight"),
+    (rf"layer(\d)\.(\d+)\.downsample\.2\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.2.{m[3]}"),
+    (r"fc\.(weight|bias)", lambda m: f"classifier.{m[1]}"),
+]
+# ReActNet-A: feature.0 is the stem, feature.{i} our stages.{i-1}: its 3x3 half `.0`, its 1x1 half `.1`.
+HALF = {"move11": "0.convs.0.threshold", "move12": "0.act.shift_in", "prelu1": "0.act.prelu", "move13": "0.act.shift_out",
+        "move21": "1.convs.0.threshold", "move22": "1.act.shift_in", "prelu2": "1.act.prelu", "move23": "1.act.shift_out"}
+REACTNET_A_RULES: list[Rule] = [
+    (r"feature\.0\.conv1\.weight", lambda m: "stem.0.weight"),
+    (rf"feature\.0\.bn1\.{BN}", lambda m: f"stem.1.{m[1]}"),
+    (r"feature\.(\d+)\.binary_3x3\.weights?", lambda m: f"stages.{int(m[1]) - 1}.0.convs.0.weight"),
+    (rf"feature\.(\d+)\.bn1\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.0.norms.0.{m[2]}"),
+    (r"feature\.(\d+)\.binary_pw(?:_down[12])?\.weights?", lambda m: f"stages.{int(m[1]) - 1}.1.convs.0.weight"),
+    (rf"feature\.(\d+)\.bn2(?:_[12])?\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.1.norms.0.{m[2]}"),
+    (r"feature\.(\d+)\.(move\d\d)\.bias", lambda m: f"stages.{int(m[1]) - 1}.{HALF[m[2]]}"),
+    (r"feature\.(\d+)\.(prelu[12])\.weight", lambda m: f"stages.{int(m[1]) - 1}.{HALF[m[2]]}.weight"),
+    (r"fc\.(weight|bias)", lambda m: f"classifier.{m[1]}"),
+]
+RULES = {"resnet18": RESNET_RULES, "resnet34": RESNET_RULES, "reactnet_a": REACTNET_A_RULES}
+PRESETS = ("birealnet18", "birealnet34", "reactnet18", "reactnet_a")  # the presets with official checkpoints
+STEM = {"resnet18": "conv1.weight", "resnet34": "conv1.weight", "reactnet_a": "feature.0.conv1.weight"}
+# Far above any real dataset (ImageNet-21k has 21,841 classes; images 1 to 4 channels), far
+# below what a forged shape could make build_model allocate.
+MAX_CLASSES, MAX_CHANNELS = 100_000, 1024
+BINARY_CONV = re.compile(r"\.(binary_conv|binary_3x3|binary_pw\w*)\.weights?$")
+
+
+def check_preset(overrides: list[str]) -> None:
+    """Before anything is read: another preset would fail later on its keys, not on its name."""
+    presets = [o.partition("=")[2] for o in overrides if o.startswith("model=")]
+    preset = presets[-1] if presets else None
+    if preset not in PRESETS:
+        raise ConfigError(f"model={preset}: convert takes the networks with official checkpoints: "
+                          f"{', '.join(PRESETS)}")
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Refused before any work: out over src would replace the official file with ours."""
+    if not out.parent.is_dir():
+        raise ConfigError(f"out={out}: the folder {out.parent} does not exist")
+    refuse_overwrite(out, "out", {"src": src})  # resolved paths, and the same inode: links count
+
+
+def official_state(blob: Any, src: Path) -> dict[str, Tensor]:
+    """The state dict inside whatever the official code saved, without `module.` prefixes;
+    every tensor dense and without a dimension of size 0."""
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{src} holds no state dict (expected a dict of tensors, or one under 'state_dict')")
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if name in out:
+            raise CheckpointError(f"{src} holds {name} twice, with and without `module.`")
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{key}: a {value.layout} tensor, where official checkpoints hold dense ones")
+        if 0 in value.shape:
+            raise CheckpointError(f"{key} has shape {tuple(value.shape)}: a dimension of size 0")
+        out[name] = value
+    return out
+
+
+def infer_step(state: dict[str, Tensor], step: str | None) -> int:
+    """Step 2 stores binary convs as flat `weights`; a 4-D `weight` may be either step."""
+    if step is not None:
+        if step not in ("1", "2"):
+            raise ConfigError(f"step must be 1 or 2; got {step}")
+        return int(step)
+    if any(k.endswith(".weights") for k in state if BINARY_CONV.search(k)):
+        return 2
+    raise ConfigError("this checkpoint stores its binary convs as 4-D weights, as step 1 (real weights) and "
+                      "ReActNet's later step 2 both do: give step=1 or step=2")
+
+
+def size_from(state: dict[str, Tensor], key: str, dim: int, limit: int, what: str, default: int) -> int:
+    """A count the model is built with (classes, input channels), read off an official tensor
+    and bounded before anything of that size is allocated. Without the key or the dimension,
+    `default`: the key mapping then names what is missing or misshapen."""
+    value = state.get(key)
+    if value is None or value.dim() <= dim:
+        return default
+    if value.shape[dim] > limit:
+        raise CheckpointError(f"{key} has shape {tuple(value.shape)}: {value.shape[dim]} {what}, where convert "
+                              f"takes at most {limit}")
+    return int(value.shape[dim])
+
+
+def map_keys(state: dict[str, Tensor], rules: list[Rule], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict from the official one; parts mapped to one key of ours are joined in order."""
+    parts: dict[str, list[tuple[str, Tensor]]] = {}
+    unmapped = []
+    for key, value in state.items():
+        target = next((fn(m) for pattern, fn in rules if (m := re.fullmatch(pattern, key))), None)
+        if target is None:
+            unmapped.append(key)
+        else:
+            parts.setdefault(target, []).append((key, value))
+    if unmapped:
+        raise CheckpointError(f"no rule maps {len(unmapped)} official key(s) onto this model: "
+                              f"{', '.join(unmapped[:3])}{' ...' if len(unmapped) > 3 else ''}")
+    missing = [k for k in own if k not in parts]
+    if missing:
+        raise CheckpointError(f"the official checkpoint has nothing for {len(missing)} of this model's keys: "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    out = {}
+    for target, found in parts.items():
+        if target not in own:
+            raise CheckpointError(f"the official key behind {target} has no place in this model (another architecture?)")
+        out[target] = join(target, sorted(found), own[target])  # by name: down1 before down2, bn2_1 before bn2_2
+    return out
+
+
+def join(target: str, found: list[tuple[str, Tensor]], own: Tensor) -> Tensor:
+    """The official tensor(s) behind one of ours, each checked against its share of our shape
+    before anything is allocated from it: ReActNet-A's doubling block has two 1x1 convs and
+    BNs, each half of ours along the output channels."""
+    if own.dim() == 0:  # num_batches_tracked is a count per BN: joined BNs trained together share it
+        return fit(*found[0], tuple(own.shape), own, target)
+    if own.shape[0] % len(found):
+        raise CheckpointError(f"{len(found)} official tensors map onto {target} {tuple(own.shape)}, whose "
+                              f"{own.shape[0]} output channels do not split into {len(found)}")
+    share = (own.shape[0] // len(found), *own.shape[1:])
+    return torch.cat([fit(key, value, share, own, target) for key, value in found])
+
+
+def fit(key: str, value: Tensor, shape: tuple[int, ...], own: Tensor, target: str) -> Tensor:
+    """`value` as a tensor of `shape` and our dtype: its shape must be that exactly, or, for a
+    step-2 binary conv's `weights`, the official flat (O*I*k*k, 1), row-major."""
+    flat = (math.prod(shape), 1) if len(shape) == 4 and key.endswith(".weights") and BINARY_CONV.search(key) else None
+    if tuple(value.shape) == flat:
+        value = value.reshape(shape)
+    elif tuple(value.shape) != shape:
+        expected = f"{shape}{f' or flat {flat}' if flat else ''}"
+        part = f" (one of the parts joined into {target} {tuple(own.shape)})" if shape != tuple(own.shape) else ""
+        raise CheckpointError(f"{key} has shape {tuple(value.shape)}, where {target} takes {expected}{part}")
+    if value.is_floating_point() != own.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise CheckpointError(f"{key} is {value.dtype}, where {target} is {own.dtype}")
+    return value.to(own.dtype)
+
+
+def zero_binary_weights(state: dict[str, Tensor]) -> int:
+    """Latent binary weights of exactly 0: the official torch.sign makes them 0, ours +1."""
+    return sum(int((value == 0).sum()) for key, value in state.items() if BINARY_CONV.search(key))
+
+
+def recorded(blob: Any, key: str, src: Path) -> float | None:
+    """A number the official script saved beside the weights (`epoch`, `best_top1_acc`), or None."""
+    value = blob.get(key) if isinstance(blob, dict) else None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)) or \
+            (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise CheckpointError(f"{src}: {key} is a {type(value).__name__}, not a number")
+
+
+def convert(src: str | Path, out: str | Path, overrides: list[str],
+            step: str | None = None) -> tuple[dict[str, Any], int]:
+    """Write `out` from the official checkpoint `src`; return what was written and how many
+    latent binary weights are exactly 0 (see `zero_binary_weights`; 0 where weights are real)."""
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    check_preset(overrides)
+    check_paths(src, out)
+    blob = load_tensors(src, "official checkpoint")
+    state = official_state(blob, src)
+    n = infer_step(state, step)
+    num_classes = size_from(state, "fc.weight", 0, MAX_CLASSES, "classes", 1000)
+    epoch, best = recorded(blob, "epoch", src) or 0, recorded(blob, "best_top1_acc", src)
+    if epoch < 0 or epoch != int(epoch):  # a checkpoint's epoch counts the epochs completed
+        raise CheckpointError(f"{src}: epoch is {epoch}, not a count of epochs")
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=imagenet"]
+    cfg = last_stage([f"stage={n}", f"init={src}", *data, *overrides, f"data.num_classes={num_classes}"])
+    if cfg.model.name not in RULES:
+        raise ConfigError(f"model.name={cfg.model.name}: official checkpoints exist for {', '.join(PRESETS)}")
+    in_channels = size_from(state, STEM[cfg.model.name], 1, MAX_CHANNELS, "input channels", 3)
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
+    weights = map_keys(state, RULES[cfg.model.name], model.state_dict())
+    load_model_weights(model, weights, src)
+    set_precision(model, cfg.stage.activations, cfg.stage.weights)
+    checkpoint = {"model": model.state_dict(), "num_classes": num_classes, "in_channels": in_channels,
+                  "epoch": int(epoch), "stage": cfg.stage.name,
+                  "precision": {"activations": cfg.stage.activations, "weights": cfg.stage.weights},
+                  "metrics": {}, "best_top1": None if best is None else float(best),
+                  "config": OmegaConf.to_container(cfg, resolve=True), "init_from": str(src)}
+    save_checkpoint(checkpoint, out)
+    return checkpoint, zero_binary_weights(state) if cfg.stage.weights == "binary" else 0
+
+
+def run(argv: list[str]) -> None:
+    own, overrides = split_args(argv, ("src", "out", "step"))
+    if "src" not in own or "out" not in own or not any(o.startswith("model=") for o in overrides):
+        raise ConfigError(f"expected src=PATH out=PATH model=NAME ({', '.join(PRESETS)})")
+    checkpoint, zeros = convert(own["src"], own["out"], overrides, own.get("step"))
+    print(f"wrote {own['out']}: {checkpoint['config']['model']['name']} ({overrides[0]}), {checkpoint['stage']} "
+          f"({checkpoint['precision']['activations']} activations, {checkpoint['precision']['weights']} weights), "
+          f"{len(checkpoint['model'])} tensors, {checkpoint['num_classes']} classes")
+    if checkpoint["precision"]["weights"] != "binary":
+        return  # step 1's real weights: a weight of 0 is 0 in both networks
+    if zeros:
+        print(f"{zeros} latent binary weight(s) are exactly 0: the official torch.sign makes them 0, bnntrain's "
+              f"sign +1 (times the channel's scale), so this network's logits differ from the official one's")
+    else:
+        print("no latent binary weight is exactly 0: every binary weight has the sign the official code gives it")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tool(run, argv, USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE]`: a checkpoint's packed
+1-bit file (packed.py), and optionally its ONNX model (onnx.py)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...engine import load_checkpoint
+from ...errors import ConfigError
+from ...files import refuse_overwrite, save_tensors
+from ...models import model_from_checkpoint
+from ...run.config import run_tool, split_args
+from ...run.folders import check_writable
+from .onnx import export_onnx, require_onnx
+from .packed import export_model
+
+USAGE = "usage: python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
+
+
+def _nbytes(obj: Any) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+def _output(value: str, ckpt: Path, key: str) -> Path:
+    """Where to write, checked before any work: an existing folder, never the checkpoint."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{key}={path}: the folder {path.parent} does not exist")
+    refuse_overwrite(path, key, {"ckpt": ckpt})
+    check_writable(path, key)
+    return path
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
+    """Write the packed file of a checkpoint; return the sizes in bytes that `main` prints."""
+    ckpt = Path(ckpt).expanduser()
+    out = _output(str(out), ckpt, "out")
+    state = load_checkpoint(ckpt)
+    model = model_from_checkpoint(state, str(ckpt))
+    blob = export_model(model, state, str(ckpt))
+    save_tensors(blob, out)
+    packed = [v for k, v in blob["tensors"].items() if k.endswith(".weight_bits")]
+    shapes = json.loads(blob["config"])["packed"].values()
+    return {"file": out.stat().st_size, "checkpoint": ckpt.stat().st_size, "fp32_weights": _nbytes(state["model"]),
+            "binary_fp32": 4 * sum(math.prod(s) for s in shapes), "binary_packed": sum(p.numel() for p in packed),
+            "scales": sum(v.numel() * 4 for k, v in blob["tensors"].items() if k.endswith(".scale"))}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def run(argv: list[str]) -> None:
+    own, rest = split_args(argv, ("ckpt", "out", "onnx"))
+    if rest or "ckpt" not in own or "out" not in own:
+        unknown = f"unknown argument(s): {' '.join(rest)}; " if rest else ""
+        raise ConfigError(f"{unknown}expected ckpt=PATH out=FILE [onnx=FILE]")
+    ckpt = Path(own["ckpt"]).expanduser()
+    out = _output(own["out"], ckpt, "out")
+    onnx_path = _output(own["onnx"], ckpt, "onnx") if "onnx" in own else None
+    if onnx_path is not None:  # before the work, not after it
+        refuse_overwrite(onnx_path, "onnx", {"out": out})
+        require_onnx()
+    sizes = export_checkpoint(own["ckpt"], own["out"])
+    file = sizes["file"]
+    print(f"wrote {own['out']}: {_mb(file)}\n"
+          f"  checkpoint {own['ckpt']}: {_mb(sizes['checkpoint'])}, {sizes['checkpoint'] / file:.1f}x the export "
+          f"(it also holds the optimizer state)\n"
+          f"  fp32 model weights: {_mb(sizes['fp32_weights'])}, {sizes['fp32_weights'] / file:.1f}x the export\n"
+          f"  binary weights: {_mb(sizes['binary_fp32'])} as fp32, {_mb(sizes['binary_packed'])} packed "
+          f"({sizes['binary_fp32'] / max(sizes['binary_packed'], 1):.1f}x), "
+          f"plus {_mb(sizes['scales'])} of per-channel scales")
+    if onnx_path is not None:
+        export_onnx(own["out"], onnx_path)
+        print(f"wrote {onnx_path}: {_mb(onnx_path.stat().st_size)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tool(run, argv, USAGE)
