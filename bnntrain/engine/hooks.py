@@ -33,6 +33,7 @@ from .stopping import StepWatch, Stopped, StopSignals
 
 log = logging.getLogger("bnntrain")
 
+
 @dataclass
 class StageRun:
     """What the hooks of one stage share: its config and objects, and how far it has come."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tools import export
+from ..tools.export import inference, packed
 from ..errors import ConfigError, UserError
 
 WORD = 64  # bits per packed word
@@ -73,7 +73,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def why_not_packed(layer: export.InferenceBinaryLayer) -> str | None:
+def why_not_packed(layer: inference.InferenceBinaryLayer) -> str | None:
     """Why the kernels cannot run `layer` (None: they can)."""
     if layer.activations != "binary":
         return f"{layer.activations} input activations (not binary)"
@@ -89,7 +89,7 @@ class PackedBinaryConv2d(nn.Module):
     XNOR-popcount kernels: the input's signs packed once per call, the weights at build time.
     Outputs float32 scale x (whole-number sum) + bias, in the input's memory layout."""
 
-    def __init__(self, layer: export.InferenceBinaryLayer) -> None:
+    def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
         super().__init__()
         self.kernels = require_numba()
         weight = layer.weight.detach().float().cpu()
@@ -164,13 +164,13 @@ class PackedBinaryConv2d(nn.Module):
         if self.linear:
             return result.reshape(n, self.out_channels)
         # The layout it came in: PyTorch's real-valued layers round differently on the two
-        # layouts, and this keeps the model's outputs those of export.load's in that layout.
+        # layouts, and this keeps the model's outputs those of packed.load's in that layout.
         result = result.permute(0, 3, 1, 2)
         return result if x.is_contiguous(memory_format=torch.channels_last) else result.contiguous()
 
 
-def _swap(model: nn.Module, make: Callable[[str, export.InferenceBinaryLayer], nn.Module | None]) -> None:
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, export.InferenceBinaryLayer)]:
+def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer], nn.Module | None]) -> None:
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, inference.InferenceBinaryLayer)]:
         new = make(name, layer)
         if new is not None:
             parent, _, child = name.rpartition(".")
@@ -183,7 +183,7 @@ def pack_model(model: nn.Module) -> dict[str, str]:
     others."""
     left: dict[str, str] = {}
 
-    def make(name: str, layer: export.InferenceBinaryLayer) -> nn.Module | None:
+    def make(name: str, layer: inference.InferenceBinaryLayer) -> nn.Module | None:
         reason = why_not_packed(layer)
         if reason is not None:
             left[name] = reason
@@ -217,14 +217,14 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
     `channels_last` (default): the real-valued layers run on channels-last tensors, the
     layout the kernels write and read fastest (the input is converted on the way in)."""
     require_numba()
-    model = export.load(path)
-    total = sum(isinstance(m, export.InferenceBinaryLayer) for m in model.modules())
+    model = packed.load(path)
+    total = sum(isinstance(m, inference.InferenceBinaryLayer) for m in model.modules())
     left = pack_model(model)
     if strict and left:
         raise ConfigError(f"{path}: {fallback_note(left, total)}; the XNOR-popcount kernels need binary "
                           f"activations and binary weights (a stage-2 export); strict=false runs such layers "
                           f"as float convs")
-    model.fallbacks = left  # model.export_config: set by export.load, which read (and checked) the file once
+    model.fallbacks = left  # model.export_config: set by packed.load, which read (and checked) the file once
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.register_forward_pre_hook(_to_channels_last)
@@ -237,7 +237,7 @@ class FloatBinaryConv2d(nn.Module):
     """The baseline: an InferenceBinaryLayer as float convolution with its weight x scale
     computed once (the export's module multiplies them on every call)."""
 
-    def __init__(self, layer: export.InferenceBinaryLayer) -> None:
+    def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
         super().__init__()
         self.layer = layer
         weight = layer.weight if layer.scale is None else layer.weight * layer.scale
@@ -247,7 +247,7 @@ class FloatBinaryConv2d(nn.Module):
         layer = self.layer
         if layer.threshold is not None:
             x = x + layer.threshold
-        x = export.INPUT_FUNCTIONS[layer.activations](x)
+        x = inference.INPUT_FUNCTIONS[layer.activations](x)
         if layer.conv is None:
             return F.linear(x, self.weight, layer.bias)
         return F.conv2d(x, self.weight, layer.bias, **layer.conv)
@@ -256,6 +256,6 @@ class FloatBinaryConv2d(nn.Module):
 def float_model(path: str | Path) -> nn.Module:
     """The packed file's model with every binary layer a float convolution in PyTorch
     (oneDNN), weights pre-scaled: the baseline the benchmarks compare with."""
-    model = export.load(path)
+    model = packed.load(path)
     _swap(model, lambda name, layer: FloatBinaryConv2d(layer))
     return model

@@ -11,8 +11,6 @@ from torch import Tensor
 
 from .base import INPUT_QUANTIZERS, Quantizer, registered, sign
 
-_PLUS_MINUS_ONE = torch.tensor([-1.0, 1.0])
-
 
 class MaskedSign(torch.autograd.Function):
     """sign(x) with the gradient g where mask(x) holds, else 0; saves the boolean mask."""
@@ -43,25 +41,26 @@ class SurrogateSign(torch.autograd.Function):
         return ctx.gradient(x, grad), None
 
 
-class MaskedSignEstimator(Quantizer):
-    """sign(x) (values -1 and +1) whose gradient is g where `mask(x)` holds."""
-
-    fused = "mask"
+class SignEstimator(Quantizer):
+    """sign(x): values -1 and +1."""
 
     def values(self, x: Tensor) -> Tensor:
-        return _PLUS_MINUS_ONE.to(x.dtype)
+        return torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
+
+
+class MaskedSignEstimator(SignEstimator):
+    """sign(x) whose gradient is g where `mask(x)` holds."""
+
+    fused = "mask"
 
     def forward(self, x: Tensor) -> Tensor:
         return MaskedSign.apply(x, self.mask)
 
 
-class SurrogateSignEstimator(Quantizer):
-    """sign(x) (values -1 and +1) whose gradient is `gradient(x, g)`."""
+class SurrogateSignEstimator(SignEstimator):
+    """sign(x) whose gradient is `gradient(x, g)`."""
 
     fused = "input"
-
-    def values(self, x: Tensor) -> Tensor:
-        return _PLUS_MINUS_ONE.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return SurrogateSign.apply(x, self.gradient)
@@ -75,9 +74,6 @@ class SteSign(MaskedSignEstimator):
         return x.abs() < 1
 
 
-_TWO = torch.tensor(2.0)
-
-
 @registered(INPUT_QUANTIZERS, "approx_sign")
 class ApproxSign(SurrogateSignEstimator):
     """Bi-Real Net's ApproxSign (a piecewise-quadratic sign): g * (2 - 2|x|) where |x| < 1,
@@ -85,8 +81,10 @@ class ApproxSign(SurrogateSignEstimator):
 
     def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
         # With sign(x) at hand, |x| is x * sign(x), exactly, and 2 - 2|x| one pass; then in
-        # place on that one temporary.
-        slope = torch.addcmul(_TWO.to(x.dtype), x, signs, value=-2) if signs is not None else x.abs().mul_(-2).add_(2)
+        # place on that one temporary. (The 2 is made here, not once at import: a module the
+        # registry imports while a model is built on the meta device would make it a meta tensor.)
+        two = torch.full((), 2.0, dtype=x.dtype)
+        slope = torch.addcmul(two, x, signs, value=-2) if signs is not None else x.abs().mul_(-2).add_(2)
         return slope.clamp_(min=0).mul_(grad)
 
 
