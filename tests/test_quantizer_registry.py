@@ -1,5 +1,8 @@
 """What every registered quantizer promises, checked by looping over both registries: a new
 one is covered the moment it is registered. Its own formulas are pinned in test_quantizers.py."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +143,27 @@ def test_a_precision_mode_or_an_unknown_argument_is_refused_with_what_is_expecte
         build_quantizer(INPUT_QUANTIZERS, {"name": "ste_sign", "beta": 2.0})
     with pytest.raises(ValueError, match="model.weight_quantizer.gradient 'both'; expected one of: scaled, unscaled"):
         build_quantizer(WEIGHT_QUANTIZERS, {"name": "scaled_sign", "gradient": "both"})
+
+
+DISCOVERY = """
+import importlib, pkgutil
+from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS
+from bnntrain.models import MODELS
+registries = {"bnntrain.nn.quantizers": (INPUT_QUANTIZERS, WEIGHT_QUANTIZERS), "bnntrain.models": (MODELS,)}
+found = [r.names() for rs in registries.values() for r in rs]  # what a lookup sees by itself
+for package in registries:
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+print(found == [r.names() for rs in registries.values() for r in rs], found)
+"""
+
+
+def test_a_registry_finds_every_entry_of_its_package_by_itself():
+    """A new quantizer or network is one file: the registry imports its package's modules
+    before the first lookup, so nothing else has to import the file (a fresh process, as a
+    run starts)."""
+    out = subprocess.run([sys.executable, "-c", DISCOVERY], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    same, found = out.stdout.split(" ", 1)
+    assert same == "True", found
+    assert "approx_sign" in found and "scaled_sign" in found and "reactnet_a" in found
