@@ -15,7 +15,7 @@ from bnntrain.models import build_model
 from bnntrain.nn import BinaryConv2d, BinaryLinear
 from bnntrain.tools.summary import main as summary_main
 from test_config import make
-from test_readme_claims import agrees, readme_rows
+from docs_pages import agrees, table_rows
 
 
 def hand_built() -> nn.Sequential:
@@ -138,12 +138,12 @@ def test_resnet18_at_224_matches_the_published_counts(downsample):
     assert report.bops == pytest.approx(BIREAL_BOPS, rel=0.03)  # the binary convs are the same in both
 
 
-COST_TABLE = readme_rows("| model (default `downsample=v1` unless said) | input | BOPs | FLOPs | OPs | deployed size |")
+COST_TABLE = table_rows("export.md", "| model (default `downsample=v1` unless said) | input | BOPs | FLOPs | OPs | deployed size |")
 
 
 @pytest.mark.parametrize("row", COST_TABLE, ids=[row[0] for row in COST_TABLE])
-def test_readme_cost_table(row):
-    """README's cost table, row by row: the counts worked out by hand from the layer shapes,
+def test_cost_table_of_the_docs(row):
+    """The cost table (docs/export.md), row by row: the counts worked out by hand from the layer shapes,
     and the report's, at the printed precision; the deployed size (binary weights at 1 bit,
     every other parameter at 32) and its ratio to the 32-bit model."""
     model, image, bops, flops, ops, deployed = row

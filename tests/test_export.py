@@ -1,6 +1,6 @@
 """Packed 1-bit export: the format; the round trip, checked against the module that was
 trained (not one rebuilt from the checkpoint by the code the export shares) and the metrics
-the stage saved; the sizes of README's table; the command line; ONNX."""
+the stage saved; the sizes of the export table in the docs; the command line; ONNX."""
 import json
 import re
 from collections import Counter
@@ -19,7 +19,7 @@ from bnntrain.nn import BinaryConv2d, set_precision
 from bnntrain.engine.stage import train_stage
 from conftest import need
 from test_config import make
-from test_readme_claims import agrees, readme_rows
+from docs_pages import agrees, table_rows
 
 TINY_STAGE = ["data=synthetic", "data.image_size=16", "data.train_size=64", "data.test_size=32",
               "data.batch_size=16", "model.width=0.125", "schedule.epochs=1", "trainer.progress=plain"]
@@ -116,7 +116,7 @@ def test_round_trip_gives_the_trained_models_outputs(digits, tmp_path):
     # has learned: measured 90.56% (326 of 360), chance 10%.
     assert top1 == pytest.approx(load_checkpoint(ckpt)["metrics"]["top1"], abs=1e-9)
     assert top1 > 85, top1
-    # Logits equal to float rounding (README): measured 1.4e-6, three float32 steps at the
+    # Logits equal to float rounding (docs/export.md): measured 1.4e-6, three float32 steps at the
     # logits' size (4 to 8; the export sums +-1 x +-1 exactly and scales once, the trained
     # model sums +-scale terms); 2.4e-6 allows five.
     assert worst <= 2.4e-6, worst
@@ -165,7 +165,7 @@ def test_every_variant_round_trips(variant, tmp_path):
 
 
 EXPORT_TABLE = {re.match(r"`([^`]*)`", row[0]).group(1): row[1:]
-                for row in readme_rows("| model | export | fp32 weights | checkpoint |")}
+                for row in table_rows("export.md", "| model | export | fp32 weights | checkpoint |")}
 
 
 def test_the_export_table_lists_the_models_it_should():
@@ -176,8 +176,8 @@ def test_the_export_table_lists_the_models_it_should():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", EXPORT_TABLE)
-def test_export_sizes_are_the_readme_table(row, tmp_path):
-    """Each row of README's export table, to the precision printed there: a full-width stage-2
+def test_export_sizes_are_the_docs_table(row, tmp_path):
+    """Each row of the export table (docs/export.md), to the precision printed there: a full-width stage-2
     checkpoint written by the real stage loop (one Adam step on two synthetic images of the
     preset's class count and stem), exported. Sizes depend on the tensors' shapes only."""
     name, *options = row.split()
@@ -197,7 +197,7 @@ def test_export_sizes_are_the_readme_table(row, tmp_path):
                 "fp32 ratio": (fp32_ratio, sizes["fp32_weights"] / file),
                 "checkpoint": (ckpt_mb, sizes["checkpoint"] / 1e6), "checkpoint ratio": (ckpt_ratio, sizes["checkpoint"] / file)}
     wrong = {k: v for k, v in measured.items() if not agrees(*v)}
-    assert not wrong, f"README says, measured: {wrong}"
+    assert not wrong, f"docs/export.md says, measured: {wrong}"
     assert sizes["binary_fp32"] == 32 * sizes["binary_packed"]  # "shrink exactly 32x in every case"
     if name in ("resnet18", "reactnet18") and "model.widen=2" not in options:
         assert sizes["binary_fp32"] == 4 * 10_985_472  # the 16 binary 3x3 convs' weights, as fp32 bytes
@@ -283,7 +283,7 @@ def test_onnx_of_the_trained_model(digits, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_onnx_matches_pytorch_at_full_width(tmp_path):
-    """README: ONNX Runtime's logits match PyTorch's to about 1e-6 for a full-width ResNet-18 at
+    """docs/export.md: ONNX Runtime's logits match PyTorch's to about 1e-6 for a full-width ResNet-18 at
     224 px (measured 7.7e-7 against the module itself, logits up to 1.8)."""
     needs_onnx()
     import onnxruntime

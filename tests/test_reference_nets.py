@@ -261,7 +261,7 @@ def test_a_converted_checkpoint_works_with_summary_export_and_evaluate(tmp_path,
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want = export.load(tmp_path / "ours.bnn")(x), converted(x)
-    # README (The packed file): logits up to 60 here, equal to 3.6e-5 at most, eight to ten float32
+    # docs/export.md (The packed file): logits up to 60 here, equal to 3.6e-5 at most, eight to ten float32
     # steps at that size; twice that is allowed. (An image with a pre-sign value within rounding of
     # zero may flip a sign: this input has none.)
     assert want.abs().max() > 40 and torch.equal(got.argmax(1), want.argmax(1))

@@ -21,7 +21,7 @@ from . import folders
 from .checks import check_path
 from .config import (compose, error_line, fail, is_sweep, normalize, override_key, override_value, plan,
                      renamed_choices, task_overrides, to_yaml)
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 log = logging.getLogger("bnntrain")
 
@@ -76,6 +76,9 @@ def main() -> None:
     for note in renamed_choices(overrides or []):
         print(note, file=sys.stderr)
     try:
+        if overrides is None and job_config_request(argv) is not None:
+            raise ConfigError("--cfg job prints the config of one run, and -m makes a sweep of several: "
+                              "leave out -m and give one value per key")
         if overrides is not None and job_config_request(argv) is not None:
             print_job_config(overrides, job_config_request(argv) or None)
             return
@@ -117,7 +120,7 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
     out_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     folders.check_writable(Path(override_value(argv, out_key) or ("multirun" if sweep else "outputs")), out_key)
     if sweep:
-        return argv + sweep_folder(argv), "auto"  # Hydra composes each job, and each job checks itself
+        return with_overrides(argv, sweep_folder(argv)), "auto"  # Hydra composes each job, and each job checks itself
     # One owner: rank 0 checks the folder and holds its lock (another rank checking would find
     # rank 0's own lock, if rank 0 got there first).
     owner = os.environ.get("RANK", "0") == "0"
@@ -136,12 +139,19 @@ def prepare(argv: list[str], overrides: list[str] | None) -> tuple[list[str], st
     if run_dir is None and owner and not launched_by_torchrun():  # under torchrun, see under_torchrun
         # Hydra's outputs/<date>/<time> would be shared by two runs started in the same second.
         run_dir = str(folders.new_run_folder(Path("outputs")))
-        argv = argv + [f"hydra.run.dir={run_dir}"]
+        argv = with_overrides(argv, [f"hydra.run.dir={run_dir}"])
     if run_dir is not None and owner:
         took_over = folders.acquire(Path(run_dir))  # before Hydra writes a file there
         if took_over:
             notes.add(took_over)
     return argv, str(stages[0].trainer.device)
+
+
+def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """`argv` with `extra` overrides placed right after its own: Hydra's parser takes the
+    overrides as one run of arguments, so one after a flag (`-m a=1,2 --cfg job b=3`) is refused."""
+    last = max((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), default=len(argv) - 1)
+    return argv[:last + 1] + extra + argv[last + 1:]
 
 
 def resumed(argv: list[str], overrides: list[str], resume: str, owner: bool) -> tuple[list[str], list[str]]:
@@ -160,7 +170,7 @@ def resumed(argv: list[str], overrides: list[str], resume: str, owner: bool) -> 
         notes.add(folders.refused_note(run_dir, refused))  # logged once the run has its log
     # output_subdir=null: Hydra leaves the run's .hydra/ (the record resume reads) alone.
     kept = [a for a in argv if a not in overrides and not a.startswith("hydra.run.dir=")]
-    return (kept + full + [f"resume={resume}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"],
+    return (with_overrides(kept, full + [f"resume={resume}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]),
             full + [f"resume={resume}"])
 
 

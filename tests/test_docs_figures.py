@@ -1,34 +1,13 @@
-"""Figures that README.md prints, read from README.md itself and checked against what they
-describe, so that a README that drifts from the code (or the code from it) fails a test.
-The cost and export tables are checked in test_complexity.py and test_export.py with the
-helpers here; the benchmark figures against the JSON files the benchmark wrote."""
+"""Figures that the documentation prints (docs/*.md and the README), read from the pages
+themselves and checked against what they describe, so that a page that drifts from the code
+or the committed JSON (or the code from the page) fails a test. The cost and export tables
+are checked in test_complexity.py and test_export.py with the helpers of docs_pages.py."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-
-
-def readme_rows(header_start: str) -> list[list[str]]:
-    """The body rows of the README table whose header line starts with `header_start`, as
-    lists of stripped cells."""
-    lines = README.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:  # past the header and the --- line
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
-    return rows
-
-
-def agrees(printed: str, measured: float) -> bool:
-    """`measured` rounds to `printed` at the precision it is printed with ("4.28", "22.7")."""
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return f"{measured:.{decimals}f}" == printed
+from docs_pages import ROOT, agrees, flat, page, table_rows
 
 
 def test_agrees_rounds_at_the_printed_precision():
@@ -45,19 +24,19 @@ def test_data_pipeline_speed_sentence_agrees_with_the_benchmarks():
     (1.046 on the 2-core CPU, 1.221 with 8 workers feeding the GPU)."""
     cpu = next(r for r in bench("bench_results_cpu.json") if r["benchmark"].startswith("data pipeline"))
     gpu = next(r for r in bench("bench_results_gpu.json") if r["benchmark"].startswith("data pipeline"))
-    sentence = re.search(r"the workers do less per image \(([^)]*)\)", README.replace("\n", " "))
+    sentence = re.search(r"the workers do less per image \(([^)]*)\)", flat("data.md"))
     assert sentence, "the Data section no longer states the speed-up"
     figures = [float(x) for x in re.findall(r"(\d+\.\d+)x", sentence.group(1))]
     assert figures == [pytest.approx(cpu["ratio"], abs=0.005), pytest.approx(gpu["ratio"], abs=0.005)], sentence.group(1)
-    assert "see Benchmarks" in sentence.group(1)
+    assert "see [Benchmarks](benchmarks.md" in sentence.group(1)  # the pattern stops at the link's ")"
 
 
 def test_benchmark_table_agrees_with_the_json():
     """Each ratio row of the Benchmarks table is the one in the JSON the benchmark wrote."""
-    rows = {row[0]: row for row in readme_rows("| benchmark | baseline | bnntrain | ratio | target |")}
+    rows = {row[0]: row for row in table_rows("benchmarks.md", "| benchmark | baseline | bnntrain | ratio | target |")}
     cpu = {r["benchmark"]: r for r in bench("bench_results_cpu.json")}
     gpu = {r["benchmark"]: r for r in bench("bench_results_gpu.json")}
-    pairs = {  # README row -> JSON entry
+    pairs = {  # the table's row -> JSON entry
         "framework overhead": cpu["framework overhead (train step)"],
         "binarization cost, ResNet-18, CIFAR stem": cpu["binarization cost, cifar100 stem 32px"],
         "binarization cost, ResNet-18, ImageNet stem": cpu["binarization cost, imagenet stem 224px"],
@@ -81,7 +60,7 @@ def test_what_stays_fp32_in_the_export():
     from bnntrain.nn import BinaryConv2d
     from test_config import make
 
-    text = README.replace("\n", " ")
+    text = flat("export.md")
     assert "the classifier (0.7 M parameters in `resnet18` with 1000 classes)" in text
     assert "`resnet50`'s real-valued 1x1 branch convs (2.8 M parameters)" in text
     with torch.device("meta"):
@@ -99,7 +78,7 @@ def test_stage2_study_table_is_the_studys_results():
     """The 'what stage 2 buys' table is scripts/stage2_study.py's JSON, arm for arm, and the
     sentence that stage 2 does not pay holds for those numbers."""
     study = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())
-    rows = readme_rows("| arm | final test top-1 (%), mean +- std | per seed |")
+    rows = table_rows("results.md", "| arm | final test top-1 (%), mean +- std | per seed |")
     assert [row[0] for row in rows] == list(study["arms"])
     for row, arm in zip(rows, study["arms"].values()):
         mean, spread = row[1].split(" +- ")
@@ -107,7 +86,7 @@ def test_stage2_study_table_is_the_studys_results():
         assert [float(x) for x in row[2].split(", ")] == pytest.approx(arm["top1"], abs=0.005)
     arms = study["arms"]
     assert study["seeds"] == [0, 1, 2] and study["epochs"] == 4
-    assert "**stage 2 does not pay**" in README
+    assert "**stage 2 does not pay**" in page("results.md")
     assert arms["one stage, fully binary"]["mean"] > arms["two-stage (stage 1 then stage 2)"]["mean"]
 
 
@@ -115,7 +94,7 @@ def test_binary_inference_table_agrees_with_the_json():
     """The XNOR-popcount table is scripts/bench_infer.py's JSON, and its sentence's claims
     (every layer 5-12x, batch-1 end to end about 4x) hold for it."""
     results = json.loads((ROOT / "scripts" / "bench_results_infer_cpu.json").read_text())
-    rows = readme_rows("| ResNet-18, batch | binary layers, float -> packed (sum) |")
+    rows = table_rows("inference.md", "| ResNet-18, batch | binary layers, float -> packed (sum) |")
     runs = [(net["image_size"], int(batch), b) for net in results["networks"] for batch, b in net["batches"].items()]
     assert [row[0] for row in rows] == [f"{size} px, {batch}" for size, batch, _ in runs]
     for row, (_, _, b) in zip(rows, runs):
@@ -134,20 +113,20 @@ def test_binary_inference_table_agrees_with_the_json():
 def test_worker_cost_table_agrees_with_the_json():
     data = {r["benchmark"].split("JPEG, ")[1]: r["bnntrain_value"] for r in bench("bench_results_data_cpu.json")
             if r["benchmark"].startswith("worker ms")}
-    rows = readme_rows("| worker work per image | plain torchvision")
+    rows = table_rows("data.md", "| worker work per image | plain torchvision")
     arms = [("stage 1", "batch_augment=false"), ("stage 1", "batch_augment=true"), ("stage 2", "batch_augment=false")]
     assert len(rows) == len(arms)
     for row, (stage, setting) in zip(rows, arms):
         assert agrees(row[1].removesuffix(" ms"), data[f"plain torchvision, {stage}"])
         assert agrees(row[2].removesuffix(" ms"), data[f"bnntrain, {stage}, {setting}"])
     decode = json.loads((ROOT / "scripts" / "bench_results_decode_cpu.json").read_text())["ms_per_image"]
-    sentence = README.replace("\n", " ")
+    sentence = flat("data.md")
     assert f"torchcodec {decode['decode + crop, torchcodec, crop on the tensor (data.decoder=torchcodec)']:.2f} ms" in sentence
     assert f"Pillow {decode['decode + crop, Pillow (data.decoder=pillow)']:.2f} ms" in sentence
 
 
 def test_preset_benchmark_table_agrees_with_the_json():
-    rows = readme_rows("| preset benchmark | baseline | bnntrain | ratio | target |")
+    rows = table_rows("benchmarks.md", "| preset benchmark | baseline | bnntrain | ratio | target |")
     presets = bench("bench_results_presets_cpu.json")
     for entry in presets:
         row = next(r for r in rows if r[0] == entry["benchmark"] and r[1].startswith(entry["baseline"]))
@@ -156,7 +135,7 @@ def test_preset_benchmark_table_agrees_with_the_json():
 
 def test_imagenette_study_table_is_the_studys_results():
     study = json.loads((ROOT / "scripts" / "results_stage2_study_imagenette.json").read_text())
-    rows = readme_rows("| arm (Imagenette, 64 px) | final test top-1 (%), mean +- std | per seed |")
+    rows = table_rows("results.md", "| arm (Imagenette, 64 px) | final test top-1 (%), mean +- std | per seed |")
     assert study["imagenette"] and [row[0] for row in rows] == list(study["arms"])
     for row, arm in zip(rows, study["arms"].values()):
         mean, spread = row[1].split(" +- ")
@@ -164,20 +143,21 @@ def test_imagenette_study_table_is_the_studys_results():
         assert [float(x) for x in row[2].split(", ")] == pytest.approx(arm["top1"], abs=0.005)
     arms = study["arms"]
     gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
-    assert f"ends {gap:.1f} points below the one-stage one" in README.replace("\n", " ")
+    assert f"ends {gap:.1f} points below the one-stage one" in flat("results.md")
 
 
-def test_quick_start_figures_are_the_default_runs():
-    """'about 50 seconds and stage 2 ends at 98.61% top-1 with the default seed (98.89% at its
+@pytest.mark.parametrize("name", ["README.md", "getting-started.md"])
+def test_quick_start_figures_are_the_default_runs(name):
+    """'about 52 seconds and stage 2 ends at 98.61% top-1 with the default seed (98.89% at its
     best epoch)' is scripts/results_default_run_cpu.json, the `python -m bnntrain` it names."""
     run = json.loads((ROOT / "scripts" / "results_default_run_cpu.json").read_text())
-    text = README.replace("\n", " ")
+    text = flat(name)
     found = re.search(r"On a 2-core CPU it takes about (\d+) seconds and stage 2 ends at ([\d.]+)% top-1 with the "
                       r"default seed \(([\d.]+)% at its best epoch; `scripts/results_default_run_cpu.json`\)", text)
     assert found, "the Quick start no longer states the default run's time and accuracy"
     seconds, top1, best = found.groups()
     assert run["command"] == "python -m bnntrain" and run["seed"] == 0
-    assert "pip install -e \".[dev]\" && python -m bnntrain " in README
+    assert "pip install -e \".[dev]\" && python -m bnntrain " in page(name)
     assert agrees(top1, run["stages"]["stage2"]["top1"]) and agrees(best, run["stages"]["stage2"]["best_top1"])
     total = sum(stage["seconds"] for stage in run["stages"].values())
     assert total <= run["log_seconds"] and abs(run["log_seconds"] / int(seconds) - 1) <= 0.1  # "about"
@@ -193,8 +173,8 @@ def test_bn_recalibration_sentence_is_the_studys_runs():
                for before, after in zip(arms[plain]["top1"], arms[f"{plain.split(' (')[0]}, BN recalibrated"]["top1"])]
     assert len(changes) == 6
     sentence = (f"changed the final network's top-1 by {min(changes):+.2f} to {max(changes):+.2f} points "
-                f"(mean {sum(changes) / 6:+.2f} over the six runs of the study's table below)")
-    assert sentence in README.replace("\n", " "), sentence
+                f"(mean {sum(changes) / 6:+.2f} over the six runs of the study's table)")
+    assert sentence in flat("results.md"), sentence
 
 
 def test_benchmark_values_and_noise_floors_agree_with_the_json():
@@ -202,7 +182,7 @@ def test_benchmark_values_and_noise_floors_agree_with_the_json():
     end-to-end epoch, the GPU throughput table, the seven rounds, and the noise floors quoted."""
     cpu = {r["benchmark"]: r for r in bench("bench_results_cpu.json")}
     gpu = {r["benchmark"]: r for r in bench("bench_results_gpu.json")}
-    rows = {row[0]: row for row in readme_rows("| benchmark | baseline | bnntrain | ratio | target |")}
+    rows = {row[0]: row for row in table_rows("benchmarks.md", "| benchmark | baseline | bnntrain | ratio | target |")}
     for start, entry in (("framework overhead", cpu["framework overhead (train step)"]),
                          ("binarization cost, ResNet-18, CIFAR stem", cpu["binarization cost, cifar100 stem 32px"]),
                          ("binarization cost, ResNet-18, ImageNet stem", cpu["binarization cost, imagenet stem 224px"]),
@@ -218,13 +198,13 @@ def test_benchmark_values_and_noise_floors_agree_with_the_json():
     epoch = next(row for name, row in rows.items() if name.startswith("end to end"))
     end_to_end = cpu["end to end: cifar10_folder_quick, one stage-1 epoch"]
     assert agrees(epoch[2].removesuffix(" s"), end_to_end["bnntrain_value"])
-    throughput = readme_rows("| GPU throughput, binary ResNet-18, 224 px, batch 128, H200 | images/s |")
+    throughput = table_rows("benchmarks.md", "| GPU throughput, binary ResNet-18, 224 px, batch 128, H200 | images/s |")
     settings = [("off", False), ("off", True), ("bf16", False), ("bf16", True)]
     assert len(throughput) == len(settings)
     for row, (amp, channels_last) in zip(throughput, settings):
         entry = gpu[f"GPU resnet18 224px batch 128, amp={amp}, channels_last={channels_last}"]
         assert entry["device"] == "NVIDIA H200" and row[1] == f"{entry['bnntrain_value']:,.0f}", (row, entry)
-    text = README.replace("\n", " ")
+    text = flat("benchmarks.md")
     overhead = cpu["framework overhead (train step)"]
     assert f"(`noise_floor_ratio`, {overhead['noise_floor_ratio']:.3f} in this run)" in text
     floors = {r["noise_floor_ratio"] for r in bench("bench_results_presets_cpu.json") if "noise_floor_ratio" in r}
@@ -232,7 +212,7 @@ def test_benchmark_values_and_noise_floors_agree_with_the_json():
 
 
 def test_preset_table_values_agree_with_the_json():
-    rows = readme_rows("| preset benchmark | baseline | bnntrain | ratio | target |")
+    rows = table_rows("benchmarks.md", "| preset benchmark | baseline | bnntrain | ratio | target |")
     for entry in bench("bench_results_presets_cpu.json"):
         row = next(r for r in rows if r[0] == entry["benchmark"] and r[1].startswith(entry["baseline"]))
         assert agrees(re.fullmatch(r".*, ([\d.]+) [\w/]+", row[1]).group(1), entry["baseline_value"]), row
@@ -240,10 +220,12 @@ def test_preset_table_values_agree_with_the_json():
 
 
 def test_ranges_nothing_measured_are_gone():
-    """Figures of runs no JSON holds were taken out of the README: they must not come back unbacked."""
-    text = README.replace("\n", " ")
+    """Figures of runs no JSON holds were taken out of the pages: they must not come back unbacked."""
+    pages = ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))]
+    text = " ".join(flat(name) for name in pages)
     for unbacked in ("99.17%", "-1.1 to +0.45", "+4.95 points", "0.969-1.082x", "1.002-1.088x", "14,000-25,000",
-                     "0.96-1.04", "1.002x and 1.006x", "about 4 s once"):
+                     "0.96-1.04", "1.002x and 1.006x", "about 4 s once", "42.03%", "42.00%", "0.70-0.95x",
+                     "0.7 ms per image", "minutes a run"):
         assert unbacked not in text, unbacked
 
 
@@ -253,7 +235,7 @@ def test_decode_and_colour_work_sentences_agree_with_the_json():
     worker (stage 1's worker cost with colour work less without)."""
     decode = json.loads((ROOT / "scripts" / "bench_results_decode_cpu.json").read_text())
     ms = decode["ms_per_image"]
-    text = README.replace("\n", " ")
+    text = flat("data.md")
     assert (f"Decode alone: Pillow {ms['decode, Pillow (data.decoder=pillow)']:.2f} ms, torchcodec "
             f"{ms['decode, torchcodec (data.decoder=torchcodec)']:.2f} ms, simplejpeg {ms['decode, simplejpeg']:.2f} ms"
             ) in text
@@ -269,7 +251,7 @@ def test_binary_inference_sentences_agree_with_the_json():
     """The popcount peak, what is left of the batch-1 latency, and the logits against the float
     baseline (4e-7, but for one image of 16 whose logits are 0.04 apart)."""
     results = json.loads((ROOT / "scripts" / "bench_results_infer_cpu.json").read_text())
-    text = README.replace("\n", " ")
+    text = flat("inference.md")
     peak = results["peak"]
     assert (f"{peak['binary_macs_per_s'] / 1e9:,.0f} G binary multiply-accumulates per second (64 per 64-bit word, "
             f"{peak['binary_macs_per_s_one_thread'] / 1e9:,.0f} G on one thread)") in text
@@ -288,4 +270,4 @@ def test_binary_inference_sentences_agree_with_the_json():
 def test_the_cifar_study_gap_sentence():
     arms = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())["arms"]
     gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
-    assert f"the two-stage network ends {gap:.0f} points below a fully binary network" in README.replace("\n", " ")
+    assert f"the two-stage network ends {gap:.0f} points below a fully binary network" in flat("results.md")
