@@ -38,6 +38,20 @@ BOPS_PER_OP = 64  # a 64-bit XNOR-popcount does the work of one FLOP (Bi-Real Ne
 
 @dataclass
 class LayerCost:
+    """The cost of one conv or linear layer, for one sample.
+
+    Attributes:
+        name: the layer's name in the model.
+        kind: its class's name.
+        input_bits: bits per input value: 1 where binary, else 32.
+        weight_bits: bits per weight: 1 where binary, else 32.
+        output_shape: its output's shape, of one sample.
+        binary_params: its parameters counted at 1 bit when deployed.
+        real_params: its other parameters.
+        binary_macs: multiply-accumulates with binary inputs and weights (BOPs).
+        real_macs: its other multiply-accumulates (FLOPs).
+    """
+
     name: str
     kind: str
     input_bits: int
@@ -51,6 +65,15 @@ class LayerCost:
 
 @dataclass
 class CostReport:
+    """The costs of a model for one sample: per layer, and in total.
+
+    Attributes:
+        layers: one entry per conv and linear layer, in `named_modules` order.
+        binary_params: the model's parameters counted at 1 bit when deployed.
+        real_params: all its other parameters (BN, activations, ... included).
+        input_shape: the sample's shape (C, H, W).
+    """
+
     layers: list[LayerCost]
     binary_params: int  # of the whole model, counted at 1 bit when deployed
     real_params: int    # of the whole model (BN, activations, ... included)
@@ -58,43 +81,68 @@ class CostReport:
 
     @property
     def bops(self) -> int:
+        """Binary operations: the multiply-accumulates with binary inputs and weights."""
         return sum(layer.binary_macs for layer in self.layers)
 
     @property
     def flops(self) -> int:
+        """Floating-point operations: every other multiply-accumulate of conv and linear layers."""
         return sum(layer.real_macs for layer in self.layers)
 
     @property
     def ops(self) -> float:
+        """OPs = FLOPs + BOPs / 64."""
         return self.flops + self.bops / BOPS_PER_OP
 
     @property
     def trained_bits(self) -> int:
+        """The model's size as trained: every parameter at 32 bits."""
         return 32 * (self.binary_params + self.real_params)
 
     @property
     def deployed_bits(self) -> int:
+        """The model's size as deployed: binary weights at 1 bit, the others at 32."""
         return self.binary_params + 32 * self.real_params
 
     @property
     def compression(self) -> float:
+        """Trained size / deployed size."""
         return self.trained_bits / self.deployed_bits
 
     def totals(self) -> dict[str, float]:
+        """The model's totals.
+
+        Returns:
+            Parameters, sizes in bits and bytes, compression, BOPs, FLOPs and OPs, by name.
+        """
         return {"binary_params": self.binary_params, "real_params": self.real_params,
                 "trained_bits": self.trained_bits, "deployed_bits": self.deployed_bits,
                 "trained_bytes": self.trained_bits // 8, "deployed_bytes": math.ceil(self.deployed_bits / 8),
                 "compression": self.compression, "bops": self.bops, "flops": self.flops, "ops": self.ops}
 
     def to_dict(self) -> dict:
+        """Everything in the report, as cost.json holds it.
+
+        Returns:
+            `input_shape`, `totals` and `layers` (one dict per layer).
+        """
         return {"input_shape": list(self.input_shape), "totals": self.totals(),
                 "layers": [asdict(layer) for layer in self.layers]}
 
     def table(self) -> str:
+        """The report as the commands print it.
+
+        Returns:
+            The per-layer table and the totals (`format_table`).
+        """
         return format_table(self)
 
     def save(self, folder: Path) -> None:
-        """cost.txt (the table) and cost.json (everything in it) in `folder`."""
+        """cost.txt (the table) and cost.json (everything in it) in `folder`.
+
+        Args:
+            folder: where to write them.
+        """
         write_text(folder / "cost.txt", self.table() + "\n")
         write_text(folder / "cost.json", json.dumps(self.to_dict(), indent=1) + "\n")
 
@@ -102,7 +150,16 @@ class CostReport:
 @contextmanager
 def precision(model: nn.Module, activations: str, weights: str) -> Iterator[nn.Module]:
     """Switch the binary layers to a stage's precision and back again afterwards, so that
-    counting never changes the mode a caller left the model in."""
+    counting never changes the mode a caller left the model in.
+
+    Args:
+        model: the model whose binary layers are switched.
+        activations: one of `ACTIVATION_MODES`.
+        weights: one of `WEIGHT_MODES`.
+
+    Yields:
+        The model, at that precision until the `with` block ends.
+    """
     saved = [(layer, layer.activations, layer.weights) for _, layer in binary_layers(model)]
     for layer, _, _ in saved:
         layer.set_precision(activations, weights)
@@ -128,7 +185,15 @@ def _layer_entry(name: str, module: nn.Module) -> LayerCost:
 
 def count_costs(model: nn.Module, input_shape: tuple[int, ...]) -> CostReport:
     """Per-layer and total costs of one sample of `input_shape` (C, H, W) at the model's
-    current precision (see `precision`)."""
+    current precision (see `precision`).
+
+    Args:
+        model: the model; it runs once, in eval mode, on a sample of zeros.
+        input_shape: the sample's shape (C, H, W).
+
+    Returns:
+        The report.
+    """
     entries: dict[nn.Module, LayerCost] = {}
     handles = []
     for name, module in model.named_modules():
@@ -168,7 +233,14 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def format_table(report: CostReport) -> str:
-    """The per-layer table, a row for the parameters outside conv and linear layers, and the totals."""
+    """The per-layer table, a row for the parameters outside conv and linear layers, and the totals.
+
+    Args:
+        report: the cost report.
+
+    Returns:
+        The table and the totals' lines, as text.
+    """
     header = ("layer", "type", "in", "w", "output", "binary params", "real params", "binary MACs", "real MACs")
     rows = [(layer.name, layer.kind, str(layer.input_bits), str(layer.weight_bits), _shape(layer.output_shape),
              f"{layer.binary_params:,}", f"{layer.real_params:,}", f"{layer.binary_macs:,}", f"{layer.real_macs:,}")
@@ -186,6 +258,14 @@ def format_table(report: CostReport) -> str:
 
 
 def format_totals(report: CostReport) -> list[str]:
+    """The totals as lines of text: parameters, sizes as trained and deployed, BOPs, FLOPs, OPs.
+
+    Args:
+        report: the cost report.
+
+    Returns:
+        The lines.
+    """
     t = report.totals()
     return [
         f"parameters: {report.binary_params:,} binary, {report.real_params:,} real",

@@ -19,6 +19,22 @@ from .models import model_from_checkpoint
 
 
 def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Module:
+    """The frozen teacher of a stage that distils.
+
+    Args:
+        cfg: the `distill` group: `teacher.checkpoint` (a bnntrain checkpoint, or `init`), or
+            `teacher.torchvision` with `teacher.weights`.
+        init: the checkpoint the stage starts from, which `teacher.checkpoint=init` names.
+        num_classes: the data's classes, which the teacher must predict.
+
+    Returns:
+        The teacher in eval mode, without gradients.
+
+    Raises:
+        ConfigError: no teacher given, `init` asked for where the stage has none, or another
+            number of classes.
+        CheckpointError: a checkpoint or weights file that is missing or does not fit.
+    """
     teacher_cfg = cfg.teacher
     if teacher_cfg.checkpoint:
         path = teacher_cfg.checkpoint
@@ -44,7 +60,15 @@ def build_teacher(cfg: DictConfig, init: str | None, num_classes: int) -> nn.Mod
 
 def torchvision_weights(name: str, weights: str) -> Any:
     """torchvision's published weights of architecture `name` called `weights` (e.g.
-    IMAGENET1K_V1), or None where `weights` names no such thing (then it is a file)."""
+    IMAGENET1K_V1), or None where `weights` names no such thing (then it is a file).
+
+    Args:
+        name: a torchvision architecture (`resnet18`).
+        weights: the name of its published weights, or a file.
+
+    Returns:
+        torchvision's weights enum member, or None.
+    """
     import torchvision  # here: a run without a torchvision teacher need not import it
 
     try:

@@ -21,7 +21,17 @@ from .errors import ConfigError
 
 
 class FeatureTaps:
-    """Keeps the latest output of named submodules (forward hooks stay registered)."""
+    """Keeps the latest output of named submodules (forward hooks stay registered), in
+    `outputs`, by name.
+
+    Args:
+        model: the model whose submodules are tapped.
+        names: their names, as `named_modules` gives them.
+        inputs: keep what each one receives (its first input) rather than what it returns.
+
+    Raises:
+        ConfigError: a name the model has no submodule of.
+    """
 
     def __init__(self, model: nn.Module, names: Iterable[str], inputs: bool = False) -> None:
         modules = dict(model.named_modules())
@@ -37,7 +47,12 @@ class FeatureTaps:
 
 class CenterLoss(nn.Module):
     """Mean squared distance of each sample's features to its class centre (Wen et al. 2016).
-    The centres are parameters, trained by the optimizer and saved in the checkpoint."""
+    The centres are parameters, trained by the optimizer and saved in the checkpoint.
+
+    Args:
+        num_classes: the number of classes, one centre each.
+        dim: the features' dimension.
+    """
 
     def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
@@ -49,20 +64,57 @@ class CenterLoss(nn.Module):
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) of outputs softened by `temperature`, scaled by T^2 (Hinton et al.)."""
+    """KL(teacher || student) of outputs softened by `temperature`, scaled by T^2 (Hinton et al.).
+
+    Args:
+        student: the student's logits.
+        teacher: the teacher's logits.
+        temperature: T.
+
+    Returns:
+        The loss, averaged over the batch.
+    """
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
                     reduction="batchmean") * t * t
 
 
 def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """|| F_T / ||F_T||_2 - F_S / ||F_S||_2 ||_2^2 per sample, averaged over the batch."""
+    """|| F_T / ||F_T||_2 - F_S / ||F_S||_2 ||_2^2 per sample, averaged over the batch.
+
+    Args:
+        student: the student's feature map, of the teacher's shape.
+        teacher: the teacher's feature map.
+
+    Returns:
+        The loss.
+    """
     s = F.normalize(student.flatten(1), dim=1)
     t = F.normalize(teacher.flatten(1), dim=1)
     return (t - s).pow(2).sum(1).mean()
 
 
 class Objective(nn.Module):
+    """The loss of one batch, `objective(model, images, targets)`: cross-entropy with label
+    smoothing, plus distillation from a teacher and centre loss where they are configured.
+
+    Args:
+        model: the student; the feature pairs and the centre loss tap its layers.
+        label_smoothing: the cross-entropy's label smoothing (trick 14).
+        teacher: the frozen teacher, or None. It is kept outside the module tree: neither
+            trained nor checkpointed.
+        kd_weight: the weight of the KL term; the cross-entropy's is 1 - kd_weight.
+        temperature: the KL term's temperature.
+        feature_weight: the weight of the feature-matching term.
+        feature_pairs: [student layer, teacher layer] pairs whose outputs are matched.
+        center: the centre loss on the classifier's input features, or None.
+        center_weight: its weight.
+
+    Raises:
+        ConfigError: a layer named in `feature_pairs`, or the classifier the centre loss reads,
+            that the model lacks.
+    """
+
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
                  kd_weight: float = 0.0, temperature: float = 1.0, feature_weight: float = 0.0,
                  feature_pairs: list[list[str]] | None = None, center: CenterLoss | None = None,
@@ -81,6 +133,19 @@ class Objective(nn.Module):
             self.penultimate = FeatureTaps(model, ["classifier"], inputs=True)
 
     def forward(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        """The batch's loss.
+
+        Args:
+            model: the student as the loop runs it (possibly wrapped).
+            images: the batch's images.
+            targets: class indices, or class probabilities (mixed batches).
+
+        Returns:
+            The loss, a scalar tensor.
+
+        Raises:
+            ConfigError: a feature pair whose two layers' outputs differ in shape.
+        """
         logits = model(images)
         loss = self.ce(logits, targets)
         if self.teacher is not None:
@@ -106,7 +171,17 @@ class Objective(nn.Module):
 
 
 def build_objective(cfg: DictConfig, model: nn.Module, num_classes: int, teacher: nn.Module | None) -> Objective:
-    """The objective of one stage, from `cfg.loss` and, where this stage has a teacher, `cfg.distill`."""
+    """The objective of one stage, from `cfg.loss` and, where this stage has a teacher, `cfg.distill`.
+
+    Args:
+        cfg: a stage config.
+        model: the network it trains.
+        num_classes: the data's classes (the centre loss has a centre each).
+        teacher: the stage's teacher, or None.
+
+    Returns:
+        The objective; its parameters (the centres) go to the optimizer too.
+    """
     center_cfg = cfg.loss.center
     use_center = center_cfg.weight > 0 and cfg.stage.name in center_cfg.stages
     center = CenterLoss(num_classes, model.num_features) if use_center else None

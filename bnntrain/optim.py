@@ -15,6 +15,7 @@ from .nn import binary_layers
 from .registry import Registry, choose
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
+"""The optimizers by name (`optimizer.name`): torch's Adam, AdamW and SGD."""
 OPTIMIZERS.register("adam")(torch.optim.Adam)      # trick 7: Adam with default betas
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
@@ -23,7 +24,21 @@ OPTIMIZERS.register("sgd")(torch.optim.SGD)
 def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> Optimizer:
     """The optimizer over `model`'s parameters (and `extra` ones, such as centre-loss centres,
     which never take weight decay). `cfg` is an `optimizer` preset (configs/optimizer/): the
-    keys of its _base.yaml are ours, every other key is an argument of the optimizer."""
+    keys of its _base.yaml are ours, every other key is an argument of the optimizer.
+
+    Args:
+        cfg: the `optimizer` group of a stage config.
+        model: the model whose parameters it trains.
+        extra: more parameters to train, without weight decay.
+
+    Returns:
+        The optimizer, with the gradient centralization and the latent-weight clipping the
+            config asks for hooked to its steps.
+
+    Raises:
+        ValueError: an unknown name (`UnknownChoice`), or an option the optimizer does not take
+            or a value it refuses.
+    """
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     name = options.pop("name")
     decay_on = options.pop("weight_decay_on")
@@ -52,7 +67,12 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
 @torch.no_grad()
 def clip_weights(weights: Iterable[nn.Parameter], bound: float) -> None:
     """Latent-weight clipping (BinaryConnect; larq's `weight_clip`): after each step, every
-    binary layer's latent weights back into [-bound, bound]."""
+    binary layer's latent weights back into [-bound, bound].
+
+    Args:
+        weights: the latent weights.
+        bound: the largest magnitude they keep.
+    """
     for w in weights:
         w.clamp_(-bound, bound)
 
@@ -70,7 +90,20 @@ DECAYED: dict[str, Callable[[nn.Module], set[int]]] = {
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[dict]:
-    """One group where every parameter takes weight decay, else a decayed and an exempt group."""
+    """One group where every parameter takes weight decay, else a decayed and an exempt group.
+
+    Args:
+        model: the model whose trainable parameters are grouped.
+        weight_decay: the decayed group's weight decay.
+        decay_on: `optimizer.weight_decay_on`: `all`, `weights` (conv and linear weights) or
+            `4d` (every 4-D tensor).
+
+    Returns:
+        The optimizer's parameter groups.
+
+    Raises:
+        ValueError: an unknown `decay_on` (`UnknownChoice`).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     choose("optimizer.weight_decay_on", decay_on, DECAYED)
     if decay_on == "all":
@@ -82,13 +115,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[d
 
 def centralize_gradients(weights: Iterable[nn.Parameter]) -> None:
     """Gradient centralization (trick 17, Yong et al. 2020): before each step, subtract
-    from every conv and linear weight's gradient its mean over all dimensions but the first."""
+    from every conv and linear weight's gradient its mean over all dimensions but the first.
+
+    Args:
+        weights: the conv and linear weights; those without a gradient are skipped.
+    """
     for w in weights:
         if w.grad is not None and w.grad.dim() > 1:
             w.grad.sub_(w.grad.mean(dim=tuple(range(1, w.grad.dim())), keepdim=True))
 
 
 SCHEDULES: Registry[Callable[..., lr_scheduler.LRScheduler]] = Registry("schedule.name")
+"""The learning-rate schedules by name (`schedule.name`), each built from the optimizer and the
+`schedule` config's other keys."""
 
 
 @SCHEDULES.register("multistep")
@@ -98,6 +137,17 @@ def multistep(optimizer: Optimizer, epochs: int, milestones: list[int], gamma: f
 
     The warm-up is ConstantLR chained with the step decay: for the first `warmup_epochs`
     epochs the lr is warmup_lr, then optimizer.lr, then decayed by gamma at each milestone.
+
+    Args:
+        optimizer: the optimizer whose lr it sets.
+        epochs: the stage's epochs (not read: the milestones say when).
+        milestones: the epochs at which the lr is multiplied by `gamma`.
+        gamma: the factor.
+        warmup_epochs: epochs of warm-up; 0 for none.
+        warmup_lr: the lr during the warm-up (needed with `warmup_epochs`).
+
+    Returns:
+        The scheduler.
     """
     decay = lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     if not warmup_epochs:
@@ -110,16 +160,47 @@ def multistep(optimizer: Optimizer, epochs: int, milestones: list[int], gamma: f
 @SCHEDULES.register("linear")
 def linear(optimizer: Optimizer, epochs: int) -> lr_scheduler.LRScheduler:
     """Linear decay to zero as Bi-Real Net's and ReActNet's code does it: their LambdaLR
-    steps before each epoch, so epoch e (from 0) trains at lr x (1 - (e + 1) / epochs)."""
+    steps before each epoch, so epoch e (from 0) trains at lr x (1 - (e + 1) / epochs).
+
+    Args:
+        optimizer: the optimizer whose lr it sets.
+        epochs: the stage's epochs.
+
+    Returns:
+        The scheduler.
+    """
     return lr_scheduler.LambdaLR(optimizer, lambda epoch: 1 - (epoch + 1) / epochs)
 
 
 @SCHEDULES.register("cosine")
 def cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0) -> lr_scheduler.LRScheduler:
+    """Cosine annealing from optimizer.lr down to `min_lr` over the stage.
+
+    Args:
+        optimizer: the optimizer whose lr it sets.
+        epochs: the stage's epochs.
+        min_lr: the lr at the end.
+
+    Returns:
+        The scheduler.
+    """
     return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer) -> lr_scheduler.LRScheduler:
+    """The learning-rate schedule a `schedule` config describes.
+
+    Args:
+        cfg: the `schedule` group: `name` picks the schedule in `SCHEDULES`, the other keys
+            are its arguments.
+        optimizer: the optimizer whose lr it sets.
+
+    Returns:
+        The scheduler, stepped once per epoch.
+
+    Raises:
+        ValueError: an unknown name (`UnknownChoice`).
+    """
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     return SCHEDULES.get(options.pop("name"))(optimizer, **options)
 

@@ -21,7 +21,19 @@ class UnknownChoice(ValueError):
 
 def choose(kind: str, value: V, choices: Iterable[V]) -> V:
     """`value` if it is among `choices`; otherwise an UnknownChoice naming the option (`kind`,
-    as the config spells it) and the choices."""
+    as the config spells it) and the choices.
+
+    Args:
+        kind: the option, as the config spells it (`model.downsample`).
+        value: the value given.
+        choices: the values it may take.
+
+    Returns:
+        `value`.
+
+    Raises:
+        UnknownChoice: `value` is not among `choices`.
+    """
     choices = list(choices)
     if value not in choices:
         names = ", ".join("null" if c is None else str(c) for c in choices)
@@ -30,14 +42,29 @@ def choose(kind: str, value: V, choices: Iterable[V]) -> V:
 
 
 class Registry(Generic[T]):
+    """A table of names to factories (classes, functions) that a config option chooses from.
+
+    Args:
+        kind: names the choice in errors, as the user sets it (e.g. `model.activation`).
+        package: where the entries live; each of its modules is imported before the first
+            lookup, so a new entry is one file that registers itself, with no list to extend.
+            None: the entries are registered where the registry is defined.
+    """
+
     def __init__(self, kind: str, package: str | None = None) -> None:
-        """`kind` names the choice in errors, as the user sets it (e.g. `model.activation`).
-        `package`: where the entries live; each of its modules is imported before the first
-        lookup, so a new entry is one file that registers itself, with no list to extend."""
         self.kind, self.package = kind, package
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """A decorator that registers what it decorates under `name`.
+
+        Args:
+            name: the name a config chooses it by.
+
+        Returns:
+            The decorator: it returns the entry itself, and raises KeyError where `name` is
+                registered already.
+        """
         def add(item: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.kind} '{name}' is registered twice")
@@ -47,6 +74,11 @@ class Registry(Generic[T]):
         return add
 
     def names(self) -> list[str]:
+        """Every registered name, once the package's modules are imported.
+
+        Returns:
+            The names, sorted.
+        """
         self._import_package()
         return sorted(self._items)
 
@@ -58,4 +90,15 @@ class Registry(Generic[T]):
             importlib.import_module(f"{package.__name__}.{module.name}")
 
     def get(self, name: str) -> T:
+        """The entry registered under `name`.
+
+        Args:
+            name: as the config gives it.
+
+        Returns:
+            The entry.
+
+        Raises:
+            UnknownChoice: no entry has that name; the message lists those that do.
+        """
         return self._items[choose(self.kind, name, self.names())]

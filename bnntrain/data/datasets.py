@@ -20,10 +20,19 @@ log = logging.getLogger("bnntrain")
 
 Splits = tuple[Dataset, Dataset, int]
 DATASETS: Registry[Callable[[DictConfig, Callable, Callable], Splits]] = Registry("data.name")
+"""The data sets by name (`data.name`). Each builder takes the `data` config and the train and
+test transforms, and returns (train, test, num_classes); a new one is a function registered
+with `@DATASETS.register(name)`."""
 
 
 class TensorImages(Dataset):
-    """Images already in memory as a float tensor (N, C, H, W), with a per-item transform."""
+    """Images already in memory as a float tensor (N, C, H, W), with a per-item transform.
+
+    Args:
+        images: the (N, C, H, W) float images.
+        labels: the N class indices.
+        transform: applied to each image as it is read, or None.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
         self.images, self.labels, self.transform = images, labels, transform

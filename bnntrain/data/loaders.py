@@ -27,6 +27,16 @@ class DeviceBatches:
     are mixed), one vectorised op per batch on the device rather than one per image in a
     worker. Batch b of epoch e is mixed with a seed from (seed, epoch, b), like the samples
     (samples.py). `dataset` is the data set itself, `sampler` and `len()` the loader's.
+
+    Args:
+        loader: a DataLoader over a split's seeded samples (as `build_loaders` makes it), which
+            yields uint8 images, targets and the paths of unreadable images it skipped.
+        device: where the batches go.
+        normalize: the data preset's per-channel normalisation.
+        mix: MixUp or CutMix over whole (images, targets) batches, or None.
+        seed: the run's seed.
+        bad_images: where skipped unreadable images are recorded; None makes one an error.
+        augment: colour augmentation of whole batches (`data.batch_augment`), or None.
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: BatchNormalize,
@@ -39,7 +49,12 @@ class DeviceBatches:
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Epoch `epoch`'s batches from batch `start` on (a run resumed mid-epoch)."""
+        """Epoch `epoch`'s batches from batch `start` on (a run resumed mid-epoch).
+
+        Args:
+            epoch: the epoch, counted from 0: it picks the shuffle and the augmentation draws.
+            start: the batches of it already trained, which are skipped.
+        """
         self.epoch, self.start = epoch, start
         self.loader.dataset.epoch = epoch
         if isinstance(self.sampler, ResumableSampler):
@@ -56,7 +71,14 @@ class DeviceBatches:
     def unmixed(self) -> Iterator[Batch]:
         """The batches with their per-image transforms and batch augmentation, normalised,
         without batch mixing. Batch b's draws (augmentation, then mixing) follow from its own
-        seed of (seed, epoch, b)."""
+        seed of (seed, epoch, b).
+
+        Yields:
+            (images, targets) on the device: normalised float32 images and class indices.
+
+        Raises:
+            DataError: a batch held unreadable images and there is no log to record them in.
+        """
         for b, (images, targets, bad) in enumerate(self.loader, start=self.start):
             if any(bad):
                 if self.bad_images is None:
@@ -70,6 +92,15 @@ class DeviceBatches:
 
 @dataclass
 class Loaders:
+    """The batches a stage trains and evaluates on, and what the data decides of the model.
+
+    Attributes:
+        train: the training batches: shuffled, augmented and mixed as the config says.
+        test: the test batches, in order (under torchrun, each rank's share).
+        num_classes: the data set's classes.
+        channels: the images' channels (`data.channels`).
+    """
+
     train: DeviceBatches
     test: DeviceBatches
     num_classes: int
@@ -77,7 +108,12 @@ class Loaders:
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Each epoch's shuffle and augmentation follow from (seed, epoch), the same on every
-        rank; `start`: the number of batches of this epoch already trained."""
+        rank.
+
+        Args:
+            epoch: the epoch, counted from 0.
+            start: the number of batches of this epoch already trained (a resumed run).
+        """
         self.train.set_epoch(epoch, start)
 
 
@@ -87,6 +123,23 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
 
     `data.batch_size` is per process: the global batch is batch_size x the number of ranks.
     Every key of `data` comes from its preset (configs/data/_base.yaml lists them).
+
+    Args:
+        data: the `data` group of a stage config.
+        augment: the `augment` group: the train and test transforms and the batch mixing.
+        seed: the run's seed: the shuffle, the augmentation draws and the subsets follow from it.
+        device: where the batches go.
+        bad_images: where unreadable images are recorded (`data.bad_images=skip`); None makes
+            one an error.
+
+    Returns:
+        The train and test batches with the class and channel counts.
+
+    Raises:
+        DataError: the data set is missing or laid out otherwise, a split holds no images, or
+            images cannot be read.
+        ConfigError: an augment option that its transform refuses.
+        ValueError: an unknown data set or transform name (`UnknownChoice`).
     """
     device = torch.device(device)
     on_batches = augments_on_batches(data.batch_augment, device)
@@ -121,12 +174,21 @@ def build_loaders(data: DictConfig, augment: DictConfig, seed: int = 0, device: 
 
 
 BATCH_AUGMENT = ("auto", True, False)  # data.batch_augment
+"""The values of `data.batch_augment` (see `augments_on_batches`)."""
 
 
 def augments_on_batches(setting: str | bool, device: torch.device) -> bool:
     """`data.batch_augment`: colour jitter and lighting on whole batches on the training device
     (`true`), per image in the workers (`false`), or `auto`: on with CUDA; on the CPU the batch
-    work would run in the training process, and there the workers are faster (scripts/bench_data.py)."""
+    work would run in the training process, and there the workers are faster (scripts/bench_data.py).
+
+    Args:
+        setting: `data.batch_augment`: `auto`, True or False.
+        device: the training device.
+
+    Returns:
+        Whether colour augmentation runs on whole batches on the device.
+    """
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 

@@ -43,6 +43,11 @@ class Lighting(torch.nn.Module):
 
     Works on [0, 1] float images and on uint8 images (scaled to [0, 1] and back), so it may
     sit anywhere in the list. torchvision has no equivalent.
+
+    Args:
+        alphastd: the standard deviation of alpha; 0 leaves images as they are.
+        eigval: the eigenvalues of the RGB covariance (ImageNet's by default).
+        eigvec: its eigenvectors, one per row (ImageNet's by default).
     """
 
     def __init__(self, alphastd: float = 0.1, eigval: Sequence[float] = IMAGENET_EIGVAL,
@@ -71,6 +76,9 @@ def _v2() -> Any:
 
 
 TRANSFORMS: Registry[Callable[..., Callable]] = Registry("augment transform")
+"""The per-image transforms an `augment` config lists, by name. Each is a factory called with
+the listed value: with no argument for `true`, with keyword arguments for a mapping, else with
+the value itself."""
 TRANSFORMS.register("resize")(lambda size: _v2().Resize(size, antialias=True))
 TRANSFORMS.register("center_crop")(lambda *args, **kwargs: _v2().CenterCrop(*args, **kwargs))
 TRANSFORMS.register("random_crop")(lambda *args, **kwargs: _v2().RandomCrop(*args, **kwargs))
@@ -172,6 +180,19 @@ def build_transform(spec: DictConfig | None, leave_out: Sequence[str] = (), deco
     faster than the tensor ones) or, decoded by torchcodec, a uint8 tensor. Images end as
     uint8 tensors (or stay float where the dataset holds floats in [0, 1]); `BatchNormalize`
     turns the batch into normalised floats.
+
+    Args:
+        spec: the `augment.train` or `augment.test` mapping: transform names with their values,
+            in order; null or false leaves one out.
+        leave_out: names not to run per image (they run on whole batches).
+        decoder: `pillow` or `torchcodec`: how an image file's path is decoded.
+
+    Returns:
+        The per-image steps: decode, the listed transforms in order, then a tensor.
+
+    Raises:
+        ConfigError: a transform's value that it refuses.
+        ValueError: an unknown transform name (`UnknownChoice`).
     """
     steps: list[Callable] = [Decode(decoder)]
     for name, args in _listed(spec).items():
@@ -200,7 +221,12 @@ def _listed(spec: DictConfig | None) -> dict[str, Any]:
 
 
 class BatchNormalize(torch.nn.Module):
-    """A batch of uint8 (0..255) or float (0..1) images -> float32, normalised per channel."""
+    """A batch of uint8 (0..255) or float (0..1) images -> float32, normalised per channel.
+
+    Args:
+        mean: the per-channel means, of images in [0, 1].
+        std: the per-channel standard deviations, of images in [0, 1].
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -209,7 +235,15 @@ class BatchNormalize(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, augment: torch.nn.Module | None = None) -> torch.Tensor:
         """`augment` (colour operations on [0, 1] floats) runs between the conversion and the
-        normalisation."""
+        normalisation.
+
+        Args:
+            images: an (N, C, H, W) batch, uint8 or float.
+            augment: colour operations on [0, 1] float batches, or None.
+
+        Returns:
+            The normalised float32 batch.
+        """
         if augment is not None:
             images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
             return (augment(images) - self.mean) / self.std

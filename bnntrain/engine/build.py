@@ -37,7 +37,19 @@ log = logging.getLogger("bnntrain")
 @dataclass
 class StageParts:
     """A stage's objects. `model` is the module itself (checkpoints, precision, BN statistics);
-    `trainer.model` runs it, wrapped for DDP or compilation where the config asks."""
+    `trainer.model` runs it, wrapped for DDP or compilation where the config asks.
+
+    Attributes:
+        device: where the stage runs.
+        loaders: its train and test batches.
+        model: the network itself.
+        trainer: the loop that trains and evaluates it.
+        objective: the batch loss; None where the parts only evaluate.
+        optimizer: None where the parts only evaluate.
+        scheduler: the learning-rate schedule, stepped once per epoch; None where the parts only
+            evaluate.
+        teacher: the frozen distillation teacher, or None.
+    """
     device: torch.device
     loaders: Loaders
     model: nn.Module
@@ -51,7 +63,22 @@ class StageParts:
 def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] | None = None,
                 resume: Path | None = None, bad_images: BadImageLog | None = None) -> StageParts:
     """The stage `cfg` (a stage config from `config.plan`) starting from `init`, or resumed
-    from `saved` (the checkpoint read from `resume`)."""
+    from `saved` (the checkpoint read from `resume`).
+
+    Args:
+        cfg: a stage config, as `plan` makes it.
+        init: the checkpoint whose weights the stage starts from, or None.
+        saved: this stage's checkpoint to resume from, as `load_checkpoint` read it, or None.
+        resume: the file `saved` was read from.
+        bad_images: where unreadable images are recorded, or None.
+
+    Returns:
+        The stage's parts, on its device, ready to train.
+
+    Raises:
+        CheckpointError: `init` holds NaN or infinite weights, or weights of another model.
+        DataError: the data set is missing or cannot be read.
+    """
     name = cfg.stage.name
     device, options = _runtime(cfg.trainer, name)
     seed_everything(cfg.seed)  # the model's initial weights
@@ -83,7 +110,16 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
 
 def build_evaluation(cfg: DictConfig, state: dict[str, Any], source: str) -> StageParts:
     """Checkpoint `state`'s model (read from `source`) on its device, with the loaders of
-    `cfg.data` and a trainer set up as `cfg.trainer` says (mixed precision, memory format)."""
+    `cfg.data` and a trainer set up as `cfg.trainer` says (mixed precision, memory format).
+
+    Args:
+        cfg: a config with `data`, `augment` and `trainer` groups.
+        state: the checkpoint, as `load_checkpoint` read it.
+        source: where it was read from, for the errors.
+
+    Returns:
+        The parts with the model, loaders and trainer, and nothing to train with.
+    """
     device, options = _runtime(cfg.trainer)
     loaders = build_loaders(cfg.data, cfg.augment, device=device)
     model = model_from_checkpoint(state, source).to(device)

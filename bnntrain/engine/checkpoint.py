@@ -28,7 +28,15 @@ _noted: set[Path] = set()  # files without a checksum already noted in this proc
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Written whole or not at all (see `atomic_write`), with its checksum."""
+    """Written whole or not at all (see `atomic_write`), with its checksum.
+
+    Args:
+        state: the checkpoint: a dict of tensors and plain containers (see `layout`).
+        path: where to write it; its folder is made where missing.
+
+    Raises:
+        UserError: the file cannot be written (no space left, no permission).
+    """
     save_tensors(state, path)
 
 
@@ -105,6 +113,18 @@ def _check_entries(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a bnntrain checkpoint with `weights_only` (no code runs), its checksum checked.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint dict, without its checksum entry, on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, damaged, holds code, or is not a
+            bnntrain checkpoint (a required entry missing or of the wrong type).
+    """
     path = Path(path).expanduser()
     state = load_tensors(path, expect_checksum=True)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
@@ -121,7 +141,16 @@ def _listed(label: str, keys: list[str]) -> str:
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
     """Load weights strictly, naming the keys that do not fit: only some missing is an incomplete
-    file; keys the model lacks, or other shapes, are another architecture (width, depth, ...)."""
+    file; keys the model lacks, or other shapes, are another architecture (width, depth, ...).
+
+    Args:
+        model: the module to load into.
+        state_dict: the weights, names to tensors.
+        source: where they come from, for the errors.
+
+    Raises:
+        CheckpointError: keys missing, unexpected keys or other shapes.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

@@ -36,7 +36,25 @@ log = logging.getLogger("bnntrain")
 
 @dataclass
 class StageRun:
-    """What the hooks of one stage share: its config and objects, and how far it has come."""
+    """What the hooks of one stage share: its config and objects, and how far it has come.
+
+    Attributes:
+        cfg: the stage config.
+        parts: the stage's objects (`StageParts`).
+        stage_dir: the stage's folder.
+        logger: its `StageLogger`.
+        signals: the run's stop signals.
+        init_from: the checkpoint the stage started from, or None.
+        hooks: the stage's hooks, in the order they are called.
+        position: how far into the first epoch to train a resumed stage is (batches, loss sum).
+        precision: the layers' mode in the epoch under way (`activations`, `weights`).
+        metrics: the last evaluation's metrics (`top1`, `top5`, `loss`).
+        best_top1: the best test top-1 so far (-1 before the first evaluation).
+        lr: the learning rate of the epoch under way.
+        train: what `Trainer.train_epoch` returned for the last epoch.
+        epoch_started: when the epoch under way began (`time.time()`).
+        result: the stage's entry for results.json, once it has trained.
+    """
     cfg: DictConfig
     parts: StageParts
     stage_dir: Path
@@ -55,10 +73,12 @@ class StageRun:
 
     @property
     def name(self) -> str:
+        """The stage's name (`stage.name`)."""
         return self.cfg.stage.name
 
     @property
     def epochs(self) -> int:
+        """The stage's epochs (`schedule.epochs`)."""
         return self.cfg.schedule.epochs
 
 
@@ -67,28 +87,75 @@ class Hook:
     name = ""  # where its state sits under the checkpoint's `hooks`
 
     def before_stage(self, run: StageRun) -> None:
+        """Called once the stage is built (and, resumed, restored), before it trains.
+
+        Args:
+            run: the stage's shared state.
+        """
         pass
 
     def before_epoch(self, run: StageRun, epoch: int) -> None:
+        """Called at each epoch's start.
+
+        Args:
+            run: the stage's shared state.
+            epoch: the epoch, counted from 0.
+        """
         pass
 
     def after_step(self, run: StageRun, epoch: int, step: int) -> None:
-        """Not defined here: the loop calls it only on hooks that define it."""
+        """Not defined here: the loop calls it only on hooks that define it.
+
+        Args:
+            run: the stage's shared state.
+            epoch: the epoch, counted from 0.
+            step: the optimizer steps taken in the stage so far.
+
+        Raises:
+            NotImplementedError: always, on the base class.
+        """
         raise NotImplementedError
 
     def after_evaluation(self, run: StageRun, epoch: int) -> None:
+        """Called once the epoch is trained and the test set evaluated; may replace `run.metrics`.
+
+        Args:
+            run: the stage's shared state.
+            epoch: the epoch, counted from 0.
+        """
         pass
 
     def after_epoch(self, run: StageRun, epoch: int) -> None:
+        """Called at the epoch's end, after the learning-rate schedule's step.
+
+        Args:
+            run: the stage's shared state.
+            epoch: the epoch, counted from 0.
+        """
         pass
 
     def after_stage(self, run: StageRun) -> None:
+        """Called after the last epoch, once `run.result` holds the stage's entry.
+
+        Args:
+            run: the stage's shared state.
+        """
         pass
 
     def state_dict(self) -> dict[str, Any]:
+        """What this hook keeps across a resume.
+
+        Returns:
+            Its state, saved under its `name`; {} (the default) saves nothing.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back, on a resume, what `state_dict` returned.
+
+        Args:
+            state: the saved state; {} where the hook saved none.
+        """
         pass
 
 
@@ -142,7 +209,11 @@ class FlipRatio(Hook):
 
 class BatchNormReestimation(Hook):
     """`trainer.bn_recalibrate`: BN statistics for the weights as they are at the epoch's end,
-    then the test set evaluated again (engine/recalibrate.py)."""
+    then the test set evaluated again (engine/recalibrate.py).
+
+    Args:
+        batches: the training batches the statistics are estimated from.
+    """
     name = "bn_recalibrate"
 
     def __init__(self, batches: int) -> None:
@@ -193,7 +264,14 @@ class Checkpointer(Hook):
         self.write(run, epoch + 1, layout.START, best=improved)
 
     def write(self, run: StageRun, epochs: int, position: dict[str, Any], best: bool = False) -> None:
-        """The checkpoint after `epochs` whole epochs and `position` of the next."""
+        """The checkpoint after `epochs` whole epochs and `position` of the next.
+
+        Args:
+            run: the stage's shared state.
+            epochs: the epochs completed.
+            position: how far into the next one: `{batches, loss_sum}`.
+            best: also write `best.pt`.
+        """
         if distributed.is_main():
             states = {hook.name: hook.state_dict() for hook in run.hooks}
             state = layout.stage_state(run.parts, self.config, run.init_from, epochs, position, run.precision,
@@ -204,7 +282,12 @@ class Checkpointer(Hook):
 
 class StopWatch(Hook):
     """Stop signals and `trainer.checkpoint_every` (engine/stopping.py): a checkpoint inside
-    the epoch where one is due, and on a signal that checkpoint and a stop."""
+    the epoch where one is due, and on a signal that checkpoint and a stop.
+
+    Args:
+        checkpointer: the stage's `Checkpointer`, which writes the checkpoints.
+        every: `trainer.checkpoint_every`: `steps` and/or `minutes` between checkpoints.
+    """
     name = "stop"
 
     def __init__(self, checkpointer: Checkpointer, every: dict[str, Any]) -> None:
@@ -236,7 +319,16 @@ class StopWatch(Hook):
 
 
 def stage_hooks(cfg: DictConfig) -> list[Hook]:
-    """The hooks of stage `cfg`, in the order they are called."""
+    """The hooks of stage `cfg`, in the order they are called.
+
+    Args:
+        cfg: a stage config.
+
+    Returns:
+        The precision switch and the quantizer schedule, the sign-flip ratio (binary weights),
+            BN re-estimation (`trainer.bn_recalibrate`), the epoch log, the checkpointer and the
+            stop watch.
+    """
     hooks: list[Hook] = [PrecisionSwitch(), QuantizerSchedule()]
     if cfg.stage.weights == "binary":  # sign flips of binary weights
         hooks.append(FlipRatio())

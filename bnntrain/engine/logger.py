@@ -30,7 +30,16 @@ def flat_hparams(cfg: Any) -> dict[str, Any]:
 
 class StageLogger:
     """Writes `train/loss`, `train/lr`, `val/*` and the stage's hyperparameters to TensorBoard,
-    shows a tqdm bar on a terminal and prints one plain line per epoch."""
+    shows a tqdm bar on a terminal and prints one plain line per epoch.
+
+    Args:
+        stage_dir: the stage's folder, where the TensorBoard events go.
+        stage: the stage's name, in the lines it prints.
+        epochs: the stage's epochs.
+        enabled: False on every process but the main one: nothing is written or printed.
+        progress: `auto` (a bar where stderr is a terminal), `bar` (always) or anything else
+            (never).
+    """
 
     def __init__(self, stage_dir: Path, stage: str, epochs: int, enabled: bool = True,
                  progress: str = "auto") -> None:
@@ -42,15 +51,39 @@ class StageLogger:
             self.writer = SummaryWriter(log_dir=str(stage_dir))
 
     def batches(self, loader: Iterable, epoch: int) -> Iterable:
+        """An epoch's batches, behind a progress bar where the logger shows one.
+
+        Args:
+            loader: the epoch's batches.
+            epoch: the epoch, counted from 0.
+
+        Returns:
+            `loader` itself, or a tqdm bar over it.
+        """
         if not self.bar:
             return loader
         return tqdm(loader, desc=f"{self.stage} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
 
     def train_loss(self, step: int, loss: float) -> None:
+        """Write a logged training loss (`train/loss`).
+
+        Args:
+            step: the optimizer step.
+            loss: the mean loss since the last one logged.
+        """
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
 
     def epoch(self, epoch: int, lr: float, train: dict[str, float], val: dict[str, float], seconds: float) -> None:
+        """Write an epoch's learning rate, training loss and test metrics, and print its line.
+
+        Args:
+            epoch: the epoch, counted from 0.
+            lr: its learning rate.
+            train: what `Trainer.train_epoch` returned.
+            val: what `Trainer.evaluate` returned.
+            seconds: how long the epoch took.
+        """
         if not self.enabled:
             return
         self.writer.add_scalar("train/lr", lr, epoch + 1)
@@ -63,7 +96,15 @@ class StageLogger:
 
     def recalibration(self, epoch: int, batches: int, before: dict[str, float], after: dict[str, float],
                       seconds: float) -> None:
-        """What re-estimating the BN statistics did: test top-1 before and after, and its cost."""
+        """What re-estimating the BN statistics did: test top-1 before and after, and its cost.
+
+        Args:
+            epoch: the epoch, counted from 0.
+            batches: the training batches the statistics were estimated from.
+            before: the test metrics before.
+            after: the test metrics after.
+            seconds: how long the re-estimation took.
+        """
         if not self.enabled:
             return
         self.scalars({"bn_recalibrate/top1_before": before["top1"], "bn_recalibrate/top1_after": after["top1"],
@@ -72,16 +113,34 @@ class StageLogger:
                  f"in {seconds:.1f}s: top1 {before['top1']:.2f} -> {after['top1']:.2f}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        """Write scalars to TensorBoard.
+
+        Args:
+            values: {tag: value}.
+            step: the step (or epoch) they belong to.
+        """
         if self.writer:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
     def text(self, tag: str, text: str) -> None:
+        """Write a text, such as the cost report's table, to TensorBoard as it is printed.
+
+        Args:
+            tag: its tag.
+            text: the text.
+        """
         if self.writer:
             # Indented four spaces, TensorBoard's markdown shows a table as it is printed.
             self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
 
     def close(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        """Write the stage's hyperparameters with its final metrics, and close the writer.
+
+        Args:
+            hparams: the flat config (`flat_hparams`).
+            final: the metrics to show beside them, as `hparam/<name>`.
+        """
         if not self.enabled:
             return
         # add_hparams takes flat dicts of scalars and strings only.

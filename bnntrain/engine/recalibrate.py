@@ -49,7 +49,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, count: int,
     """Re-estimate every BN's running mean and variance from `count` batches; return the seconds
     it took. `model` is the module itself, not a DDP wrapper (which would broadcast rank 0's
     statistics at every forward pass); `forward(model, images)` runs it as the loop does
-    (`Trainer.forward`: the device, memory format and autocast of the run)."""
+    (`Trainer.forward`: the device, memory format and autocast of the run).
+
+    Args:
+        model: the module itself, not a DDP wrapper.
+        batches: (images, targets) training batches, without batch mixing.
+        count: how many of them to use.
+        forward: runs the model on a batch of images.
+
+    Returns:
+        The seconds it took; 0 where the model has no BN that tracks statistics or `count` is 0.
+    """
     norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms or count <= 0:
         return 0.0

@@ -33,7 +33,25 @@ def train_stage(cfg: DictConfig, stage_dir: Path, init: str | None = None, resum
                 bad_images: BadImageLog | None = None, signals: StopSignals | None = None) -> dict:
     """Train one stage as `cfg` (a stage config from `config.plan`) says; return its entry for
     results.json. `signals`: the run's stop signals (pipeline.py); a stage alone hears its own
-    while it trains."""
+    while it trains.
+
+    Args:
+        cfg: a stage config, as `plan` makes it.
+        stage_dir: the stage's folder: its config, checkpoints, cost report and logs.
+        init: the checkpoint whose weights the stage starts from, or None.
+        resume: this stage's `last.pt` to resume from, or None.
+        bad_images: where unreadable images are recorded, or None.
+        signals: the run's stop signals, or None.
+
+    Returns:
+        The stage's entry in results.json: `top1`, `top5`, `loss`, `best_top1`, `epochs`, the
+            checkpoints' paths, `init_from` and `seconds`.
+
+    Raises:
+        Stopped: a stop signal came; the checkpoint to resume from was written.
+        CheckpointError: `resume` is another stage's checkpoint or lacks what resuming needs.
+        TrainingDiverged: the loss became NaN or infinite.
+    """
     saved = _resumable(resume, cfg.stage.name) if resume is not None else None
     if saved is not None:
         init = saved["init_from"]

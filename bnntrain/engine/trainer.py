@@ -25,6 +25,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
+    """The loop every stage runs: forward, loss, backward and optimizer step over an epoch's
+    batches (with gradient accumulation, mixed precision and clipping), and the evaluation of
+    the test set. `step` counts the optimizer steps taken in the stage."""
+
     def __init__(self, model: nn.Module, objective: Objective, optimizer: Optimizer, device: torch.device,
                  log_every: int | None = None, amp: str | None = None, channels_last: bool = False,
                  grad_clip: float | None = None, accumulate: int = 1) -> None:
@@ -34,6 +38,17 @@ class Trainer:
         each is off. `log_every`: optimizer steps between logged (and checked) training losses.
         `amp` (bf16 | fp16 | None) runs forward passes under autocast; fp16 adds a gradient
         scaler. `accumulate` sums gradients over that many batches per optimizer step.
+
+        Args:
+            model: the module to train, possibly wrapped (DDP, compiled).
+            objective: the batch loss, an `Objective`; None for a trainer that only evaluates.
+            optimizer: the optimizer over the model's parameters; None for one that only evaluates.
+            device: where the batches are moved.
+            log_every: optimizer steps between logged training losses; None logs none.
+            amp: `bf16`, `fp16` or None.
+            channels_last: feed the batches in the channels-last memory format.
+            grad_clip: the largest gradient norm, clipped before each step; None clips none.
+            accumulate: batches per optimizer step.
         """
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.device, self.log_every = device, log_every
@@ -45,29 +60,61 @@ class Trainer:
         self.progress: dict[str, Any] = {"batches": 0, "loss_sum": 0.0}  # of the epoch under way
 
     def state_dict(self) -> dict:
-        """What the loop itself carries between epochs: the step count and the gradient scaler."""
+        """What the loop itself carries between epochs: the step count and the gradient scaler.
+
+        Returns:
+            `{step, scaler}`, which `load_state_dict` takes back.
+        """
         return {"step": self.step, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Go on from a saved state.
+
+        Args:
+            state: what `state_dict` returned.
+        """
         self.step = state["step"]
         if state["scaler"]:  # empty when the scaler is off
             self.scaler.load_state_dict(state["scaler"])
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed precision of the forward passes.
+
+        Returns:
+            torch's autocast at the `amp` dtype, or a context that does nothing without `amp`.
+        """
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """`model` (this trainer's, or the module inside it) on a batch as the loop feeds it:
-        moved to the device, in the memory format, under autocast."""
+        moved to the device, in the memory format, under autocast.
+
+        Args:
+            model: the module to run.
+            images: a batch of images.
+
+        Returns:
+            The model's output.
+        """
         with self.autocast():
             return model(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, update: bool = True,
                    window: int = 1) -> torch.Tensor:
         """Forward and backward one batch of an accumulation window of `window` batches; step
-        the optimizer when `update` (its last batch). DDP all-reduces gradients only then."""
+        the optimizer when `update` (its last batch). DDP all-reduces gradients only then.
+
+        Args:
+            images: the batch's images, on the device.
+            targets: its targets, on the device.
+            update: step the optimizer after this batch.
+            window: the batches of the accumulation window; the loss is divided by it.
+
+        Returns:
+            The batch's loss, detached (not divided by `window`).
+        """
         sync = contextlib.nullcontext() if update or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with self.autocast():
@@ -89,7 +136,22 @@ class Trainer:
         """Train on `batches`, the rest of an epoch of which `done` batches (with losses summing
         to `loss_sum`) were trained before: a resumed epoch. After each optimizer step
         `on_step(step)` may stop the epoch there by returning True. `self.progress` holds
-        how far the epoch has come, for a checkpoint written in the middle of it."""
+        how far the epoch has come, for a checkpoint written in the middle of it.
+
+        Args:
+            batches: the (images, targets) batches still to train.
+            on_log: called with (step, mean loss) every `log_every` optimizer steps.
+            on_step: called with the step count after each optimizer step; True stops the epoch.
+            done: batches of this epoch trained before.
+            loss_sum: the sum of their losses.
+
+        Returns:
+            `loss`, the mean loss of the epoch's batches trained so far; `steps`, the batches
+                this call trained; `stopped`, whether `on_step` stopped the epoch.
+
+        Raises:
+            TrainingDiverged: the training loss became NaN or infinite.
+        """
         self.model.train()
         total = torch.full((), loss_sum, device=self.device)
         logged, logged_steps, seen = torch.zeros((), device=self.device), 0, done  # losses since the last log
@@ -129,7 +191,14 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, batches: Iterable) -> dict[str, float]:
-        """Top-1 and top-5 accuracy in percent and mean loss over the whole test set (all ranks)."""
+        """Top-1 and top-5 accuracy in percent and mean loss over the whole test set (all ranks).
+
+        Args:
+            batches: the (images, targets) test batches; under torchrun, this rank's share.
+
+        Returns:
+            `{top1, top5, loss}`: the loss is the mean cross-entropy per image.
+        """
         self.model.eval()
         sums = torch.zeros(4, device=self.device)  # loss sum, top-1 hits, top-5 hits, samples
         for images, targets in batches:

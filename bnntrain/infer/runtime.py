@@ -39,7 +39,14 @@ WORD = 64  # bits per packed word
 
 
 def require_numba():
-    """The kernel module; numba is an optional extra."""
+    """The kernel module; numba is an optional extra.
+
+    Returns:
+        kernels (ModuleType): `bnntrain.infer.kernels`, imported (its kernels compile on first use).
+
+    Raises:
+        UserError: numba is not installed.
+    """
     if importlib.util.find_spec("numba") is None:
         raise UserError("bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)")
     from . import kernels
@@ -47,7 +54,14 @@ def require_numba():
 
 
 def set_threads(threads: int) -> None:
-    """The same number of threads for PyTorch and for the kernels."""
+    """The same number of threads for PyTorch and for the kernels.
+
+    Args:
+        threads: at least 1; numba's share is capped at the threads it was started with.
+
+    Raises:
+        ConfigError: fewer than 1.
+    """
     if threads < 1:
         raise ConfigError(f"threads={threads}: expected a whole number >= 1")
     torch.set_num_threads(threads)
@@ -87,7 +101,14 @@ def why_not_packed(layer: inference.InferenceBinaryLayer) -> str | None:
 class PackedBinaryConv2d(nn.Module):
     """A binary conv (or a binary linear layer, as a 1x1 conv on a 1x1 image) run by the
     XNOR-popcount kernels: the input's signs packed once per call, the weights at build time.
-    Outputs float32 scale x (whole-number sum) + bias, in the input's memory layout."""
+    Outputs float32 scale x (whole-number sum) + bias, in the input's memory layout.
+
+    Args:
+        layer: an inference layer with binary inputs and binary weights.
+
+    Raises:
+        UserError: numba is not installed.
+    """
 
     def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
         super().__init__()
@@ -126,7 +147,15 @@ class PackedBinaryConv2d(nn.Module):
                 f"groups {self.groups}: XNOR-popcount, {self.words_per_group} uint64 words per tap")
 
     def pack(self, x: Tensor) -> np.ndarray:
-        """The signs of x + threshold, uint64 [N, H, W, groups * words per group]."""
+        """The signs of x + threshold, uint64 [N, H, W, groups * words per group].
+
+        Args:
+            x: a float32 (N, C, H, W) batch on the CPU, in either memory layout.
+
+        Returns:
+            The packed words: within each group, bit c % 64 of word c // 64 is set where
+                channel c of x + threshold is >= 0.
+        """
         n, _, h, w = x.shape
         words = np.empty((n, h, w, self.groups * self.words_per_group), np.uint64)
         if x.is_contiguous():
@@ -180,7 +209,14 @@ def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer]
 def pack_model(model: nn.Module) -> dict[str, str]:
     """Swap, in place, each binary layer of an inference model (`bnntrain.tools.export.load`) that
     the kernels run for a PackedBinaryConv2d; returns {layer: why it stays in PyTorch} for the
-    others."""
+    others.
+
+    Args:
+        model: an inference model, as `bnntrain.tools.export.load` returns it.
+
+    Returns:
+        {layer name: why it stays in PyTorch}, for the binary layers the kernels cannot run.
+    """
     left: dict[str, str] = {}
 
     def make(name: str, layer: inference.InferenceBinaryLayer) -> nn.Module | None:
@@ -215,7 +251,21 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
     ({layer: reason}) and warns.
 
     `channels_last` (default): the real-valued layers run on channels-last tensors, the
-    layout the kernels write and read fastest (the input is converted on the way in)."""
+    layout the kernels write and read fastest (the input is converted on the way in).
+
+    Args:
+        path: the packed file.
+        channels_last: run the real-valued layers on channels-last tensors.
+        strict: refuse a binary layer the kernels cannot run, rather than leave it to PyTorch.
+
+    Returns:
+        The model, in eval mode, on the CPU.
+
+    Raises:
+        UserError: numba is not installed.
+        ConfigError: `strict` and a binary layer the kernels cannot run.
+        CheckpointError: the file is not a readable packed file.
+    """
     require_numba()
     model = packed.load(path)
     total = sum(isinstance(m, inference.InferenceBinaryLayer) for m in model.modules())
@@ -235,7 +285,11 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
 
 class FloatBinaryConv2d(nn.Module):
     """The baseline: an InferenceBinaryLayer as float convolution with its weight x scale
-    computed once (the export's module multiplies them on every call)."""
+    computed once (the export's module multiplies them on every call).
+
+    Args:
+        layer: the inference layer to run.
+    """
 
     def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
         super().__init__()
@@ -255,7 +309,17 @@ class FloatBinaryConv2d(nn.Module):
 
 def float_model(path: str | Path) -> nn.Module:
     """The packed file's model with every binary layer a float convolution in PyTorch
-    (oneDNN), weights pre-scaled: the baseline the benchmarks compare with."""
+    (oneDNN), weights pre-scaled: the baseline the benchmarks compare with.
+
+    Args:
+        path: the packed file.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: the file is not a readable packed file.
+    """
     model = packed.load(path)
     _swap(model, lambda name, layer: FloatBinaryConv2d(layer))
     return model

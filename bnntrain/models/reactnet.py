@@ -27,6 +27,21 @@ CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024
 
 
 class ReActNetA(nn.Module):
+    """ReActNet-A: a real stem, 13 blocks of a binary 3x3 and a binary 1x1 conv (each a
+    `BinaryBlock`), global average pooling and the classifier.
+
+    Args:
+        num_classes: the classifier's outputs.
+        in_channels: the input images' channels.
+        stem: `imagenet` (the stem conv halves the input) or `cifar` (it keeps the size).
+        width: scales the first block's 32 channels; the others keep their multiples of it.
+        binary_classifier: make the classifier a binary layer that follows the stage's precision.
+        **block_options: the `BlockOptions` fields, the `model` config's other keys.
+
+    Raises:
+        ValueError: an unknown value of an option (`UnknownChoice`).
+    """
+
     def __init__(self, num_classes: int, in_channels: int = 3, stem: str = "imagenet", width: float = 1.0,
                  binary_classifier: bool = False, **block_options: Any) -> None:
         super().__init__()
@@ -49,7 +64,14 @@ class ReActNetA(nn.Module):
         self.classifier = binary_or_real_classifier(channels[-1], num_classes, opts, binary_classifier)
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate features (what the classifier sees), for centre loss and distillation."""
+        """Penultimate features (what the classifier sees), for centre loss and distillation.
+
+        Args:
+            x: an (N, in_channels, H, W) batch.
+
+        Returns:
+            The (N, num_features) pooled features.
+        """
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,4 +80,12 @@ class ReActNetA(nn.Module):
 
 @MODELS.register("reactnet_a")
 def reactnet_a(**kwargs: Any) -> ReActNetA:
+    """ReActNet-A.
+
+    Args:
+        **kwargs: the `ReActNetA` options.
+
+    Returns:
+        The network.
+    """
     return ReActNetA(**kwargs)

@@ -11,6 +11,9 @@ from ..errors import CheckpointError
 from ..registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name", package="bnntrain.models")
+"""The networks by name (`model.name`), each a builder that takes the `model` config's other keys.
+Every module of `bnntrain.models` is imported before the first lookup, so a new network is one
+module that registers its builder."""
 
 # The quantizer keys before `input_quantizer` and `weight_quantizer`, still read from the
 # command line, experiment files and the configs that checkpoints saved (null: not set).
@@ -40,8 +43,24 @@ def quantizer_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
-    """`cfg.name` picks the architecture; every other key, and what the data decides
-    (`num_classes`, `in_channels`), is passed to its builder."""
+    """Build the network a `model` config group describes.
+
+    `cfg.name` picks the architecture in `MODELS`; every other key, and what the data decides
+    (`num_classes`, `in_channels`), is passed to its builder. The quantizer keys of earlier
+    releases (`quantizer`, `quantizer_args`, `weight_scale`, `weight_gradient`) are read as
+    `input_quantizer` and `weight_quantizer`, with a note.
+
+    Args:
+        cfg: the `model` group of a composed config, or a dict of the same keys.
+        **data_options: `num_classes` and `in_channels`, which the data decides.
+
+    Returns:
+        The network, an `nn.Module` in training mode, its binary layers fully binary.
+
+    Raises:
+        ValueError: an unknown name or value (`UnknownChoice`), or an option the architecture
+            does not take.
+    """
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     options = quantizer_options(options)
     options.update(data_options)
@@ -54,7 +73,19 @@ def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
 
 def model_from_checkpoint(state: dict[str, Any], source: str = "checkpoint") -> nn.Module:
     """Rebuild the model a bnntrain checkpoint was trained as: architecture from its saved
-    config, class and input-channel counts as recorded, precision from its stage."""
+    config, class and input-channel counts as recorded, precision from its stage.
+
+    Args:
+        state: the checkpoint, as `load_checkpoint` reads it.
+        source: where it was read from, for the errors.
+
+    Returns:
+        The network with the checkpoint's weights, its binary layers at the precision they
+            were saved at, in training mode (call `.eval()` to evaluate it).
+
+    Raises:
+        CheckpointError: its saved config does not build, or its weights do not fit the model.
+    """
     from ..engine import layout
     from ..engine.checkpoint import load_model_weights
     from ..nn import set_precision

@@ -61,7 +61,29 @@ def make_stem(in_channels: int, channels: int, kind: str, pool_order: str, opts:
 
 
 class BinaryResNet(nn.Module):
-    """stem -> four stages of binary blocks -> global average pool -> classifier."""
+    """stem -> four stages of binary blocks -> global average pool -> classifier.
+
+    Args:
+        depths: the basic blocks (or bottlenecks) of each of the four stages.
+        use_bottleneck: build the collection's bottleneck (ResNet-50) instead of basic blocks.
+        num_classes: the classifier's outputs.
+        in_channels: the input images' channels.
+        stem: `cifar` (a 3x3 conv, no pooling) or `imagenet` (a 7x7 stride-2 conv and a 3x3
+            max-pool).
+        stem_pool_order: `conv_bn_act_pool` (ResNet's) or `conv_pool_bn_act` (trick 11).
+        stem_activation: `relu` (ResNet's) or `identity` (Bi-Real Net, ReActNet: the stem ends in BN).
+        width: multiplies the channels of every layer.
+        widen: multiplies the channels of the binary stages (trick 15).
+        skip: `double` (a shortcut per binary conv, trick 3) or `single` (one per two convs);
+            not read with bottlenecks.
+        binary_stem: make the first conv a binary layer that follows the stage's precision.
+        binary_classifier: make the classifier a binary layer that follows the stage's precision.
+        **block_options: the `BlockOptions` fields, the `model` config's other keys.
+
+    Raises:
+        ValueError: an unknown value of an option (`UnknownChoice`), or options that do not go
+            together.
+    """
 
     def __init__(self, depths: tuple[int, ...], use_bottleneck: bool, num_classes: int, in_channels: int = 3,
                  stem: str = "cifar", stem_pool_order: str = "conv_bn_act_pool", stem_activation: str = "relu",
@@ -88,7 +110,14 @@ class BinaryResNet(nn.Module):
         self.classifier = binary_or_real_classifier(cin, num_classes, opts, binary_classifier)
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate features (what the classifier sees), for centre loss and distillation."""
+        """Penultimate features (what the classifier sees), for centre loss and distillation.
+
+        Args:
+            x: an (N, in_channels, H, W) batch.
+
+        Returns:
+            The (N, num_features) pooled features.
+        """
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,14 +132,38 @@ def binary_or_real_classifier(features: int, num_classes: int, opts: BlockOption
 
 @MODELS.register("resnet18")
 def resnet18(**kwargs: Any) -> BinaryResNet:
+    """Binary ResNet-18: two basic blocks in each stage.
+
+    Args:
+        **kwargs: the `BinaryResNet` options but `depths` and `use_bottleneck`.
+
+    Returns:
+        The network.
+    """
     return BinaryResNet((2, 2, 2, 2), use_bottleneck=False, **kwargs)
 
 
 @MODELS.register("resnet34")
 def resnet34(**kwargs: Any) -> BinaryResNet:
+    """Binary ResNet-34: 3, 4, 6 and 3 basic blocks in its stages.
+
+    Args:
+        **kwargs: the `BinaryResNet` options but `depths` and `use_bottleneck`.
+
+    Returns:
+        The network.
+    """
     return BinaryResNet((3, 4, 6, 3), use_bottleneck=False, **kwargs)
 
 
 @MODELS.register("resnet50")
 def resnet50(**kwargs: Any) -> BinaryResNet:
+    """Binary ResNet-50: 3, 4, 6 and 3 of the collection's bottlenecks in its stages.
+
+    Args:
+        **kwargs: the `BinaryResNet` options but `depths` and `use_bottleneck`.
+
+    Returns:
+        The network.
+    """
     return BinaryResNet((3, 4, 6, 3), use_bottleneck=True, **kwargs)

@@ -27,7 +27,23 @@ BN_POSITIONS = ("before_sign", "after_conv")
 @dataclass
 class BlockOptions:
     """Everything a block needs to know about the tricks. The values, and what each means,
-    are the `model` config group's (configs/model/base.yaml): no defaults here to drift."""
+    are the `model` config group's (configs/model/base.yaml): no defaults here to drift.
+
+    Attributes:
+        input_quantizer: every binary layer's sign estimator (trick 1), as `BinaryConv2d` takes it.
+        weight_quantizer: every binary layer's weight binarizer.
+        binary_init: `default` or `small_positive`, as for `BinaryConv2d`.
+        learnable_threshold: ReActNet's RSign: a learnable per-channel shift before each sign.
+        bn_position: `before_sign` (the collection's block) or `after_conv` (Bi-Real Net, ReActNet).
+        activation: what follows each addition (trick 2): `prelu`, `relu`, `identity` or `rprelu`.
+        downsample: the real-valued shortcut where the shape changes (trick 4): `v1`, `v2`, `v3`,
+            `conv` or `pool`.
+        bn_momentum: every BN's momentum (trick 10, PyTorch's convention).
+        attention: None, or `se`: Squeeze-Excitation on the binary convs (trick 13).
+        se_reduction: the Squeeze-Excitation's channel reduction.
+        groups: the groups of the binary 3x3 convs (trick 15).
+        binarize: False builds the real-valued twin.
+    """
 
     input_quantizer: QuantizerSpec   # trick 1: the sign estimator
     weight_quantizer: QuantizerSpec
@@ -44,21 +60,73 @@ class BlockOptions:
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any], **overrides: Any) -> BlockOptions:
-        """The block options among a `model` config's keys, with `overrides`."""
+        """The block options among a `model` config's keys, with `overrides`.
+
+        Args:
+            model: the `model` config group, or any mapping with a key per field (others are
+                left out).
+            **overrides: values that replace the config's.
+
+        Returns:
+            The options.
+
+        Raises:
+            KeyError: a field that neither `model` nor `overrides` gives.
+        """
         return cls(**{f.name: overrides[f.name] if f.name in overrides else model[f.name] for f in fields(cls)})
 
     def norm(self, channels: int) -> nn.BatchNorm2d:
+        """A BN with the configured momentum.
+
+        Args:
+            channels: its channels.
+
+        Returns:
+            The `nn.BatchNorm2d`.
+        """
         return nn.BatchNorm2d(channels, momentum=self.bn_momentum)
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> BinaryConv2d:
+        """A binary conv with the options of every binary layer, padded by `kernel // 2`.
+
+        Args:
+            cin: input channels.
+            cout: output channels.
+            kernel: the side of the square kernel.
+            stride: the convolution's stride.
+            groups: the convolution's groups.
+
+        Returns:
+            The `BinaryConv2d`, without a bias.
+        """
         return BinaryConv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, **self.binary_layer())
 
     def binary_layer(self) -> dict[str, Any]:
-        """What every binary layer of the model takes: quantizers, threshold, init."""
+        """What every binary layer of the model takes: quantizers, threshold, init.
+
+        Returns:
+            The keyword arguments of `BinaryConv2d` and `BinaryLinear`: `input_quantizer`,
+                `weight_quantizer`, `learnable_threshold`, `binarize` and `init`.
+        """
         return {"input_quantizer": self.input_quantizer, "weight_quantizer": self.weight_quantizer,
                 "learnable_threshold": self.learnable_threshold, "binarize": self.binarize, "init": self.binary_init}
 
     def shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
+        """The real-valued shortcut of a block: the identity where the shape stays, else as
+        `downsample` says.
+
+        Args:
+            cin: the block's input channels.
+            cout: its output channels.
+            stride: its stride.
+
+        Returns:
+            The shortcut module.
+
+        Raises:
+            ValueError: an unknown `downsample` where the map halves, or `pool` where `cout` is
+                not a multiple of `cin`.
+        """
         return shortcut(cin, cout, stride, self.downsample, self.norm)
 
 
@@ -106,7 +174,20 @@ class ChannelAttention(nn.Module):
 
 class BinaryBlock(nn.Module):
     """`convs` x (sign -> binary conv, with a BN before the sign or after the conv [x SE])
-    -> + shortcut -> activation."""
+    -> + shortcut -> activation.
+
+    Args:
+        cin: input channels.
+        cout: output channels, of every conv.
+        stride: the first conv's stride (the others' is 1).
+        opts: the tricks.
+        convs: the binary convs under the one shortcut: 1 (two such blocks make a ResNet basic
+            block with a double skip, trick 3) or 2.
+        kernel: the convs' kernel size: 3, or 1 for ReActNet-A's pointwise half.
+
+    Raises:
+        ValueError: an unknown `attention`, `bn_position`, `activation` or `downsample`.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int, opts: BlockOptions, convs: int = 1,
                  kernel: int = 3) -> None:
@@ -144,6 +225,16 @@ class TricksBottleneck(nn.Module):
     behind BN and sign; the outer shortcut is a real-valued branch where the shape
     changes (AvgPool 3x3 stride 1 at stride 1, AvgPool 2x2 at stride 2) and identity
     otherwise, and the activation follows the addition only where a branch exists.
+
+    Args:
+        cin: input channels.
+        planes: the channels of the 1x1 and 3x3 convs; the block outputs `4 * planes`.
+        stride: the first 1x1 conv's stride.
+        opts: the tricks.
+
+    Raises:
+        ValueError: `opts.attention` is set (not available on this block), or an unknown
+            `activation` where the shape changes (only there does one follow the addition).
     """
 
     expansion = 4

@@ -20,8 +20,12 @@ from .quantizers import INPUT_QUANTIZERS, PRECISION_MODES, WEIGHT_QUANTIZERS, Qu
 from .sign_conv import FUSED_SIGN_CONVS
 
 ACTIVATION_MODES = ("binary", *PRECISION_MODES)
+"""What a binary layer's input can be in a stage (`stage.activations`): `binary` (its input
+quantizer) or one of `PRECISION_MODES` (`real`, `leaky_clip`, `clamp`)."""
 WEIGHT_INITS = ("default", "small_positive")  # PyTorch's conv/linear init, or Bi-Real's U[0, 0.001)
 WEIGHT_MODES = ("binary", "real")
+"""What a binary layer's weight can be in a stage (`stage.weights`): `binary` (its weight
+quantizer) or `real` (the latent weight as it is)."""
 
 
 def build_input_quantizer(spec: QuantizerSpec) -> Quantizer:
@@ -35,7 +39,17 @@ def build_input_quantizer(spec: QuantizerSpec) -> Quantizer:
 
 
 class BinaryMixin:
-    """Shared by BinaryConv2d and BinaryLinear: which quantizers apply right now."""
+    """Shared by BinaryConv2d and BinaryLinear: their quantizers and which of them apply right now.
+
+    Attributes:
+        input_quantizer: the sign estimator applied to the input in `binary` mode.
+        weight_quantizer: the binarizer applied to the latent weight in `binary` mode.
+        threshold: ReActNet's learnable per-channel shift, added to the input in every mode;
+            None where the layer has none.
+        binarize: False for the real-valued twin, which stays real whatever it is set to.
+        activations: the input's mode now, one of `ACTIVATION_MODES`.
+        weights: the weight's mode now, one of `WEIGHT_MODES`.
+    """
 
     def _init_binary(self, input_quantizer: QuantizerSpec, weight_quantizer: QuantizerSpec,
                      learnable_threshold: bool, binarize: bool, init: str, in_features: int, spatial: bool) -> None:
@@ -52,6 +66,16 @@ class BinaryMixin:
         self.set_precision("binary", "binary")
 
     def set_precision(self, activations: str, weights: str) -> None:
+        """Switch the layer to a stage's precision; a layer built with `binarize=False` stays real.
+
+        Args:
+            activations: one of `ACTIVATION_MODES`: `binary` applies the input quantizer, the
+                others a precision mode.
+            weights: `binary` applies the weight quantizer, `real` uses the latent weight.
+
+        Raises:
+            ValueError: a mode that is not among these.
+        """
         if activations not in ACTIVATION_MODES or weights not in WEIGHT_MODES:
             raise ValueError(f"precision must be activations in {ACTIVATION_MODES} and weights in {WEIGHT_MODES}; "
                              f"got activations={activations!r}, weights={weights!r}")
@@ -61,22 +85,66 @@ class BinaryMixin:
 
     @property
     def input_bits(self) -> int:
+        """Bits per input value in the current mode: the input quantizer's `bits` if binary, else 32."""
         return self.input_quantizer.bits if self.activations == "binary" else 32
 
     @property
     def weight_bits(self) -> int:
+        """Bits per weight in the current mode: the weight quantizer's `bits` if binary, else 32."""
         return self.weight_quantizer.bits if self.weights == "binary" else 32
 
     def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with in the current mode.
+
+        Returns:
+            The weight quantizer's output in `binary` mode, else the latent weight itself.
+        """
         return self.weight_quantizer(self.weight) if self.weights == "binary" else self.weight
 
     def quantize_input(self, x: Tensor) -> Tensor:
+        """The input as the current mode makes it: shifted by the threshold (where the layer has
+        one), then quantized (`binary`) or passed through the stage's precision mode.
+
+        Args:
+            x: the layer's input.
+
+        Returns:
+            The tensor the convolution or the linear map is applied to.
+        """
         if self.threshold is not None:
             x = x + self.threshold
         return (self.input_quantizer if self.activations == "binary" else PRECISION_MODES[self.activations])(x)
 
 
 class BinaryConv2d(BinaryMixin, nn.Conv2d):
+    """A conv layer whose input and weight are quantized as the stage's precision says (both
+    binary until `set_precision` says otherwise).
+
+    Where the input quantizer declares a fused form (`Quantizer.fused`), the sign and the
+    convolution run as one autograd step that keeps less for the backward pass, with the same
+    gradients; setting `fused_sign = False` runs them unfused.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: the side of the square kernel.
+        stride: the convolution's stride.
+        padding: zeros added on each side of the input.
+        groups: the convolution's groups.
+        bias: whether the layer adds a learnable bias.
+        input_quantizer: the input's sign estimator: a name in `INPUT_QUANTIZERS`, a
+            `{name: ..., <arguments>}` mapping or a `Quantizer`. A precision mode is refused: the
+            stage sets those.
+        weight_quantizer: the weight's binarizer, the same way from `WEIGHT_QUANTIZERS`.
+        learnable_threshold: add ReActNet's learnable per-channel shift (RSign) to the input.
+        binarize: False builds the real-valued twin, which stays real whatever it is set to.
+        init: `default` (PyTorch's init) or `small_positive` (Bi-Real Net's U[0, 0.001): every
+            sign +1 at first).
+
+    Raises:
+        ValueError: an unknown quantizer name or init, or an argument the quantizer does not take.
+    """
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, groups: int = 1, bias: bool = False, *, input_quantizer: QuantizerSpec = "ste_sign",
                  weight_quantizer: QuantizerSpec = "scaled_sign", learnable_threshold: bool = False,
@@ -89,6 +157,14 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         self.fused_sign = True
 
     def forward(self, x: Tensor) -> Tensor:
+        """The convolution of the quantized input with the quantized weight.
+
+        Args:
+            x: an (N, in_channels, H, W) batch.
+
+        Returns:
+            The (N, out_channels, H', W') output.
+        """
         fused = FUSED_SIGN_CONVS.get(self.input_quantizer.fused) if self.fused_sign else None
         if self.activations == "binary" and fused is not None:
             if self.threshold is not None:
@@ -99,6 +175,23 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
 
 
 class BinaryLinear(BinaryMixin, nn.Linear):
+    """A linear layer whose input and weight are quantized as the stage's precision says (both
+    binary until `set_precision` says otherwise): a binary classifier.
+
+    Args:
+        in_features: input features.
+        out_features: output features.
+        bias: whether the layer adds a learnable bias.
+        input_quantizer: the input's sign estimator, as `BinaryConv2d` takes it.
+        weight_quantizer: the weight's binarizer, as `BinaryConv2d` takes it.
+        learnable_threshold: add a learnable per-feature shift to the input.
+        binarize: False builds the real-valued twin.
+        init: `default` or `small_positive`, as for `BinaryConv2d`.
+
+    Raises:
+        ValueError: an unknown quantizer name or init, or an argument the quantizer does not take.
+    """
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  input_quantizer: QuantizerSpec = "ste_sign", weight_quantizer: QuantizerSpec = "scaled_sign",
                  learnable_threshold: bool = False, binarize: bool = True, init: str = "default") -> None:
@@ -107,16 +200,42 @@ class BinaryLinear(BinaryMixin, nn.Linear):
                           in_features, spatial=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The quantized input times the quantized weight, plus the bias.
+
+        Args:
+            x: an (N, in_features) batch.
+
+        Returns:
+            The (N, out_features) output.
+        """
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryMixin]]:
+    """The binary layers of a model, in `named_modules` order.
+
+    Args:
+        model: any module.
+
+    Yields:
+        (name, layer) for each BinaryConv2d and BinaryLinear in it.
+    """
     for name, module in model.named_modules():
         if isinstance(module, BinaryMixin):
             yield name, module
 
 
 def set_precision(model: nn.Module, activations: str, weights: str) -> None:
-    """Switch every binary layer of `model` to a stage's precision (see stage configs)."""
+    """Switch every binary layer of `model` to a stage's precision (`stage.activations`,
+    `stage.weights`); a layer built with `binarize=False` stays real.
+
+    Args:
+        model: any module; its binary layers are switched in place.
+        activations: one of `ACTIVATION_MODES`.
+        weights: one of `WEIGHT_MODES`.
+
+    Raises:
+        ValueError: a mode that is not among these.
+    """
     for _, layer in binary_layers(model):
         layer.set_precision(activations, weights)

@@ -147,7 +147,21 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
     """The config of every stage these overrides describe, in order, each resolved and checked,
     exactly as it will train. A later stage of a pipeline starts from the previous stage's
     `<run_dir>/<stage>/last.pt`; `world_size` ranks scale the lr where `trainer.scale_lr` says so.
-    `check_init=False` shows a stage that starts from a checkpoint without naming one."""
+    `check_init=False` shows a stage that starts from a checkpoint without naming one.
+
+    Args:
+        overrides: command-line overrides (`stage=1`, `model=resnet18`, `optimizer.lr=1e-3`, ...).
+        run_dir: the run folder, where a later stage finds the previous stage's checkpoint.
+        world_size: the number of ranks that will train.
+        check_init: require that a stage which starts from a checkpoint names an existing one.
+
+    Returns:
+        One resolved stage config per stage, in the order they train.
+
+    Raises:
+        ConfigError: an unknown option or key, or an invalid value.
+        CheckpointError: `init=` names a file that does not exist.
+    """
     top = compose(overrides)
     note_unread_keys(overrides)
     if "run" in top.stage:
@@ -240,7 +254,14 @@ def group_base(group: str) -> DictConfig:
 
 
 def last_stage(overrides: list[str]) -> DictConfig:
-    """The one stage these overrides describe, or a pipeline's last (fully binary) stage."""
+    """The one stage these overrides describe, or a pipeline's last (fully binary) stage.
+
+    Args:
+        overrides: command-line overrides, as `plan` takes them.
+
+    Returns:
+        That stage's resolved config.
+    """
     return plan(overrides)[-1]
 
 

@@ -207,7 +207,25 @@ def recorded(blob: Any, key: str, src: Path) -> float | None:
 def convert(src: str | Path, out: str | Path, overrides: list[str],
             step: str | None = None) -> tuple[dict[str, Any], int]:
     """Write `out` from the official checkpoint `src`; return what was written and how many
-    latent binary weights are exactly 0 (see `zero_binary_weights`; 0 where weights are real)."""
+    latent binary weights are exactly 0 (see `zero_binary_weights`; 0 where weights are real).
+
+    Args:
+        src: the official checkpoint.
+        out: the bnntrain checkpoint to write; not `src`, in an existing folder.
+        overrides: `model=NAME`, one of the presets with official checkpoints, and any other
+            config overrides (`data=imagenet` unless a `data=` is given).
+        step: `1` or `2`, the official training step; None infers it where the weights tell.
+
+    Returns:
+        The checkpoint written, and the number of latent binary weights that are exactly 0.
+
+    Raises:
+        ConfigError: another preset, a step that must be given or is not 1 or 2, or `out`'s
+            folder missing.
+        CheckpointError: `src` is unreadable, or its keys, shapes or types do not map onto the
+            model.
+        UserError: `out` is `src`, or cannot be written.
+    """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     check_preset(overrides)
     check_paths(src, out)
@@ -237,6 +255,15 @@ def convert(src: str | Path, out: str | Path, overrides: list[str],
 
 
 def run(argv: list[str]) -> None:
+    """The command: convert, then print what was written and whether any latent binary weight
+    is exactly 0.
+
+    Args:
+        argv: `src=PATH out=PATH model=NAME [step=1|2] [overrides]`.
+
+    Raises:
+        UserError: a missing argument, or what `convert` raises.
+    """
     own, overrides = split_args(argv, ("src", "out", "step"))
     if "src" not in own or "out" not in own or not any(o.startswith("model=") for o in overrides):
         raise ConfigError(f"expected src=PATH out=PATH model=NAME ({', '.join(PRESETS)})")
@@ -254,6 +281,12 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m bnntrain.tools.convert ...`: `run`, with `-h` printing the usage and an error printed as one
+    `error:` line with exit status 2.
+
+    Args:
+        argv: the command's arguments; None reads `sys.argv[1:]`.
+    """
     run_tool(run, argv, USAGE)
 
 

@@ -34,7 +34,18 @@ USAGE = "usage: python -m bnntrain.tools.evaluate ckpt=PATH [out=FILE] [data=NAM
 
 
 def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
-    """`data`, `augment` and `trainer` to evaluate with: the checkpoint's, or a preset's."""
+    """`data`, `augment` and `trainer` to evaluate with: the checkpoint's, or a preset's.
+
+    Args:
+        state: the checkpoint, as `load_checkpoint` read it.
+        overrides: `data=NAME` (another preset) and `data.*`, `augment.*`, `trainer.*` keys.
+
+    Returns:
+        The config, with those groups.
+
+    Raises:
+        ConfigError: a key the checkpoint's groups do not have, or an invalid override.
+    """
     if any(o.startswith("data=") for o in overrides):
         return last_stage(["stage=1", *overrides])
     # The checkpoint's config is data: read literally (no resolver runs), and it downloads
@@ -52,6 +63,21 @@ def eval_config(state: dict[str, Any], overrides: list[str]) -> DictConfig:
 
 
 def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Evaluate a checkpoint's model, at the precision its stage ended with, on a test set.
+
+    Args:
+        ckpt: the checkpoint.
+        overrides: as `eval_config` takes them.
+
+    Returns:
+        What the command writes as JSON: `checkpoint`, `stage`, `data`, `root`, `images`,
+            `top1`, `top5`, `loss` and `seconds`; with `trainer.bn_recalibrate`, also
+            `before_recalibration` (the metrics before) and `recalibration_seconds`.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable or does not build.
+        ConfigError: an invalid override, or data whose channels or classes are not the model's.
+    """
     from ..engine.build import build_evaluation
 
     state = load_checkpoint(ckpt)
@@ -84,6 +110,16 @@ def evaluate(ckpt: str | Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def run(argv: list[str]) -> None:
+    """The command: evaluate `ckpt=`, print the metrics, write them to `out=` (by default
+    `<checkpoint>.eval.json`).
+
+    Args:
+        argv: `ckpt=PATH [out=FILE] [data=NAME] [key=value ...]`.
+
+    Raises:
+        UserError: no `ckpt=`, an `out=` whose folder is missing or that is the checkpoint, or
+            what `evaluate` raises.
+    """
     own, overrides = split_args(argv, ("ckpt", "out"))
     if "ckpt" not in own:
         raise ConfigError("expected ckpt=PATH [out=FILE] [data=NAME] [data.root=PATH]")
@@ -100,6 +136,12 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m bnntrain.tools.evaluate ...`: `run`, with `-h` printing the usage and an error printed as one
+    `error:` line with exit status 2.
+
+    Args:
+        argv: the command's arguments; None reads `sys.argv[1:]`.
+    """
     run_tool(run, argv, USAGE)
 
 

@@ -19,7 +19,17 @@ USAGE = """usage: python -m bnntrain.tools.summary [group=option ...] [key=value
 
 
 def config_report(overrides: list[str]) -> tuple[str, CostReport]:
-    """A title and the report of the model a config builds, at the precision of its (last) stage."""
+    """A title and the report of the model a config builds, at the precision of its (last) stage.
+
+    Args:
+        overrides: config overrides, as the trainer takes them.
+
+    Returns:
+        The title line and the cost report.
+
+    Raises:
+        ConfigError: an invalid config, or data that does not state its number of classes.
+    """
     stages = plan(overrides)
     cfg = stages[-1]
     if cfg.data.get("num_classes") is None:
@@ -34,7 +44,17 @@ def config_report(overrides: list[str]) -> tuple[str, CostReport]:
 
 
 def checkpoint_report(path: str) -> tuple[str, CostReport]:
-    """A title and the report of a checkpoint's model, at the precision its stage ended with."""
+    """A title and the report of a checkpoint's model, at the precision its stage ended with.
+
+    Args:
+        path: the checkpoint.
+
+    Returns:
+        The title line and the cost report.
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable, or its model cannot be built or run.
+    """
     state = load_checkpoint(path)
     try:
         model = model_from_checkpoint(state, path)
@@ -53,6 +73,14 @@ def checkpoint_report(path: str) -> tuple[str, CostReport]:
 
 
 def summarize(argv: list[str]) -> None:
+    """The command: print the cost report of a config's model, or of a checkpoint's.
+
+    Args:
+        argv: config overrides, or `ckpt=PATH` alone.
+
+    Raises:
+        UserError: `ckpt=` with overrides, or what the reports raise.
+    """
     own, overrides = split_args(argv, ("ckpt",))
     if "ckpt" in own and overrides:
         raise ConfigError(f"ckpt= reports the checkpoint as it was trained and takes no overrides; "
@@ -62,6 +90,12 @@ def summarize(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m bnntrain.tools.summary ...`: `run`, with `-h` printing the usage and an error printed as one
+    `error:` line with exit status 2.
+
+    Args:
+        argv: the command's arguments; None reads `sys.argv[1:]`.
+    """
     run_tool(summarize, argv, USAGE)
 
 

@@ -19,7 +19,14 @@ from ...registry import Registry
 def sign(x: Tensor) -> Tensor:
     """+1 or -1 by the sign bit of x, in x's dtype: sign(0) = +1, so a binary tensor holds no
     zeros. (IEEE's negative zero, which only a product with a negative factor yields, maps to
-    -1.) copysign is one pass over memory, several times faster than a compare-and-select."""
+    -1.) copysign is one pass over memory, several times faster than a compare-and-select.
+
+    Args:
+        x: any floating-point tensor.
+
+    Returns:
+        A tensor of x's shape, dtype and device holding +1 and -1.
+    """
     return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x)
 
 
@@ -47,24 +54,73 @@ class Quantizer(nn.Module):
     fused: ClassVar[str | None] = None
 
     def values(self, x: Tensor) -> Tensor:
+        """The values `forward(x)` may take (the cost report and the export read them).
+
+        Args:
+            x: the tensor to quantize.
+
+        Returns:
+            The values along a new last dimension that broadcasts against `x`: [-1, +1], or
+                [-alpha, +alpha] per output channel.
+
+        Raises:
+            NotImplementedError: a subclass that does not state them.
+        """
         raise NotImplementedError
 
     def mask(self, x: Tensor) -> Tensor:
-        """Where the gradient passes, for `fused = "mask"`."""
+        """Where the gradient passes, for `fused = "mask"`.
+
+        Args:
+            x: the quantizer's input.
+
+        Returns:
+            A boolean tensor of x's shape: the gradient passes where it holds and is 0 elsewhere.
+
+        Raises:
+            NotImplementedError: a quantizer whose gradient is not a mask.
+        """
         raise NotImplementedError
 
     def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
-        """The gradient with respect to x, for `fused = "input"`; `signs` is sign(x) where the
-        caller has it at hand."""
+        """The gradient with respect to x, for `fused = "input"`.
+
+        Args:
+            x: the quantizer's input.
+            grad: the gradient with respect to its output.
+            signs: sign(x) where the caller has it at hand, else None.
+
+        Returns:
+            The gradient with respect to `x`.
+
+        Raises:
+            NotImplementedError: a quantizer without a gradient formula of x.
+        """
         raise NotImplementedError
 
     def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments this quantizer was built with.
+
+        Returns:
+            {argument: value}; empty for a quantizer that takes none.
+        """
         return {}
 
     def config(self) -> dict[str, Any]:
+        """What builds this quantizer again with `build_quantizer`.
+
+        Returns:
+            `{name: ..., <arguments>}`.
+        """
         return {"name": self.name, **self.arguments()}
 
     def set_progress(self, progress: float) -> None:
+        """Follow a schedule over the stage's epochs; the training loop calls this at each
+        epoch's start (`QuantizerSchedule`). The base quantizer has none.
+
+        Args:
+            progress: epoch / epochs: 0 at the stage's first epoch, towards 1 at its last.
+        """
         pass
 
     def extra_repr(self) -> str:
@@ -72,15 +128,28 @@ class Quantizer(nn.Module):
 
 
 QuantizerSpec = Union[str, Mapping[str, Any], Quantizer]
+"""A quantizer as a config or a caller gives it: a registered name, a `{name: ..., <arguments>}`
+mapping, or a `Quantizer` object."""
 
 # Read `model.input_quantizer` and `model.weight_quantizer`: a sign estimator for the
 # activations, a binarizer for the latent weights. Each entry is a Quantizer subclass.
 INPUT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.input_quantizer", package=__package__)
+"""The sign estimators of a binary layer's input, by name (`model.input_quantizer`)."""
 WEIGHT_QUANTIZERS: Registry[type[Quantizer]] = Registry("model.weight_quantizer", package=__package__)
+"""The binarizers of a binary layer's latent weight, by name (`model.weight_quantizer`)."""
 
 
 def registered(registry: Registry[type[Quantizer]], name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
-    """Class decorator: registers a quantizer under `name`, which it also takes as its own."""
+    """Class decorator: registers a quantizer under `name`, which it also takes as its own.
+
+    Args:
+        registry: `INPUT_QUANTIZERS` or `WEIGHT_QUANTIZERS`.
+        name: the name a config chooses it by.
+
+    Returns:
+        The decorator; it returns the class itself, and raises KeyError where `name` is
+            registered already.
+    """
     def add(cls: type[Quantizer]) -> type[Quantizer]:
         cls.name = name
         return registry.register(name)(cls)
@@ -88,7 +157,19 @@ def registered(registry: Registry[type[Quantizer]], name: str) -> Callable[[type
 
 
 def build_quantizer(registry: Registry[type[Quantizer]], spec: QuantizerSpec) -> Quantizer:
-    """A quantizer from a name, a `{name: ..., <arguments>}` mapping, or itself."""
+    """A quantizer from a name, a `{name: ..., <arguments>}` mapping, or itself.
+
+    Args:
+        registry: where the name is looked up.
+        spec: a name, a mapping of `name` and the class's arguments, or a `Quantizer` (returned
+            as it is).
+
+    Returns:
+        The quantizer: a new one, unless `spec` is one.
+
+    Raises:
+        ValueError: an unknown name (`UnknownChoice`), or an argument the class does not take.
+    """
     if isinstance(spec, Quantizer):
         return spec
     options = {"name": spec} if isinstance(spec, str) else dict(spec)

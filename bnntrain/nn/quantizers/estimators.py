@@ -42,14 +42,17 @@ class SurrogateSign(torch.autograd.Function):
 
 
 class SignEstimator(Quantizer):
-    """sign(x): values -1 and +1."""
+    """The base of the sign estimators: forward is sign(x), the values -1 and +1; a subclass
+    states the gradient."""
 
     def values(self, x: Tensor) -> Tensor:
         return torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
 
 
 class MaskedSignEstimator(SignEstimator):
-    """sign(x) whose gradient is g where `mask(x)` holds."""
+    """sign(x) whose gradient is g where `mask(x)` holds, else 0: a subclass states `mask`.
+    It keeps the boolean mask for the backward pass (in a binary conv, one byte per input
+    with the sign)."""
 
     fused = "mask"
 
@@ -58,7 +61,8 @@ class MaskedSignEstimator(SignEstimator):
 
 
 class SurrogateSignEstimator(SignEstimator):
-    """sign(x) whose gradient is `gradient(x, g)`."""
+    """sign(x) whose gradient is `gradient(x, g)`, a formula of x that a subclass states. It
+    keeps x for the backward pass."""
 
     fused = "input"
 
@@ -90,7 +94,11 @@ class ApproxSign(SurrogateSignEstimator):
 
 @registered(INPUT_QUANTIZERS, "swish_sign")
 class SwishSign(SurrogateSignEstimator):
-    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+    """BNN+'s SignSwish: g * beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)).
+
+    Args:
+        beta: the sharpness of the gradient's peak at 0 (BNN+'s default, 5).
+    """
 
     def __init__(self, beta: float = 5.0) -> None:  # BNN+'s default beta
         super().__init__()

@@ -52,7 +52,14 @@ class ScaledSign(Quantizer):
     """alpha * sign(w), alpha the per-output-channel mean |w| (held constant). Its gradient:
     `scaled` (larq's magnitude-aware sign), the product's, alpha * g where |w| <= 1;
     `unscaled` (Bi-Real Net's and ReActNet's code), g where |w| < 1, the gradient of their
-    clamp(w, -1, 1). The scale depends on the whole tensor: no fused form."""
+    clamp(w, -1, 1). The scale depends on the whole tensor: no fused form.
+
+    Args:
+        gradient: `scaled` or `unscaled`.
+
+    Raises:
+        ValueError: another gradient (`UnknownChoice`).
+    """
 
     channel_scaled = True
 

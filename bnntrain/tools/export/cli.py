@@ -41,7 +41,22 @@ def _output(value: str, ckpt: Path, key: str) -> Path:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
-    """Write the packed file of a checkpoint; return the sizes in bytes that `main` prints."""
+    """Write the packed file of a checkpoint; return the sizes in bytes that `main` prints.
+
+    Args:
+        ckpt: the checkpoint.
+        out: the packed file to write; not the checkpoint, in an existing folder.
+
+    Returns:
+        The sizes in bytes: `file` (the packed file), `checkpoint`, `fp32_weights` (the
+            model's state dict), `binary_fp32` and `binary_packed` (the binary weights as float32
+            and packed), `scales` (the per-channel scales).
+
+    Raises:
+        ConfigError: `out` is a folder or its folder does not exist.
+        UserError: `out` is the checkpoint, or cannot be written.
+        CheckpointError: the checkpoint is missing, unreadable or does not build.
+    """
     ckpt = Path(ckpt).expanduser()
     out = _output(str(out), ckpt, "out")
     state = load_checkpoint(ckpt)
@@ -60,6 +75,15 @@ def _mb(n: int) -> str:
 
 
 def run(argv: list[str]) -> None:
+    """The command: write the packed file (and the ONNX model), and print their sizes.
+
+    Args:
+        argv: `ckpt=PATH out=FILE [onnx=FILE]`.
+
+    Raises:
+        UserError: a missing or unknown argument, an output that is an input or cannot be
+            written, `onnx=` without the optional packages, or what `export_checkpoint` raises.
+    """
     own, rest = split_args(argv, ("ckpt", "out", "onnx"))
     if rest or "ckpt" not in own or "out" not in own:
         unknown = f"unknown argument(s): {' '.join(rest)}; " if rest else ""
@@ -85,4 +109,10 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m bnntrain.tools.export ...`: `run`, with `-h` printing the usage and an error printed as one
+    `error:` line with exit status 2.
+
+    Args:
+        argv: the command's arguments; None reads `sys.argv[1:]`.
+    """
     run_tool(run, argv, USAGE)

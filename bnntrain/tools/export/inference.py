@@ -16,7 +16,14 @@ from ...nn.quantizers import PRECISION_MODES, sign
 
 def compare_sign(x: Tensor) -> Tensor:
     """sign with sign(0) = +1 as a comparison and a select (ONNX's GreaterOrEqual and Where;
-    ONNX has no copysign). It differs from training's sign only on IEEE negative zero."""
+    ONNX has no copysign). It differs from training's sign only on IEEE negative zero.
+
+    Args:
+        x: any floating-point tensor.
+
+    Returns:
+        +1 where x >= 0, else -1, in x's dtype.
+    """
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
@@ -27,7 +34,11 @@ INPUT_FUNCTIONS = {"binary": compare_sign, **PRECISION_MODES}
 
 class InferenceBinaryLayer(nn.Module):
     """A binary conv or linear layer for inference. Binary weights are held as their signs
-    (+-1), with the per-channel scale (the training forward's mean |w|) beside them."""
+    (+-1), with the per-channel scale (the training forward's mean |w|) beside them.
+
+    Args:
+        layer: a trained BinaryConv2d or BinaryLinear, at the precision it is exported at.
+    """
 
     def __init__(self, layer: BinaryMixin) -> None:
         super().__init__()
@@ -83,7 +94,14 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def fold_batchnorms(model: nn.Module) -> dict[str, str]:
     """Fold every BN that directly follows a real-valued conv in a sequential container
-    (the only place where the data flow from one to the other is certain); returns {conv: bn}."""
+    (the only place where the data flow from one to the other is certain); returns {conv: bn}.
+
+    Args:
+        model: a model in eval mode; changed in place (each BN that is folded becomes an identity).
+
+    Returns:
+        {name of the conv: name of the BN folded into it}.
+    """
     folded = {}
     for name, seq in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]:
         prefix = f"{name}." if name else ""
@@ -97,7 +115,14 @@ def fold_batchnorms(model: nn.Module) -> dict[str, str]:
 
 def to_inference(model: nn.Module) -> dict[str, str]:
     """Turn a trained model, in place, into its inference form: binary layers of plain ops,
-    BN folded where exact, eval mode. Returns the folded {conv: bn}."""
+    BN folded where exact, eval mode. Returns the folded {conv: bn}.
+
+    Args:
+        model: a trained model, at the precision it is exported at.
+
+    Returns:
+        {name of the conv: name of the BN folded into it}.
+    """
     model.eval()
     for name, layer in list(binary_layers(model)):
         parent, _, child = name.rpartition(".")

@@ -19,7 +19,16 @@ def require_onnx() -> None:
 
 def export_onnx(packed: str | Path, path: Path) -> None:
     """The inference model of a packed file as ONNX: a sign is a comparison, a binary conv a
-    standard Conv (ONNX has no 1-bit type, so its weights are float32 there)."""
+    standard Conv (ONNX has no 1-bit type, so its weights are float32 there).
+
+    Args:
+        packed: the packed file.
+        path: the ONNX file to write, with a dynamic batch size.
+
+    Raises:
+        UserError: the optional export packages are missing, or `path` is the packed file.
+        CheckpointError: the packed file is missing, unreadable or damaged.
+    """
     require_onnx()
     path = Path(path)
     refuse_overwrite(path, "onnx", {"out": packed})  # the packed file it reads

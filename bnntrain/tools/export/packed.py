@@ -30,11 +30,21 @@ from ...models import build_model
 from ...nn.layers import binary_layers, set_precision
 from .inference import InferenceBinaryLayer, to_inference
 
-FORMAT, VERSION = "bnntrain-packed", 1
+FORMAT = "bnntrain-packed"
+"""The packed file's `format` entry."""
+VERSION = 1
+"""The version of the format this bnntrain writes and reads."""
 
 
 def pack_signs(weight: Tensor) -> Tensor:
-    """Signs of `weight` (w >= 0 -> 1), row-major, 8 per byte, most significant bit first."""
+    """Signs of `weight` (w >= 0 -> 1), row-major, 8 per byte, most significant bit first.
+
+    Args:
+        weight: any tensor.
+
+    Returns:
+        uint8 on the CPU, ceil(weight.numel() / 8) bytes; the last one zero-padded.
+    """
     bits = (weight.flatten() >= 0).to(torch.uint8)
     bits = torch.cat([bits, bits.new_zeros(-len(bits) % 8)])
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
@@ -42,7 +52,18 @@ def pack_signs(weight: Tensor) -> Tensor:
 
 
 def unpack_signs(packed: Tensor, shape: list[int]) -> Tensor:
-    """The +1/-1 float32 tensor of `shape` that `pack_signs` packed."""
+    """The +1/-1 float32 tensor of `shape` that `pack_signs` packed.
+
+    Args:
+        packed: the bytes `pack_signs` returned.
+        shape: the weight's shape.
+
+    Returns:
+        The signs as +1.0 and -1.0.
+
+    Raises:
+        CheckpointError: `packed` is not uint8 or holds another number of bytes.
+    """
     n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != math.ceil(n / 8):
         raise CheckpointError(f"packed weights of {packed.numel()} bytes do not hold a {shape} weight")
@@ -58,7 +79,16 @@ def _precision(model: nn.Module) -> tuple[str, str]:
 
 def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[str, Any]:
     """The packed file's dict for a model rebuilt from checkpoint `state` (the model is
-    turned into its inference form on the way)."""
+    turned into its inference form on the way).
+
+    Args:
+        model: the model `model_from_checkpoint` rebuilt from `state`; changed in place.
+        state: the checkpoint.
+        source: the checkpoint's path, recorded in the file.
+
+    Returns:
+        The file's dict (`format`, `version`, `config`, `tensors`), which `save_tensors` writes.
+    """
     activations, weights = _precision(model)
     folded = to_inference(model)
     packed_layers = {name for name, m in model.named_modules() if isinstance(m, InferenceBinaryLayer)
@@ -79,7 +109,18 @@ def export_model(model: nn.Module, state: dict[str, Any], source: str) -> dict[s
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """The packed file's dict, checked to be one."""
+    """The packed file's dict, checked to be one.
+
+    Args:
+        path: the packed file.
+
+    Returns:
+        Its dict, without the checksum entry.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, damaged, not a packed file, or of
+            another version.
+    """
     blob = load_tensors(path, "export file", expect_checksum=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
@@ -90,7 +131,18 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def load(path: str | Path) -> nn.Module:
     """The inference model of a packed file, in eval mode, its outputs those of the checkpoint;
-    `model.export_config` holds the file's config."""
+    `model.export_config` holds the file's config.
+
+    Args:
+        path: the packed file.
+
+    Returns:
+        The inference model, binary layers as `InferenceBinaryLayer`s.
+
+    Raises:
+        CheckpointError: the file is not a readable packed file, or does not fit the model its
+            config builds.
+    """
     blob = read(path)
     config = json.loads(blob["config"])
     model = build_model(config["model"], num_classes=config["num_classes"], in_channels=config["in_channels"])
