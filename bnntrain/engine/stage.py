@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.samples import BadImageLog
 from . import StageLogger, distributed, layout, load_checkpoint
 from .build import build_stage
-from .hooks import StageRun, resume_command, stage_hooks, steps_hooked
+from .hooks import StageRun, steps_hooked
+from .saving import resume_command, stage_hooks
 from .seeding import epoch_seed, seed_everything
 from .stopping import Stopped, StopSignals
 from .trainer import check_finite
