@@ -30,10 +30,10 @@ ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=96", "data.test
 # over the whole run), or killed outright after writing a checkpoint AT batches into an epoch.
 SIGNAL_AT = """
 import os, signal, sys
-import bnntrain.engine.trainer as trainer, bnntrain.engine.hooks as hooks
+import bnntrain.engine.trainer as trainer, bnntrain.engine.saving as saving
 from bnntrain.run.cli import main
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))
-steps, save = [0], hooks.save_checkpoint
+steps, save = [0], saving.save_checkpoint
 def train_step(self, *args, _step=trainer.Trainer.train_step, **kwargs):
     out = _step(self, *args, **kwargs)
     steps[0] += 1
@@ -44,7 +44,7 @@ def save_then_die(state, path):
     save(state, path)
     if how == "KILL_AFTER_SAVE" and state["position"]["batches"] == at:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.Trainer.train_step, hooks.save_checkpoint = train_step, save_then_die
+trainer.Trainer.train_step, saving.save_checkpoint = train_step, save_then_die
 main()
 """
 

@@ -30,12 +30,12 @@ CRASH = """
 import os, signal, sys
 from pathlib import Path
 
-import bnntrain.engine.hooks
+import bnntrain.engine.saving
 import bnntrain.run.pipeline
 from bnntrain.run.cli import main
 
 target, epoch = sys.argv.pop(1), int(sys.argv.pop(1))
-save_checkpoint, write_text = bnntrain.engine.hooks.save_checkpoint, bnntrain.run.pipeline.write_text
+save_checkpoint, write_text = bnntrain.engine.saving.save_checkpoint, bnntrain.run.pipeline.write_text
 
 
 def save_then_die(state, path):
@@ -50,7 +50,7 @@ def write_then_die(path, text):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-bnntrain.engine.hooks.save_checkpoint, bnntrain.run.pipeline.write_text = save_then_die, write_then_die
+bnntrain.engine.saving.save_checkpoint, bnntrain.run.pipeline.write_text = save_then_die, write_then_die
 main()
 """
 
