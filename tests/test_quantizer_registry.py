@@ -136,6 +136,48 @@ def test_a_quantizer_given_as_an_object_trains_with_its_own_gradient(quantizer, 
     torch.testing.assert_close(x.grad, reference.grad)
 
 
+@pytest.mark.parametrize("kind, name", EVERY)
+def test_a_packable_quantizer_is_what_the_export_computes(kind, name):
+    """`packable` promises the export's form: the input's sign as the inference layer computes
+    it, or sign(w) times one magnitude per output channel."""
+    from bnntrain.tools.export.inference import compare_sign
+
+    q = build_quantizer(REGISTRIES[kind], name)
+    if not q.packable:
+        pytest.skip(f"{name} is refused by the export (test_an_unpackable_quantizer_is_refused_by_the_export)")
+    x = edgy(6, 4, 3, 3, dtype=torch.float64)
+    x[x == 0] = 0.0  # -0.0 is -1 in training and +1 at inference (x >= 0): a known float edge, not a method's
+    y = q(x)
+    if kind == "input":
+        assert torch.equal(y, compare_sign(x))
+    else:
+        magnitude = y.abs().flatten(1)
+        assert torch.equal(magnitude, magnitude[:, :1].expand_as(magnitude))
+        assert torch.equal(torch.where(y >= 0, 1.0, -1.0), compare_sign(x))
+
+
+def test_an_unpackable_quantizer_is_refused_by_the_export():
+    """A quantizer whose values are not +-1 (here 0 and 1) stops the export in one line naming
+    the layer: the packed network would compute something else."""
+    from bnntrain.errors import UserError
+    from bnntrain.tools.export.inference import to_inference
+
+    class ZeroOne(MaskedSignEstimator):
+        name = "zero_one"
+        packable = False
+
+        def forward(self, x):
+            return (super().forward(x) + 1) / 2
+
+        def mask(self, x):
+            return x.abs() < 1
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BinaryConv2d(4, 4, 3, input_quantizer=ZeroOne()))
+    with pytest.raises(UserError, match=r"^1 binarizes its input with zero_one, whose values are not \+-1"):
+        to_inference(model)
+    assert type(model[1]) is BinaryConv2d  # nothing replaced
+
+
 def test_a_precision_mode_or_an_unknown_argument_is_refused_with_what_is_expected():
     with pytest.raises(ValueError, match="precision mode, which the stage sets"):
         BinaryConv2d(3, 4, 3, input_quantizer="clamp")

@@ -43,6 +43,11 @@ class Quantizer(nn.Module):
       exactly its gradient: "mask" (the gradient is g where `mask(x)` holds; the conv keeps
       one byte per input), "input" (`gradient(x, g)` needs x; the conv keeps x), or None
       (the conv runs it unfused, never with another gradient);
+    - `packable`: its forward is sign(x) (an input quantizer: +1 where x >= 0, else -1) or
+      +-(a scale per output channel) with sign(w)'s signs (a weight quantizer), which the
+      packed export, ONNX and `bnntrain.infer` reproduce exactly; a quantizer that is not
+      (other values, an affine term, a scale per element) is refused by the export in one
+      line rather than exported as another network;
     - `arguments()`: its constructor's arguments, so `config()` gives back what built it;
     - `set_progress(progress)`: a schedule over the stage's epochs (0 at the first, towards
       1 at the last), which the training loop calls at each epoch's start; none by default.
@@ -52,6 +57,7 @@ class Quantizer(nn.Module):
     bits: ClassVar[int] = 1
     channel_scaled: ClassVar[bool] = False
     fused: ClassVar[str | None] = None
+    packable: ClassVar[bool] = False
 
     def values(self, x: Tensor) -> Tensor:
         """The values `forward(x)` may take (the cost report and the export read them).

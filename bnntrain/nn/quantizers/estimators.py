@@ -45,6 +45,8 @@ class SignEstimator(Quantizer):
     """The base of the sign estimators: forward is sign(x), the values -1 and +1; a subclass
     states the gradient."""
 
+    packable = True
+
     def values(self, x: Tensor) -> Tensor:
         return torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
 

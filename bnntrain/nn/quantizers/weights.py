@@ -62,6 +62,7 @@ class ScaledSign(Quantizer):
     """
 
     channel_scaled = True
+    packable = True  # sign(w)'s signs, scaled per output channel
 
     def __init__(self, gradient: str = "scaled") -> None:
         super().__init__()

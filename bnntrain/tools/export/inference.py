@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...errors import UserError
 from ...nn.layers import BinaryMixin, binary_layers
 from ...nn.quantizers import PRECISION_MODES, sign
 
@@ -113,6 +114,26 @@ def fold_batchnorms(model: nn.Module) -> dict[str, str]:
     return folded
 
 
+def check_packable(name: str, layer: BinaryMixin) -> None:
+    """A binary layer whose quantizer the inference layer cannot reproduce (not +-1, nor +-a
+    scale per output channel) stops the export: exporting it would give another network.
+
+    Args:
+        name: the layer's name in the model.
+        layer: a BinaryConv2d or BinaryLinear.
+
+    Raises:
+        UserError: the layer binarizes its input or weights with a quantizer that is not
+            `packable`.
+    """
+    for role, quantizer, binary in (("input", layer.input_quantizer, layer.activations == "binary"),
+                                    ("weight", layer.weight_quantizer, layer.weights == "binary")):
+        if binary and not quantizer.packable:
+            raise UserError(f"{name} binarizes its {role} with {quantizer.name}, whose values are not +-1 "
+                            f"(or +-a scale per output channel): the packed export and bnntrain.infer "
+                            f"cannot run it as trained")
+
+
 def to_inference(model: nn.Module) -> dict[str, str]:
     """Turn a trained model, in place, into its inference form: binary layers of plain ops,
     BN folded where exact, eval mode. Returns the folded {conv: bn}.
@@ -125,6 +146,7 @@ def to_inference(model: nn.Module) -> dict[str, str]:
     """
     model.eval()
     for name, layer in list(binary_layers(model)):
+        check_packable(name, layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, InferenceBinaryLayer(layer))
     folded = fold_batchnorms(model)
