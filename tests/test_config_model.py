@@ -12,8 +12,11 @@ from bnntrain.engine import Trainer
 from bnntrain.errors import UserError
 from bnntrain.files import atomic_write
 from bnntrain.losses import Objective
+from bnntrain.nn.quantizers import INPUT_QUANTIZERS
 from conftest import TINY, results, run_cli
 from test_errors import assert_one_line_error
+
+INPUT_NAMES = ", ".join(sorted(INPUT_QUANTIZERS.names()))  # the valid names, as the error lists them
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bnntrain"
 
@@ -95,11 +98,11 @@ INVALID = {
     "run folder name too long": ([f"hydra.run.dir={{tmp}}/{LONG}"], ["hydra.run.dir", "300 bytes", "allows 255"]),
     "data.root too long": (["data=folder", f"data.root=/tmp/{LONG}"], ["data.root", "300 bytes"]),
     "precision mode as quantizer": (["model.input_quantizer.name=clamp"], ["precision mode", "stage.activations",
-                                                                          "approx_sign, ste_sign, swish_sign"]),
+                                                                          INPUT_NAMES]),
     "precision mode by the old key": (["model.quantizer=clamp"], ["precision mode",
-                                                                  "approx_sign, ste_sign, swish_sign"]),
+                                                                  INPUT_NAMES]),
     "identity as quantizer": (["model.input_quantizer.name=identity"],
-                              ["model.input_quantizer", "approx_sign, ste_sign, swish_sign"]),
+                              ["model.input_quantizer", INPUT_NAMES]),
     "argument the quantizer lacks": (["+model.input_quantizer.beta=3"], ["model.input_quantizer=ste_sign",
                                                                           "takes no arguments; got beta"]),
     "unknown weight gradient": (["model.weight_quantizer.gradient=both"], ["model.weight_quantizer.gradient",

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..complexity import count_costs, format_totals, precision
-from ..nn import set_precision
+from ..nn import binary_layers, set_precision
 from . import layout
 from .build import StageParts
 from .flips import FlipTracker
@@ -193,6 +193,38 @@ class QuantizerSchedule(Hook):
     def before_epoch(self, run: StageRun, epoch: int) -> None:
         for module in self.scheduled:
             module.set_progress(epoch / run.epochs)
+
+
+class WeightProjection(Hook):
+    """Weight quantizers that keep the latent weights in a set (`projects_weights`: XNOR-Net
+    mean-centres and clamps them) project them before every training forward, as their
+    authors' code does: once as a fresh stage starts, then after each optimizer step. A
+    resumed stage's weights were projected after its last step already (projecting is not
+    idempotent, so it is not done again)."""
+    name = "weight_projection"
+
+    def __init__(self) -> None:
+        self.resumed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"projected": True}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resumed = bool(state)
+
+    def before_stage(self, run: StageRun) -> None:
+        self.layers = [layer for _, layer in binary_layers(run.parts.model)
+                       if layer.weight_quantizer.projects_weights]
+        if not self.resumed:
+            self.project()
+
+    def after_step(self, run: StageRun, epoch: int, step: int) -> None:
+        self.project()
+
+    def project(self) -> None:
+        for layer in self.layers:
+            if layer.weights == "binary":
+                layer.weight_quantizer.project_(layer.weight)
 
 
 class FlipRatio(Hook):

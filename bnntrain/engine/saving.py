@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import UserError
 from . import distributed, layout
 from .checkpoint import load_checkpoint, save_checkpoint
-from .hooks import BatchNormReestimation, EpochLog, FlipRatio, Hook, PrecisionSwitch, QuantizerSchedule, StageRun
+from ..nn.quantizers import WEIGHT_QUANTIZERS
+from .hooks import (BatchNormReestimation, EpochLog, FlipRatio, Hook, PrecisionSwitch, QuantizerSchedule, StageRun,
+                    WeightProjection)
 from .stopping import StepWatch, Stopped
 
 
@@ -98,6 +100,9 @@ def stage_hooks(cfg: DictConfig) -> list[Hook]:
             stop watch.
     """
     hooks: list[Hook] = [PrecisionSwitch(), QuantizerSchedule()]
+    quantizer = cfg.model.get("weight_quantizer") or {}
+    if quantizer.get("name") and WEIGHT_QUANTIZERS.get(quantizer["name"]).projects_weights:
+        hooks.append(WeightProjection())
     if cfg.stage.weights == "binary":  # sign flips of binary weights
         hooks.append(FlipRatio())
     if cfg.trainer.bn_recalibrate:

@@ -59,6 +59,10 @@ class BinaryMixin:
                 self.weight.uniform_(0, 1e-3)
         self.input_quantizer = build_input_quantizer(input_quantizer)
         self.weight_quantizer = build_quantizer(WEIGHT_QUANTIZERS, weight_quantizer)
+        for quantizer in (self.input_quantizer, self.weight_quantizer):
+            # A quantizer with learnable parameters sized to the layer (a scale per output
+            # channel) makes them now, so the optimizer and the checkpoint see them.
+            quantizer.attach(self)
         # ReActNet's RSign threshold (the official code's LearnableBias `move0`): a learnable
         # per-channel shift of the input, in every precision mode, so the layer holds it.
         shape = (1, in_features, 1, 1) if spatial else (1, in_features)
@@ -115,6 +119,38 @@ class BinaryMixin:
             x = x + self.threshold
         return (self.input_quantizer if self.activations == "binary" else PRECISION_MODES[self.activations])(x)
 
+    def output_scalers(self) -> list[Quantizer]:
+        """The quantizers in use now that also scale the layer's output (XNOR-Net's K,
+        XNOR-Net++'s spatial factors): those with `scales_output`, whose
+        `output_scale(x, out, layer)` returns a tensor that broadcasts against the output.
+
+        Returns:
+            The input quantizer where the activations are binary, the weight quantizer where
+                the weights are, among those that have the method; usually none.
+        """
+        return [q for q, active in ((self.input_quantizer, self.activations == "binary"),
+                                    (self.weight_quantizer, self.weights == "binary"))
+                if active and q.scales_output]
+
+    def scale_output(self, x: Tensor, out: Tensor, scalers: list[Quantizer]) -> Tensor:
+        """The output, computed without the bias, times each scaler's scale, plus the bias.
+
+        Args:
+            x: the layer's input (the threshold, where the layer has one, is added here).
+            out: the convolution or linear map of the quantized input, without the bias.
+            scalers: `output_scalers()`.
+
+        Returns:
+            The layer's output.
+        """
+        if self.threshold is not None:
+            x = x + self.threshold
+        for quantizer in scalers:
+            scale = quantizer.output_scale(x, out, self)
+            if scale is not None:
+                out = out * scale
+        return out if self.bias is None else out + self.bias.reshape(1, -1, *[1] * (out.dim() - 2))
+
 
 class BinaryConv2d(BinaryMixin, nn.Conv2d):
     """A conv layer whose input and weight are quantized as the stage's precision says (both
@@ -165,13 +201,16 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         Returns:
             The (N, out_channels, H', W') output.
         """
+        scalers = self.output_scalers()
+        bias = None if scalers else self.bias  # a scaled output takes the bias after the scale
         fused = FUSED_SIGN_CONVS.get(self.input_quantizer.fused) if self.fused_sign else None
         if self.activations == "binary" and fused is not None:
-            if self.threshold is not None:
-                x = x + self.threshold
+            shifted = x if self.threshold is None else x + self.threshold
             conv = (self.stride, self.padding, self.dilation, self.groups)
-            return fused.apply(x, self.quantized_weight(), self.bias, *conv, self.input_quantizer)
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+            out = fused.apply(shifted, self.quantized_weight(), bias, *conv, self.input_quantizer)
+        else:
+            out = self._conv_forward(self.quantize_input(x), self.quantized_weight(), bias)
+        return self.scale_output(x, out, scalers) if scalers else out
 
 
 class BinaryLinear(BinaryMixin, nn.Linear):
@@ -208,7 +247,9 @@ class BinaryLinear(BinaryMixin, nn.Linear):
         Returns:
             The (N, out_features) output.
         """
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        scalers = self.output_scalers()
+        out = F.linear(self.quantize_input(x), self.quantized_weight(), None if scalers else self.bias)
+        return self.scale_output(x, out, scalers) if scalers else out
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryMixin]]:

@@ -44,10 +44,14 @@ class Quantizer(nn.Module):
       one byte per input), "input" (`gradient(x, g)` needs x; the conv keeps x), or None
       (the conv runs it unfused, never with another gradient);
     - `packable`: its forward is sign(x) (an input quantizer: +1 where x >= 0, else -1) or
-      +-(a scale per output channel) with sign(w)'s signs (a weight quantizer), which the
+      +-(one scale per output channel) (a weight quantizer: the signs its own), which the
       packed export, ONNX and `bnntrain.infer` reproduce exactly; a quantizer that is not
       (other values, an affine term, a scale per element) is refused by the export in one
       line rather than exported as another network;
+    - `projects_weights` and `project_(w)`: latent weights kept in a set by the method
+      (XNOR-Net mean-centres and clamps them before each step);
+    - `scales_output` and `output_scale(x, out, layer)`: a factor the layer multiplies into
+      its output (XNOR-Net's K); `attach(layer)`: parameters sized to the layer;
     - `arguments()`: its constructor's arguments, so `config()` gives back what built it;
     - `set_progress(progress)`: a schedule over the stage's epochs (0 at the first, towards
       1 at the last), which the training loop calls at each epoch's start; none by default.
@@ -58,6 +62,8 @@ class Quantizer(nn.Module):
     channel_scaled: ClassVar[bool] = False
     fused: ClassVar[str | None] = None
     packable: ClassVar[bool] = False
+    scales_output: ClassVar[bool] = False
+    projects_weights: ClassVar[bool] = False
 
     def values(self, x: Tensor) -> Tensor:
         """The values `forward(x)` may take (the cost report and the export read them).
@@ -119,6 +125,39 @@ class Quantizer(nn.Module):
             `{name: ..., <arguments>}`.
         """
         return {"name": self.name, **self.arguments()}
+
+    def attach(self, layer: nn.Module) -> None:
+        """Called once by the binary layer that holds this quantizer, when the layer is built:
+        a quantizer whose learnable parameters are sized to the layer (a scale per output
+        channel) makes them here, so the optimizer and the checkpoint see them. Nothing by
+        default.
+
+        Args:
+            layer: the BinaryConv2d or BinaryLinear.
+        """
+
+    def project_(self, w: Tensor) -> None:
+        """For a weight quantizer with `projects_weights`: put the latent weights back in the
+        set the method keeps them in, in place; the stage calls it once as a fresh stage
+        starts and after each optimizer step (engine/hooks.py, `WeightProjection`).
+
+        Args:
+            w: the latent weight.
+        """
+
+    def output_scale(self, x: Tensor, out: Tensor, layer: nn.Module) -> Tensor | None:
+        """A factor the layer multiplies into its output before the bias, for a quantizer with
+        `scales_output` (XNOR-Net's K, XNOR-Net++'s spatial factors). None by default.
+
+        Args:
+            x: the layer's input, shifted by its threshold where it has one.
+            out: the layer's output before the factor and the bias.
+            layer: the BinaryConv2d or BinaryLinear.
+
+        Returns:
+            A tensor that broadcasts against `out`, or None.
+        """
+        return None
 
     def set_progress(self, progress: float) -> None:
         """Follow a schedule over the stage's epochs; the training loop calls this at each
