@@ -108,7 +108,7 @@ INVALID = {
     "unknown weight gradient": (["model.weight_quantizer.gradient=both"], ["model.weight_quantizer.gradient",
                                                                            "scaled, unscaled"]),
     "old weight_scale not a flag": (["model.weight_scale=maybe"], ["model.weight_scale", "true or false"]),
-    "unknown block activation": (["model.activation=gelu"], ["model.activation", "identity, prelu, relu, rprelu"]),
+    "unknown block activation": (["model.activation=gelu"], ["model.activation", "identity, maxout, prelu, relu, rprelu"]),
     "unknown optimizer": (["optimizer.name=lion", "optimizer.lr=1e-3", "optimizer.weight_decay=0"],
                           ["optimizer.name", "adam, adamw, sgd"]),
     "unknown schedule": (["schedule.name=poly"], ["schedule.name", "cosine, linear, multistep"]),

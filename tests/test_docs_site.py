@@ -127,3 +127,14 @@ def test_the_contributing_pages_quantizer_works():
     """)
     done = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_methods_tables_are_the_registries():
+    """Every registered quantizer has a row on the methods page, and every row is registered."""
+    from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS
+
+    for title, registry in (("## Input quantizers", INPUT_QUANTIZERS), ("## Weight quantizers", WEIGHT_QUANTIZERS)):
+        section = page("methods.md").split(title)[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        names = {re.match(r"\| `(\w+)`", row).group(1) for row in rows}
+        assert names == set(registry.names()), title

@@ -10,6 +10,7 @@ from bnntrain.models import build_model
 from bnntrain.nn import (BinaryBlock, BinaryConv2d, BinaryLinear, BlockOptions, TricksBottleneck, binary_layers,
                          set_precision)
 from bnntrain.nn.blocks import ChannelAttention, RPReLU
+from bnntrain.nn.maxout import Maxout
 from bnntrain.nn.shortcuts import Repeat
 from test_config import make
 
@@ -25,6 +26,7 @@ TRICKS = {
     "relu after the add": ["model.activation=relu"],
     "identity after the add": ["model.activation=identity"],
     "rprelu": ["model.activation=rprelu"],
+    "maxout": ["model.activation=maxout"],
     "downsample v2": ["model.downsample=v2"],
     "downsample v3": ["model.downsample=v3"],
     "strided conv shortcut": ["model.downsample=conv"],
@@ -160,6 +162,18 @@ def check_relu(model):
 def check_identity(model):
     assert all(type(b.act) is nn.Identity for b in blocks(model)) and not any(isinstance(m, nn.PReLU) for m in model.modules())
     assert_block_computes(blocks(model)[4], lambda t: t)
+
+
+def check_maxout(model):
+    for block in blocks(model):
+        cout = block.convs[0].out_channels
+        assert type(block.act) is Maxout and block.act.pos_scale.shape == block.act.neg_scale.shape == (cout,)
+    block = blocks(model)[4]
+    with torch.no_grad():
+        block.act.pos_scale.uniform_(0.5, 2), block.act.neg_scale.uniform_(0.1, 1)
+    act = block.act  # AdaBin's pos * relu(t) - neg * relu(-t), per channel
+    shape = (1, -1, 1, 1)
+    assert_block_computes(block, lambda t: act.pos_scale.view(shape) * F.relu(t) - act.neg_scale.view(shape) * F.relu(-t))
 
 
 def check_rprelu(model):
@@ -381,6 +395,7 @@ STRUCTURE = {
     "relu after the add": check_relu,
     "identity after the add": check_identity,
     "rprelu": check_rprelu,
+    "maxout": check_maxout,
     "downsample v2": check_downsample(nn.AvgPool2d, nn.Conv2d, nn.BatchNorm2d),
     "downsample v3": check_downsample(nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d),
     "strided conv shortcut": check_downsample(nn.Conv2d, nn.BatchNorm2d),

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry, choose
 from .layers import BinaryConv2d
+from .maxout import Maxout
 from .quantizers import QuantizerSpec
 from .shortcuts import halve, shortcut
 
@@ -152,6 +153,7 @@ ACTIVATIONS.register("prelu")(nn.PReLU)
 ACTIVATIONS.register("relu")(lambda channels: nn.ReLU(inplace=True))
 ACTIVATIONS.register("identity")(lambda channels: nn.Identity())
 ACTIVATIONS.register("rprelu")(RPReLU)
+ACTIVATIONS.register("maxout")(Maxout)  # AdaBin's (nn/maxout.py)
 
 
 class ChannelAttention(nn.Module):
