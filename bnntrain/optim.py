@@ -11,14 +11,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
+from .bop import Bop
 from .nn import binary_layers
 from .registry import Registry, choose
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
-"""The optimizers by name (`optimizer.name`): torch's Adam, AdamW and SGD."""
+"""The optimizers by name (`optimizer.name`): torch's Adam, AdamW and SGD, and Bop (bop.py)."""
 OPTIMIZERS.register("adam")(torch.optim.Adam)      # trick 7: Adam with default betas
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
+OPTIMIZERS.register("bop")(Bop)                    # binary weights by Bop, the rest by Adam (bop.py)
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> Optimizer:
@@ -51,6 +53,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     factory = OPTIMIZERS.get(name)
+    if getattr(factory, "takes_model", False):  # Bop: it must know which weights are binary
+        options["model"] = model
     try:
         optimizer = factory(groups, **options)
     except (TypeError, ValueError) as err:  # an option it does not take, a value it refuses

@@ -29,7 +29,8 @@ class Scheduled(nn.Module):
 
 def test_scheduled_modules_learn_the_fraction_of_the_stage_done_at_each_epoch():
     model = nn.Sequential(nn.Linear(2, 2), Scheduled(), nn.Sequential(nn.ReLU(), Scheduled()))
-    run = SimpleNamespace(parts=SimpleNamespace(model=model), epochs=4)
+    run = SimpleNamespace(parts=SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)),
+                          epochs=4)
     hook = QuantizerSchedule()
     hook.before_stage(run)
     for epoch in (2, 3):  # a stage resumed after two of its four epochs

@@ -189,6 +189,8 @@ class QuantizerSchedule(Hook):
 
     def before_stage(self, run: StageRun) -> None:
         self.scheduled = [m for m in run.parts.model.modules() if callable(getattr(m, "set_progress", None))]
+        if callable(getattr(run.parts.optimizer, "set_progress", None)):  # Bop's gamma
+            self.scheduled.append(run.parts.optimizer)
 
     def before_epoch(self, run: StageRun, epoch: int) -> None:
         for module in self.scheduled:

@@ -185,6 +185,9 @@ def check_relations(cfg: DictConfig) -> None:
     if (schedule.get("warmup_lr") or 0) > cfg.optimizer.lr:
         raise ConfigError(f"schedule.warmup_lr ({schedule.warmup_lr}) must not exceed optimizer.lr "
                           f"({cfg.optimizer.lr}): the warm-up leads up to the lr")
+    if cfg.optimizer.name == "bop" and cfg.stage.weights != "binary":
+        raise ConfigError(f"optimizer=bop trains binary weights, and {cfg.stage.name} has real ones "
+                          f"(stage.weights={cfg.stage.weights}): use it in a fully binary stage")
     distill = cfg.get("distill")  # absent without distill=
     if distill and cfg.stage.name in distill.stages:
         teacher = distill.teacher
