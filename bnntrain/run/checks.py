@@ -98,6 +98,7 @@ RULES: dict[str, Check | Owned] = {
     "model.binary_stem": flag(),
     "model.binary_classifier": flag(),
     "model.binarize": flag(),
+    "model.binary_depthwise": optional(flag()),  # model=torchvision only
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.momentum": number(0, 1, high_open=True),
