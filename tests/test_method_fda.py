@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bnntrain.engine.hooks import QuantizerSchedule
 from bnntrain.nn import BinaryConv2d, BinaryLinear
 from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, build_quantizer
-from bnntrain.nn.fda_noise import FdaNoise, NoiseAdaptation, noise_alpha
+from bnntrain.nn.fda_noise import NoiseAdaptation, noise_alpha
 from bnntrain.tools.export.inference import to_inference
 
 TOL = {"rtol": 0, "atol": 1e-12}
@@ -111,18 +111,19 @@ def test_weight_forward_and_gradient_are_the_codes(scale):
 
 def test_n_and_alpha_follow_the_codes_schedule_through_the_training_loop():
     epochs = 200
-    conv = BinaryConv2d(4, 4, 3, input_quantizer="fda_sign", weight_quantizer="fda")
-    noise = FdaNoise.for_layer(conv)
-    assert noise.alpha == 0.1  # BiBench's buffer before its first update
+    conv = BinaryConv2d(4, 4, 3, input_quantizer={"name": "fda_sign", "noise": True},
+                        weight_quantizer={"name": "fda", "noise": True})
+    q_x, q_w = conv.input_quantizer, conv.weight_quantizer
+    assert q_x.alpha == q_w.alpha == 0.1  # BiBench's buffer before its first update
     hook = QuantizerSchedule()
-    run = SimpleNamespace(parts=SimpleNamespace(model=torch.nn.Sequential(conv, noise)), epochs=epochs)
+    run = SimpleNamespace(parts=SimpleNamespace(model=conv, optimizer=None), epochs=epochs)
     hook.before_stage(run)
     for epoch, n in [(0, 9), (epochs // 2, 13), (epochs - 1, 17)]:
         hook.before_epoch(run, epoch)
-        assert conv.input_quantizer.n == conv.weight_quantizer.n == n == code_schedule(epoch, epochs)[1]
+        assert q_x.n == q_w.n == n == code_schedule(epoch, epochs)[1]
         # the loop gives the epoch's start; BiBench reads the cosine at its end: one epoch later
         previous = code_schedule(epoch - 1, epochs)[0] if epoch else 0.1
-        assert noise.alpha == pytest.approx(previous, rel=1e-6, abs=1e-8)
+        assert q_x.alpha == q_w.alpha == pytest.approx(previous, rel=1e-6, abs=1e-8)
         assert noise_alpha((epoch + 1) / epochs) == pytest.approx(code_schedule(epoch, epochs)[0], rel=1e-6, abs=1e-8)
     assert noise_alpha(0.5) == pytest.approx(0.05) and noise_alpha(1.0) == pytest.approx(0.0, abs=1e-17)
 
@@ -155,26 +156,24 @@ def test_noise_adaptation_is_the_codes(flatten, size, reduction):
 
 
 def test_a_layer_with_the_noise_is_bibenchs_fda_conv_and_trains_one_step():
-    """The layer's recipe: conv(noisy_input(x, q_x(x)), noisy_weight(w, q_w(w), q_w.scale(w)))
-    is FDAConv2d's forward, gradients included (the channel scale, as BiBench)."""
+    """A binary conv with both quantizers' noise on is FDAConv2d's forward in training,
+    gradients included (the channel scale, as BiBench), and the plain binary conv in eval."""
     torch.manual_seed(0)
-    conv = BinaryConv2d(16, 8, 3, padding=1, input_quantizer="fda_sign",
-                        weight_quantizer={"name": "fda", "scale": "channel"}).double()
-    noise = FdaNoise.for_layer(conv, reduction=4)
-    noise.set_progress(0.25)
-    conv.input_quantizer.set_progress(0.25)
-    conv.weight_quantizer.set_progress(0.25)
-    x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    conv = BinaryConv2d(16, 8, 3, padding=1, input_quantizer={"name": "fda_sign", "noise": True, "reduction": 4},
+                        weight_quantizer={"name": "fda", "scale": "channel", "noise": True, "reduction": 4}).double()
     q_x, q_w, w = conv.input_quantizer, conv.weight_quantizer, conv.weight
-    out = F.conv2d(noise.noisy_input(x, q_x(x)), noise.noisy_weight(w, q_w(w), q_w.scale(w)), None, 1, 1)
+    assert q_x.fused is None and conv.fused_sign  # the noise needs the binary output: unfused
+    for q in (q_x, q_w):
+        q.set_progress(0.25)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
     out.square().mean().backward()
     x_code = x.detach().clone().requires_grad_(True)
     w_code = w.detach().clone().requires_grad_(True)
-    ours_params = [m.weight for m in (noise.weight_noise.fc1, noise.weight_noise.fc2, noise.input_noise.fc1,
-                                      noise.input_noise.fc2)]
+    ours_params = [m.weight for m in (q_w.noise.fc1, q_w.noise.fc2, q_x.noise.fc1, q_x.noise.fc2)]
     copies = [p.detach().clone().requires_grad_(True) for p in ours_params]
     linear = [lambda v, p=p: F.linear(v, p) for p in copies]
-    n, alpha = q_x.n, noise.alpha
+    n, alpha = q_x.n, q_x.alpha
     bw = CodeFdaQuantize.apply(w_code, n) + alpha * code_noise(w_code, linear[0], linear[1])
     ba = CodeFdaQuantize.apply(x_code, n) + alpha * code_noise_a(x_code, linear[2], linear[3])
     scaling = w_code.abs().mean((1, 2, 3), keepdim=True).detach()
@@ -184,11 +183,17 @@ def test_a_layer_with_the_noise_is_bibenchs_fda_conv_and_trains_one_step():
     pairs = [(x.grad, x_code.grad), (w.grad, w_code.grad), *((p.grad, c.grad) for p, c in zip(ours_params, copies))]
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    layer = BinaryLinear(16, 4, input_quantizer="fda_sign", weight_quantizer="fda")
+    conv.eval()  # the deployed network: no noise
+    with torch.no_grad():
+        plain = F.conv2d(torch.where(x >= 0, 1.0, -1.0).double(), torch.sign(w) * scaling, None, 1, 1)
+        torch.testing.assert_close(conv(x), plain, rtol=0, atol=1e-10)
+    layer = BinaryLinear(16, 4, input_quantizer={"name": "fda_sign", "noise": True},
+                         weight_quantizer={"name": "fda", "noise": True})
     layer(torch.randn(3, 16)).square().mean().backward()
-    torch.optim.SGD(list(conv.parameters()) + list(noise.parameters()) + list(layer.parameters()), lr=0.1).step()
-    assert all(torch.isfinite(p.grad).all() for p in [*conv.parameters(), *noise.parameters(), *layer.parameters()])
-    assert FdaNoise.for_layer(layer).input_noise.flatten is False
+    torch.optim.SGD(list(conv.parameters()) + list(layer.parameters()), lr=0.1).step()
+    assert all(torch.isfinite(p.grad).all() for p in [*conv.parameters(), *layer.parameters()])
+    assert layer.input_quantizer.noise.flatten is False and layer.weight_quantizer.noise.flatten is True
+    assert {"input_quantizer.noise.fc1.weight", "weight_quantizer.noise.fc1.weight"} <= set(dict(conv.named_parameters()))
 
 
 def test_config_round_trip_keeps_other_arguments_and_refuses_bad_ones():

@@ -9,8 +9,9 @@ NeurIPS 2021). The authors released evaluation code only (MindSpore, mindspore-a
   4 omega / pi sum_{i=0..n} cos((2i + 1) omega x), 0 where |x| > 1, for the activations and
   the weights alike; n rises from 9 to 17 over training;
 - a noise-adaptation module per layer (`bnntrain.nn.fda_noise`) adds alpha e(x) to the
-  binary activations and weights during training, alpha decaying from 0.1 to 0 on a cosine.
-  It is gone from the network they deploy, and it is not part of these quantizers.
+  binary activations and weights during training, alpha decaying from 0.1 to 0 on a cosine
+  (`noise: true` on either quantizer). It is gone from the network they deploy: the
+  quantizers leave it out in evaluation, and the export never sees it.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...registry import choose
+from ..fda_noise import NoiseAdaptation, noise_alpha
 from .base import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, Quantizer, registered
 from .estimators import SurrogateSign, SurrogateSignEstimator
 
@@ -67,27 +69,73 @@ class FourierQuantizer(Quantizer):
     n follows the epoch, which the loop sets again at every epoch's start (a resumed run
     included), so it is not saved.
 
+    With `noise`, FDA's noise adaptation joins its output during training (BiBench's
+    `FDAConv2d`): alpha e(t) is added, e a `NoiseAdaptation` sized to the layer when the layer
+    attaches it, alpha `noise_alpha` of the stage's progress. In evaluation, and so in the
+    export, the output is the plain binary one, the network the authors deploy. BiBench reads
+    alpha's cosine at the epoch's end, (epoch + 1) / epochs; the training loop gives the
+    epoch's start, so alpha here is BiBench's of the epoch before.
+
     Args:
         omega: the series' base frequency (BiBench's 0.1).
         n_min: n at the first epoch (BiBench's 9).
         n_max: the n that training approaches (BiBench's 9 + 9).
+        noise: add the noise-adaptation term in training.
+        reduction: the noise module's bottleneck reduction (BiBench's 64).
+        alpha_max: the noise's weight at the stage's start (BiBench's 0.1).
 
     Raises:
         ValueError: n_min < 0 or n_max < n_min.
     """
 
-    def __init__(self, omega: float = 0.1, n_min: int = 9, n_max: int = 18) -> None:
+    noise_flatten = False  # how the noise module reads the tensor (NoiseAdaptation's `flatten`)
+
+    def __init__(self, omega: float = 0.1, n_min: int = 9, n_max: int = 18, noise: bool = False,
+                 reduction: int = 64, alpha_max: float = 0.1) -> None:
         super().__init__()
         if not 0 <= n_min <= n_max:
             raise ValueError(f"fda needs 0 <= n_min <= n_max; got n_min={n_min}, n_max={n_max}")
         self.omega, self.n_min, self.n_max = omega, n_min, n_max
-        self.set_progress(0.0)
+        self.noise_on, self.reduction, self.alpha_max = bool(noise), reduction, alpha_max
+        self.noise: NoiseAdaptation | None = None
+        self.set_progress(0.0)  # alpha = alpha_max: BiBench's buffer before its first update
 
     def arguments(self) -> dict[str, Any]:
-        return {"omega": self.omega, "n_min": self.n_min, "n_max": self.n_max}
+        noise = {"noise": True, "reduction": self.reduction, "alpha_max": self.alpha_max} if self.noise_on else {}
+        return {"omega": self.omega, "n_min": self.n_min, "n_max": self.n_max, **noise}
+
+    def noise_size(self, layer: nn.Module) -> int:
+        """The features the noise module maps, for `layer`."""
+        raise NotImplementedError
+
+    def attach(self, layer: nn.Module) -> None:
+        if self.noise_on:
+            self.noise = NoiseAdaptation(self.noise_size(layer), self.reduction, flatten=self.noise_flatten)
+            self.noise.to(dtype=layer.weight.dtype, device=layer.weight.device)
+
+    @property
+    def fused(self) -> str | None:  # type: ignore[override]
+        """The noise needs the binary output itself: with it the layer runs unfused."""
+        return None if self.noise_on else type(self).fused_form
+
+    def with_noise(self, t: Tensor, binary: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+        """binary + alpha e(t) scale in training with the noise on; binary otherwise.
+
+        Args:
+            t: the quantizer's input.
+            binary: its binary output.
+            scale: the weight's scale (1 for the input).
+
+        Returns:
+            What the layer uses.
+        """
+        if self.noise is None or not self.training:
+            return binary
+        return binary + self.alpha * self.noise(t) * scale
 
     def set_progress(self, progress: float) -> None:
         self.n = fourier_terms(progress, self.n_min, self.n_max)
+        self.alpha = noise_alpha(progress, self.alpha_max)
 
     def sign_gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
         """`fourier_sign_gradient` with the current n.
@@ -111,7 +159,6 @@ class FdaSign(FourierQuantizer, SurrogateSignEstimator):
     """FDA's activations: sign(x), with the gradient of the sign's Fourier series cut after
     n + 1 terms (`fourier_sign_gradient`), 0 where |x| > 1; n = n_min + int(progress (n_max -
     n_min)), 9 to 17 with the defaults. sign(0) is +1 here; BiBench's `torch.sign` gives 0.
-    The noise-adaptation term is not part of it (`bnntrain.nn.fda_noise.FdaNoise`).
 
     Args:
         omega: the series' base frequency.
@@ -119,8 +166,16 @@ class FdaSign(FourierQuantizer, SurrogateSignEstimator):
         n_max: the n that training approaches.
     """
 
+    fused_form = "input"
+
+    def noise_size(self, layer: nn.Module) -> int:
+        return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
     def gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
         return self.sign_gradient(x, grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.with_noise(x, SurrogateSign.apply(x, self.sign_gradient))
 
 
 @registered(WEIGHT_QUANTIZERS, "fda")
@@ -128,8 +183,7 @@ class FdaWeight(FourierQuantizer):
     """FDA's weights: sign(w) times the mean |w|, held constant, with the Fourier gradient
     (`fourier_sign_gradient`) times that scale. The scale is `layer`, one mean over the whole
     weight (the authors' MindSpore `ScaleSigner`, default), or `channel`, one per output
-    channel (BiBench's `FDAConv2d`). The noise-adaptation term is not part of it
-    (`bnntrain.nn.fda_noise.FdaNoise`).
+    channel (BiBench's `FDAConv2d`).
 
     Args:
         scale: `layer` or `channel`.
@@ -144,8 +198,9 @@ class FdaWeight(FourierQuantizer):
     channel_scaled = True
     packable = True  # sign(w)'s signs times one scale (a layer's is each channel's)
 
-    def __init__(self, scale: str = "layer", omega: float = 0.1, n_min: int = 9, n_max: int = 18) -> None:
-        super().__init__(omega, n_min, n_max)
+    def __init__(self, scale: str = "layer", omega: float = 0.1, n_min: int = 9, n_max: int = 18,
+                 noise: bool = False, reduction: int = 64, alpha_max: float = 0.1) -> None:
+        super().__init__(omega, n_min, n_max, noise, reduction, alpha_max)
         self.scale_mode = choose("model.weight_quantizer.scale", scale, FDA_SCALES)
 
     def arguments(self) -> dict[str, Any]:
@@ -169,5 +224,12 @@ class FdaWeight(FourierQuantizer):
         scale = self.scale(w)
         return torch.stack([-scale, scale], dim=-1)
 
+    fused_form = None
+    noise_flatten = True  # each output channel's weights, flattened (BiBench's `NoiseAdaption`)
+
+    def noise_size(self, layer: nn.Module) -> int:
+        return math.prod(layer.weight.shape[1:])
+
     def forward(self, w: Tensor) -> Tensor:
-        return SurrogateSign.apply(w, self.sign_gradient) * self.scale(w)
+        scale = self.scale(w)
+        return self.with_noise(w, SurrogateSign.apply(w, self.sign_gradient) * scale, scale)
