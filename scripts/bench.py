@@ -6,6 +6,7 @@ ratios hold on a noisy machine.
     python scripts/bench.py --only overhead,memory        # some of them
     python scripts/bench.py --imagenette DIR --cifar10 DIR  # the data and end-to-end ones
     python scripts/bench.py --gpu                         # images/s on a GPU, AMP and channels_last
+    python scripts/bench.py --only methods [--methods bnn,bop]  # binarization cost of every method
 Results print as a table and are written as JSON (--json).
 """
 from __future__ import annotations
@@ -123,10 +124,14 @@ def bench_overhead(steps: int, repeats: int) -> list[dict]:
     return [{**result, "noise_floor_ratio": round(paired_ratio(times["plain"], times["twin"]), 3)}]
 
 
+# The binarization-cost settings: the data preset (its stem), image size and batch.
+BINARIZATION_SETTINGS = (("cifar100", 32, 32), ("imagenet", 224, 8))
+
+
 def bench_binarization(repeats: int) -> list[dict]:
     """The binary ResNet-18 step against its real-valued twin (model.binarize=false)."""
     out = []
-    for data, size, batch in (("cifar100", 32, 32), ("imagenet", 224, 8)):
+    for data, size, batch in BINARIZATION_SETTINGS:
         steppers = []
         for binarize in ("true", "false"):
             cfg = config(f"data={data}", f"model.binarize={binarize}")
@@ -144,6 +149,32 @@ def bench_binarization(repeats: int) -> list[dict]:
         out.append(row(f"binarization cost, {data} stem {size}px", "real-valued twin",
                        statistics.median(times["real"]), statistics.median(times["binary"]), "s/step", "<= 1.15 (CPU)",
                        ratio=paired_ratio(times["real"], times["binary"])))
+    return out
+
+
+def bench_methods(repeats: int, names: list[str] | None = None) -> list[dict]:
+    """Each binarization method's step (scripts/methods_study.py's arms: the input and weight
+    quantizers as their papers pair them, Bop's optimizer) against its real-valued twin: the
+    same network with model.binarize=false (AdaBin's keeps its Maxout) trained by Adam. One
+    method and its twin at a time, interleaved, so that only two networks are held at once."""
+    from methods_study import ARMS, method_step  # imported here: that script imports this one
+
+    unknown = sorted(set(names or ()) - set(ARMS))
+    if unknown:
+        sys.exit(f"error: --methods {','.join(unknown)}: not among {', '.join(ARMS)}")
+    out = []
+    for data, size, batch in BINARIZATION_SETTINGS:
+        classes = 1000 if data == "imagenet" else 100
+        x, y = torch.randn(batch, 3, size, size), torch.randint(classes, (batch,))
+        for name, arm in ARMS.items():
+            if names and name not in names:
+                continue
+            _, binary = method_step(config(f"data={data}", *arm.overrides()), x, y, classes)
+            _, real = method_step(config(f"data={data}", *arm.twin()), x, y, classes)
+            times = interleaved({"binary": binary, "real": real}, repeats)
+            out.append(row(f"binarization cost, {arm.title}, {data} stem {size}px", "real-valued twin",
+                           statistics.median(times["real"]), statistics.median(times["binary"]), "s/step",
+                           "reported", ratio=paired_ratio(times["real"], times["binary"])))
     return out
 
 
@@ -284,6 +315,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--gpu", action="store_true", help="only the GPU throughput benchmark")
+    parser.add_argument("--methods", help="with --only methods: these methods_study.py arms (e.g. bnn,bop); "
+                                          "default every one")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -303,6 +336,8 @@ def main() -> None:
             rows += bench_binarization(args.repeats)
         if "memory" in only:
             rows += bench_memory()
+        if "methods" in only:  # not in the default list: every method, two settings, takes minutes
+            rows += bench_methods(args.repeats, args.methods.split(",") if args.methods else None)
         if "data" in only and args.imagenette:
             rows += bench_data(args.imagenette, images=1024, workers=args.workers)
         if "epoch" in only and args.cifar10:
