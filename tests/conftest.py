@@ -1,18 +1,28 @@
-"""Shared helpers: run the real CLI in a subprocess on tiny settings, write tiny datasets."""
+"""Shared helpers: run the real CLI in a subprocess on tiny settings (or, for a command refused
+before its run starts, its `main` in this process), share a run made once per session, write
+tiny datasets."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 # The suite runs in two worker processes (pyproject.toml); one thread each keeps them from
@@ -54,6 +64,86 @@ def run_cli(args: list[str], run_dir: Path | None = None, cwd: Path | None = Non
         cmd.append(f"hydra.run.dir={run_dir}")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+class ReachedTheRun(BaseException):
+    """Raised where `cli_in_process` would start the run itself (a BaseException: no handler
+    of the code under test takes it for an error of its own)."""
+
+
+def main_in_process(main: Callable[[], None], argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A command's `main` run here, as `argv` (sys.argv) in `cwd`, without a process's seconds
+    of imports: its exit status and the output a process would show, with its warnings and
+    log records on stderr as Python prints them where logging is not set up."""
+    from bnntrain import notes
+
+    out, err = io.StringIO(), io.StringIO()
+    last_resort = logging.StreamHandler(err)  # what a process without logging set up prints
+    last_resort.setLevel(logging.WARNING)
+    saved = sys.argv, os.getcwd(), list(notes._pending), set(notes._said)
+    code = 0
+    sys.argv = argv
+    logging.getLogger().addHandler(last_resort)
+    try:
+        os.chdir(cwd or saved[1])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()  # a process's default filters, not pytest's
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+            except Exception:  # a crash: a process would print its traceback and exit 1
+                code = 1
+                traceback.print_exc(file=err)
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        logging.getLogger().removeHandler(last_resort)
+        # Notes are said once per process: this command's do not silence another test's.
+        notes._pending[:] = saved[2]
+        notes._said.clear()
+        notes._said.update(saved[3])
+    for warning in caught:
+        err.write(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno))
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def cli_in_process(args: list[str], run_dir: Path | None = None,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`run_cli` in this process (see `main_in_process`), for a command the CLI refuses or
+    answers (`--cfg job`) before its run starts. A command that gets as far as starting the
+    run is a failure: such a command is tested with `run_cli`."""
+    from bnntrain.run import cli
+
+    def no_run() -> None:
+        raise ReachedTheRun(f"{args} got past the checks to the run itself: test it with run_cli")
+
+    argv = ["bnntrain", *args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
+    app, cli.app = cli.app, no_run
+    try:
+        return main_in_process(cli.main, argv, cwd)
+    finally:
+        cli.app = app
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
+    """`make(run_dir)` once per test session, for runs the tests only read: under xdist the
+    first worker to ask makes it and the other waits for it (a module-scoped fixture alone
+    would train it once in each worker, and once more in each module that imports it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    run, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(run, ignore_errors=True)  # a half-made one, from a worker that failed
+            make(run)
+            done.touch()
+    return run
 
 
 def results(run_dir: Path) -> dict:

@@ -1,5 +1,5 @@
 """What a run does, seen from inside it: tiny real runs of the pipeline (bnntrain.run.pipeline.run,
-what the CLI calls) with spies on the objects each stage builds, and tiny CLI runs whose
+what the CLI calls) with spies on the objects each stage builds, and tiny runs whose
 checkpoints and logs show the effect of an option."""
 import math
 
@@ -14,7 +14,7 @@ import bnntrain.engine.build as stage_module
 from bnntrain.run import pipeline
 from bnntrain.losses import kd_loss
 from bnntrain.models import model_from_checkpoint
-from conftest import TINY, results, run_cli
+from conftest import TINY, results
 from test_cli import assert_same_weights
 from test_config import CONFIGS
 
@@ -214,9 +214,8 @@ def test_accumulation_and_clipping_take_one_step_per_window(tmp_path, amp):
         pytest.skip("fp16 autocast does not run on this CPU")
     run = tmp_path / "run"
     extra = [f"trainer.amp={amp}"] if amp else []
-    out = run_cli(TINY + ["stage=1", "schedule.epochs=2", "trainer.accumulate=3", "trainer.grad_clip=0.5",
-                          "trainer.log_every=1", *extra], run)
-    assert out.returncode == 0, out.stderr
+    pipeline.run(TINY + ["stage=1", "schedule.epochs=2", "trainer.accumulate=3", "trainer.grad_clip=0.5",
+                         "trainer.log_every=1", *extra], run)
     ckpt = torch.load(run / "stage1/last.pt", weights_only=True)
     # 4 batches an epoch in windows of 3: a full window and the epoch's last, shorter one.
     assert ckpt["trainer"]["step"] == 2 * math.ceil(4 / 3)

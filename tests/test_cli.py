@@ -117,8 +117,7 @@ def test_reverse_stage1_variant(tmp_path):
 
 
 def test_sweep_runs_each_job_in_its_own_folder(tmp_path):
-    out = run_cli(["-m", "stage=1", "data=digits", "optimizer.lr=1e-3,2e-3", "schedule.epochs=1",
-                   "model.width=0.125", f"hydra.sweep.dir={tmp_path}"])
+    out = run_cli(["-m", "stage=1", "optimizer.lr=1e-3,2e-3", *TINY, f"hydra.sweep.dir={tmp_path}"])
     assert out.returncode == 0, out.stderr
     lrs = []
     for job in ("0", "1"):

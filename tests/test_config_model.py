@@ -13,7 +13,7 @@ from bnntrain.errors import UserError
 from bnntrain.files import atomic_write
 from bnntrain.losses import Objective
 from bnntrain.nn.quantizers import INPUT_QUANTIZERS
-from conftest import TINY, results, run_cli
+from conftest import TINY, cli_in_process, results, run_cli
 from test_errors import assert_one_line_error
 
 INPUT_NAMES = ", ".join(sorted(INPUT_QUANTIZERS.names()))  # the valid names, as the error lists them
@@ -28,7 +28,7 @@ def trained_lr(run: Path, stage: str) -> tuple[float, float]:
 
 
 def test_sgd_in_the_two_stage_recipe_asks_for_its_lr_and_writes_nothing(tmp_path):
-    out = run_cli(TINY + ["optimizer=sgd"], tmp_path / "run")
+    out = cli_in_process(TINY + ["optimizer=sgd"], tmp_path / "run")
     assert_one_line_error(out, "no lr for optimizer=sgd", "written for adam", "optimizer.lr=...")
     assert not (tmp_path / "run").exists()
 
@@ -74,16 +74,17 @@ def test_cfg_job_shows_each_stage_of_a_pipeline_as_it_trains(tmp_path):
     assert (s1["stage"]["weights"], s2["stage"]["weights"]) == ("real", "binary")
     assert s2["init"] == "<run folder>/stage1/last.pt" and "${" not in out.stdout
     assert not list(tmp_path.iterdir())  # printing writes no run folder
-    single = run_cli(["stage=1", "data=imagenet", "--cfg", "job"], cwd=tmp_path)
+    # The real command above; the same `main` in this process for the others.
+    single = cli_in_process(["stage=1", "data=imagenet", "--cfg", "job"], cwd=tmp_path)
     cfg = yaml.safe_load(single.stdout)
     assert cfg["stage"]["name"] == "stage1" and cfg["optimizer"]["lr"] == 1e-3 and cfg["model"]["stem"] == "imagenet"
-    lrs = yaml.safe_load(run_cli(["--cfg", "job", "--package", "optimizer.lr"], cwd=tmp_path).stdout)
+    lrs = yaml.safe_load(cli_in_process(["--cfg", "job", "--package", "optimizer.lr"], cwd=tmp_path).stdout)
     assert lrs == {"stage1": 1e-3, "stage2": 2e-4}
 
 
 def test_the_old_model_name_still_works_with_a_note(tmp_path):
-    old = run_cli(["model=seed_resnet18", "--cfg", "job"], cwd=tmp_path)
-    new = run_cli(["model=tricks_resnet18", "--cfg", "job"], cwd=tmp_path)
+    old = cli_in_process(["model=seed_resnet18", "--cfg", "job"], cwd=tmp_path)
+    new = cli_in_process(["model=tricks_resnet18", "--cfg", "job"], cwd=tmp_path)
     assert old.returncode == 0 and old.stdout == new.stdout
     assert "model=seed_resnet18 is now model=tricks_resnet18" in old.stderr
 
@@ -110,7 +111,7 @@ INVALID = {
     "old weight_scale not a flag": (["model.weight_scale=maybe"], ["model.weight_scale", "true or false"]),
     "unknown block activation": (["model.activation=gelu"], ["model.activation", "identity, maxout, prelu, relu, rprelu"]),
     "unknown optimizer": (["optimizer.name=lion", "optimizer.lr=1e-3", "optimizer.weight_decay=0"],
-                          ["optimizer.name", "adam, adamw, sgd"]),
+                          ["optimizer.name", "adam, adamw, bop, sgd"]),
     "unknown schedule": (["schedule.name=poly"], ["schedule.name", "cosine, linear, multistep"]),
     "unknown transform": (["+augment.train.posterize=4"], ["augment transform", "center_crop"]),
     "per-stage key the config lacks": (["stages.stage2.optimizer.lrr=1"], ["stages.stage2", "lrr"]),
@@ -123,10 +124,12 @@ INVALID = {
 
 @pytest.mark.parametrize("case", INVALID)
 def test_invalid_values_stop_before_anything_is_written(case, tmp_path):
+    """The CLI's `main` in this process (conftest.cli_in_process, which test_errors holds to a
+    real process): a refusal before the run needs none of a process's seconds of imports."""
     args, words = INVALID[case]
     args = [a.format(tmp=tmp_path) for a in args]
     run = None if any(a.startswith("hydra.run.dir") for a in args) else tmp_path / "run"
-    out = run_cli(TINY + args if not any(a.startswith("data=") for a in args) else args, run, cwd=tmp_path)
+    out = cli_in_process(TINY + args if not any(a.startswith("data=") for a in args) else args, run, cwd=tmp_path)
     assert_one_line_error(out, *words)
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
 

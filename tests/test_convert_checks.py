@@ -14,10 +14,12 @@ from omegaconf import OmegaConf
 
 import official_nets as official
 from bnntrain.tools.convert import convert
+from bnntrain.tools.convert import main as convert_main
 from bnntrain.engine import save_checkpoint
 from bnntrain.errors import CheckpointError, ConfigError, UserError
 from bnntrain.models import build_model, model_from_checkpoint
 from bnntrain.tools.summary import main as summary_main
+from conftest import main_in_process
 from test_config import make
 from test_errors import assert_one_line_error
 from test_reference_nets import away_from_zero, save_official
@@ -109,7 +111,8 @@ def test_a_saved_number_that_is_not_a_number_is_refused(bireal, tmp_path):
 def test_out_over_src_is_refused_before_any_work(bireal, tmp_path):
     src = written(tmp_path, bireal)
     before = src.read_bytes()
-    out = tool("convert", f"src={src}", f"out={tmp_path / '.' / src.name}", "model=birealnet18")
+    out = main_in_process(convert_main, ["bnntrain.tools.convert", f"src={src}", f"out={tmp_path / '.' / src.name}",
+                                         "model=birealnet18"])
     assert_one_line_error(out, f"is also src={src}", "give another out")
     (tmp_path / "link.pth").symlink_to(src)
     os.link(src, tmp_path / "hard.pth")
@@ -121,7 +124,8 @@ def test_out_over_src_is_refused_before_any_work(bireal, tmp_path):
 
 def test_a_preset_without_official_checkpoints_is_named_first(bireal, tmp_path):
     src = written(tmp_path, bireal)
-    out = tool("convert", f"src={src}", f"out={tmp_path / 'ours.pt'}", "model=tricks_resnet18")
+    out = main_in_process(convert_main, ["bnntrain.tools.convert", f"src={src}", f"out={tmp_path / 'ours.pt'}",
+                                         "model=tricks_resnet18"])
     assert_one_line_error(out, "model=tricks_resnet18", "birealnet18, birealnet34, reactnet18, reactnet_a")
     with pytest.raises(ConfigError, match="model=resnet50: convert takes"):  # before src is read
         convert(tmp_path / "missing.pth", tmp_path / "ours.pt", ["model=resnet50"])

@@ -8,16 +8,19 @@ import torch
 
 from bnntrain.engine import save_checkpoint
 
-from conftest import TINY, run_cli, write_image_folder
+from conftest import TINY, cli_in_process, run_cli, shared_run, write_image_folder
+
+
+def train_stage1(run):
+    out = run_cli(TINY + ["stage=1"], run)
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
-    """A finished stage-1 run that no failed command may touch."""
-    run = tmp_path_factory.mktemp("earlier") / "run"
-    out = run_cli(TINY + ["stage=1"], run)
-    assert out.returncode == 0, out.stderr
-    return run
+    """A finished stage-1 run that no failed command may touch (one for the whole session:
+    test_hostile_runs reads it too)."""
+    return shared_run(tmp_path_factory, "earlier-stage1", train_stage1)
 
 
 def fingerprint(folder):
@@ -76,14 +79,17 @@ CASES = {
 }
 
 
-# Refused by the first checks, before torch is imported: about a second each. The others
-# build the model or load data first, or fail inside the run: several seconds each.
-QUICK = {"unknown group option", "unknown key", "resume missing", "resume not a run", "negative lr",
-         "negative batch size", "milestone past the end", "warm-up above the lr", "lr not a number",
-         "log_every zero", "unknown progress style"}
+# Refused by the checks before the run starts: run here, in this process, by the CLI's own
+# `main` (see conftest.cli_in_process). The others load data or a checkpoint first, or fail
+# inside the run: a real process each, of several seconds.
+BEFORE_THE_RUN = {"unknown group option", "unknown key", "stage 2 without init", "init missing", "resume missing",
+                  "resume not a run", "negative lr", "negative batch size", "milestone past the end",
+                  "warm-up above the lr", "lr not a number", "log_every zero", "unknown progress style",
+                  "sync_bn on the cpu", "grey folder images", "unknown attention"}
 
 
-@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+@pytest.mark.parametrize("case", [c if c in BEFORE_THE_RUN else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_bad_input(case, tmp_path, earlier_run):
     before = fingerprint(earlier_run)
     bad_files(tmp_path)
@@ -91,9 +97,19 @@ def test_bad_input(case, tmp_path, earlier_run):
     args = [a.format(tmp=tmp_path, earlier=earlier_run) for a in args]
     words = [w.format(tmp=tmp_path) for w in words]
     base = TINY if not any(a.startswith("data=") for a in args) else ["model.width=0.125"]
-    out = run_cli(base + args, tmp_path / "run")
+    out = (cli_in_process if case in BEFORE_THE_RUN else run_cli)(base + args, tmp_path / "run")
     assert_one_line_error(out, *words)
     assert fingerprint(earlier_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["optimizer.lrr=1"], ["stage=2"]])
+def test_a_refusal_here_is_what_a_process_shows(args, tmp_path):
+    """cli_in_process shows what a real `python -m bnntrain` does: the same exit status and
+    the same output, for a key the config lacks and for a check of the composed config."""
+    here, real = cli_in_process(TINY + args, tmp_path / "a"), run_cli(TINY + args, tmp_path / "a")
+    assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert here.returncode == 2 and here.stderr.startswith("error: ")
 
 
 def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path, earlier_run):

@@ -1,6 +1,7 @@
 """Run folders, checkpoints and paths are data: what they hold never builds an object, calls
 a resolver or moves an output; a refused command writes nothing; mistakes a user can make
-are one `error:` line (also in the run's log) or one warning. Every case through the real CLI."""
+are one `error:` line (also in the run's log) or one warning. Every case through the real CLI:
+a process, or its `main` in this process where the command is refused before its run starts."""
 import json
 import os
 import shutil
@@ -16,12 +17,12 @@ from omegaconf import OmegaConf
 from bnntrain.run import folders as runs
 from bnntrain.run.config import plan
 from bnntrain.engine import save_checkpoint
+from bnntrain.tools import evaluate
 from bnntrain.errors import UserError
-from conftest import TINY, results, run_cli, write_image_folder
+from conftest import TINY, cli_in_process, main_in_process, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error, fingerprint
 from test_errors import earlier_run as finished  # noqa: F401 (a finished stage-1 run)
 from test_long_runs import mount_tmpfs
-from test_scale import TORCHRUN
 
 pytestmark = pytest.mark.slow
 SECRET = "not-for-the-log-3141"
@@ -62,7 +63,7 @@ def test_evaluate_reads_a_checkpoints_config_literally_and_downloads_nothing(fin
     cifar = plan(["stage=1", "data=cifar100", f"data.root={tmp_path}/downloads", "data.download=true"])[0]
     state["config"]["data"] = OmegaConf.to_container(cifar.data)
     save_checkpoint(state, tmp_path / "download.pt")
-    out = cli([f"ckpt={tmp_path}/download.pt"], tmp_path, "bnntrain.tools.evaluate")
+    out = main_in_process(evaluate.main, ["bnntrain.tools.evaluate", f"ckpt={tmp_path}/download.pt"], tmp_path)
     assert_one_line_error(out, f"data.root={tmp_path}/downloads does not exist")
     assert not (tmp_path / "downloads").exists()
 
@@ -72,7 +73,7 @@ def test_evaluate_never_writes_over_its_checkpoint(finished, tmp_path):
     (tmp_path / "link.pt").symlink_to(ckpt)
     before = Path(ckpt).read_bytes()
     for out in (ckpt, "link.pt", "./model.pt"):
-        result = cli([f"ckpt={ckpt}", f"out={out}"], tmp_path, "bnntrain.tools.evaluate")
+        result = main_in_process(evaluate.main, ["bnntrain.tools.evaluate", f"ckpt={ckpt}", f"out={out}"], tmp_path)
         assert_one_line_error(result, f"is also ckpt={ckpt}", "would write over it")
     assert Path(ckpt).read_bytes() == before
 
@@ -95,20 +96,12 @@ def test_each_run_gets_a_folder_of_its_own(tmp_path):
     assert seeds == {1, 2}
 
 
-def test_under_torchrun_the_ranks_share_the_one_folder_rank_0_made(tmp_path):
-    out = subprocess.run([*TORCHRUN, "-m", "bnntrain", *TINY, "stage=1", "trainer.device=cpu"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr
-    (folder,) = (tmp_path / "outputs").glob("*/*")
-    assert (folder / "stage1/last.pt").exists() and (folder / ".hydra/overrides.yaml").exists()
-
-
 def test_a_second_sweep_into_a_sweep_folder_is_refused_before_anything_is_written(tmp_path):
     sweep = tmp_path / "sweep"
     first = run_cli(["-m", "seed=0", f"hydra.sweep.dir={sweep}", *TINY, "stage=1"])
     assert first.returncode == 0, first.stderr
     before = fingerprint(sweep)
-    second = run_cli(["-m", "seed=1,2", f"hydra.sweep.dir={sweep}", *TINY, "stage=1"])
+    second = cli_in_process(["-m", "seed=1,2", f"hydra.sweep.dir={sweep}", *TINY, "stage=1"])
     assert_one_line_error(second, f"hydra.sweep.dir={sweep} already holds a sweep")
     assert fingerprint(sweep) == before
 
@@ -135,7 +128,7 @@ def test_resume_on_a_read_only_file_system_is_one_line(finished, tmp_path):
     try:
         run = shutil.copytree(finished, disk / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        out = run_cli([f"resume={run}", "stages.stage1.schedule.epochs=2"], cwd=tmp_path)
+        out = cli_in_process([f"resume={run}", "stages.stage1.schedule.epochs=2"], cwd=tmp_path)
         assert_one_line_error(out, f"resume={run} cannot be written", "read-only file system")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
@@ -147,7 +140,7 @@ def test_resume_on_a_read_only_file_system_is_one_line(finished, tmp_path):
     ("model.width=1000", ["model.width=1000 makes", "GiB of weights", "this machine has"]),
 ])
 def test_values_that_cannot_train_are_one_line_before_anything_is_written(override, words, tmp_path):
-    out = run_cli(TINY + ["stage=1", override], tmp_path / "run")
+    out = cli_in_process(TINY + ["stage=1", override], tmp_path / "run")
     assert_one_line_error(out, *words)
     assert not (tmp_path / "run").exists()
 
@@ -203,14 +196,14 @@ def test_init_from_non_finite_weights_says_so(finished, tmp_path):
 
 def test_resume_in_another_folder_is_refused_and_leaves_no_lock(finished, tmp_path):
     other = tmp_path / "other"
-    out = run_cli([f"resume={finished}"], other)
+    out = cli_in_process([f"resume={finished}"], other)
     assert_one_line_error(out, f"resume={finished} continues the run in its own folder", f"hydra.run.dir={other}")
     assert not other.exists()
 
 
 def test_a_run_folder_inside_the_data_is_refused(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=2)
-    out = run_cli(["data=folder", f"data.root={root}", "model.width=0.125", "stage=1"], root / "train" / "run")
+    out = cli_in_process(["data=folder", f"data.root={root}", "model.width=0.125", "stage=1"], root / "train" / "run")
     assert_one_line_error(out, f"lies inside data.root={root}")
     assert not (root / "train" / "run").exists()
 

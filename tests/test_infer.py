@@ -13,7 +13,7 @@ from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import ConfigError
 from bnntrain.nn import BinaryConv2d, BinaryLinear
-from conftest import need
+from conftest import main_in_process, need
 from test_export import VARIANTS, digits, digits_test_set, export_variant  # noqa: F401 (a fixture)
 
 numba = need("numba", extra="infer")  # bnntrain.infer's kernels
@@ -207,10 +207,13 @@ def test_command_line_benchmark(digits_export):
     (["model={file}", "--fast"], "unknown argument(s): --fast"),
 ])
 def test_command_line_errors_are_one_line(args, words, tmp_path):
+    """The command's `main` in this process (the tests above run the real one)."""
+    from bnntrain.infer.cli import main
+
     file = exported(tmp_path)
     save_checkpoint({"model": {}}, tmp_path / "c.pt")
     args = [a.format(file=file, ckpt=tmp_path / "c.pt", missing=tmp_path / "missing") for a in args]
-    done = infer_cli(*args)
+    done = main_in_process(main, ["bnntrain.infer", *args])
     assert done.returncode != 0
     assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 

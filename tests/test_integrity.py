@@ -17,7 +17,7 @@ from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import CheckpointError
 from bnntrain.models import build_model
-from conftest import TINY, need, run_cli, write_image_folder
+from conftest import TINY, need, run_cli, shared_run, write_image_folder
 from test_config import make
 from test_errors import assert_one_line_error
 
@@ -30,16 +30,19 @@ def run_tool(tool, *args, cwd=None):
                           text=True, cwd=cwd, env=env, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A checkpoint written by a tiny stage run, and its export written by the export command."""
-    folder = tmp_path_factory.mktemp("integrity")
+def train_and_export(folder):
     out = run_cli(TINY + ["stage=1", "stage.weights=binary"], folder / "run")
     assert out.returncode == 0, out.stderr
-    ckpt = folder / "run" / "stage1" / "last.pt"
-    out = run_tool("export", f"ckpt={ckpt}", f"out={folder / 'm.bnn'}")
+    out = run_tool("export", f"ckpt={folder / 'run/stage1/last.pt'}", f"out={folder / 'm.bnn'}")
     assert out.returncode == 0, out.stderr
-    return ckpt, folder / "m.bnn"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A checkpoint written by a tiny stage run, and its export written by the export command
+    (made once for the session: the tests only read them)."""
+    folder = shared_run(tmp_path_factory, "integrity", train_and_export)
+    return folder / "run" / "stage1" / "last.pt", folder / "m.bnn"
 
 
 def flip_a_tensor_bit(src, dst):

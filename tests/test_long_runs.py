@@ -1,8 +1,10 @@
 """Long runs that survive: one owner per run folder, stop signals, mid-epoch checkpoints
 that resume exactly, full disks and read-only folders, bad images, extending a finished run.
-Every case through the real CLI, on tiny data."""
+Every case through the real CLI (a process, or its `main` here where the command is refused
+before it starts), on tiny data."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bnntrain.run import cli
+from bnntrain.run import cli, pipeline
 from bnntrain.errors import UserError
-from conftest import TINY, need, results, run_cli, write_image_folder
+from bnntrain.tools.export.cli import main as export_main
+from conftest import TINY, cli_in_process, main_in_process, need, results, run_cli, shared_run, write_image_folder
 from test_errors import assert_one_line_error
-from test_resume import ENV, assert_same
+from test_resume import ENV, assert_same, assert_stage_matches, children
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +30,10 @@ ARGS = ["data=synthetic", "data.image_size=16", "data.train_size=96", "data.test
         "model.width=0.125", "schedule.epochs=2", "seed=11", "trainer.progress=plain"]
 
 # `python -m bnntrain`, sent a signal of its own in the middle of optimizer step AT (counted
-# over the whole run), or killed outright after writing a checkpoint AT batches into an epoch.
+# over the whole run), or killed outright after writing a checkpoint AT batches into an epoch,
+# or held (asleep, until the test kills it) after writing one AT batches into its second epoch.
 SIGNAL_AT = """
-import os, signal, sys
+import os, signal, sys, time
 import bnntrain.engine.trainer as trainer, bnntrain.engine.saving as saving
 from bnntrain.run.cli import main
 how, at = sys.argv.pop(1), int(sys.argv.pop(1))
@@ -37,13 +41,16 @@ steps, save = [0], saving.save_checkpoint
 def train_step(self, *args, _step=trainer.Trainer.train_step, **kwargs):
     out = _step(self, *args, **kwargs)
     steps[0] += 1
-    if how != "KILL_AFTER_SAVE" and steps[0] == at:
+    if how.startswith("SIG") and steps[0] == at:
         os.kill(os.getpid(), getattr(signal, how))
     return out
 def save_then_die(state, path):
     save(state, path)
     if how == "KILL_AFTER_SAVE" and state["position"]["batches"] == at:
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == "HOLD_AFTER_SAVE" and (state["epoch"], state["position"]["batches"]) == (1, at):
+        open(os.path.join(os.path.dirname(sys.argv[0]), "held"), "w").close()
+        time.sleep(600)
 trainer.Trainer.train_step, saving.save_checkpoint = train_step, save_then_die
 main()
 """
@@ -64,25 +71,36 @@ def assert_same_run(a, b):
             assert_same(x[key], y[key], f"{stage} {key}")
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    run = tmp_path_factory.mktemp("straight") / "run"
+def train(run):
     out = run_cli(ARGS, run)
     assert out.returncode == 0, out.stderr
-    return run
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_a_stop_signal_saves_says_how_to_resume_and_resumes_exactly(sig, straight, tmp_path):
-    run = tmp_path / "run"
-    out = interrupted(ARGS, run, sig, at=9)  # step 9: stage 1, epoch 2, batch 3
-    assert out.returncode == 128 + getattr(signal, sig), out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines == [f"stopped by {sig} at stage1 epoch 2, batch 3, checkpoint written to {run}/stage1/last.pt; "
-                     f"resume with: python -m bnntrain resume={run}"], out.stderr
-    assert "Traceback" not in out.stdout + out.stderr
-    saved = torch.load(run / "stage1/last.pt", weights_only=True)
-    assert (saved["epoch"], saved["position"]["batches"]) == (1, 3) and not (run / "results.json").exists()
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The run never interrupted, made once for the session (both workers read it)."""
+    return shared_run(tmp_path_factory, "long-runs-straight", train)
+
+
+def test_a_stop_signal_saves_says_how_to_resume_and_resumes_exactly(straight, tmp_path):
+    """Each stop signal stops the run at the same point with the same checkpoint; a resume
+    reads only that checkpoint (and the run's record), so one resume, from SIGTERM's, shows
+    every signal's resume exact."""
+    checkpoints = {}
+    for sig in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        run = tmp_path / sig
+        out = interrupted(ARGS, run, sig, at=9)  # step 9: stage 1, epoch 2, batch 3
+        assert out.returncode == 128 + getattr(signal, sig), out.stderr
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert lines == [f"stopped by {sig} at stage1 epoch 2, batch 3, checkpoint written to {run}/stage1/last.pt; "
+                         f"resume with: python -m bnntrain resume={run}"], out.stderr
+        assert "Traceback" not in out.stdout + out.stderr
+        checkpoints[sig] = saved = torch.load(run / "stage1/last.pt", weights_only=True)
+        assert (saved["epoch"], saved["position"]["batches"]) == (1, 3) and not (run / "results.json").exists()
+    for sig in ("SIGUSR1", "SIGINT"):  # all but the paths in the config, which name the run folder
+        for key in sorted((set(checkpoints["SIGTERM"]) | set(checkpoints[sig])) - {"config", "init_from", "checksum"}):
+            assert_same(checkpoints["SIGTERM"].get(key), checkpoints[sig].get(key), f"{sig} {key}")
+    run = tmp_path / "SIGTERM"
     resumed = run_cli([f"resume={run}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "after epoch 1 and 3 batches of epoch 2" in resumed.stdout
@@ -137,41 +155,65 @@ def test_a_stop_signal_while_a_stage_loads_stops_it_and_resume_goes_on(stage, st
     assert_same_run(straight, run)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_mid_epoch_resumes_exactly_with_workers_augmentation_and_mixup(workers, tmp_path):
+def test_killed_mid_epoch_resumes_exactly_with_workers_augmentation_and_mixup(tmp_path):
+    """Killed after a mid-epoch checkpoint and resumed, with two DataLoader workers and with
+    none: both end exactly as the uninterrupted run with two workers, which shows each resume
+    exact and the batches independent of the number of workers."""
     root = write_image_folder(tmp_path / "imgs", per_class=24, size=20)  # 72 images: 4 full batches of 16
     args = ["stage=1", "data=folder", f"data.root={root}", "data.image_size=16", "data.batch_size=16",
-            f"data.num_workers={workers}", "model.width=0.125", "schedule.epochs=2", "augment.mixup=0.2",
-            "trainer.checkpoint_every.steps=2", "trainer.progress=plain", "seed=4"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert run_cli(args, straight).returncode == 0
-    out = interrupted(args, broken, "KILL_AFTER_SAVE", at=2)
-    assert out.returncode == -signal.SIGKILL, out.stderr
-    assert torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 2
-    resumed = run_cli([f"resume={broken}"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(straight, broken)
-    if workers:  # and the batches do not depend on the number of workers
-        zero = tmp_path / "zero"
-        assert run_cli([a if not a.startswith("data.num_workers") else "data.num_workers=0" for a in args],
-                       zero).returncode == 0
-        assert_same_run(straight, zero)
+            "model.width=0.125", "schedule.epochs=2", "augment.mixup=0.2", "trainer.checkpoint_every.steps=2",
+            "trainer.progress=plain", "seed=4"]
+    straight = tmp_path / "straight"
+    pipeline.run([*args, "data.num_workers=2"], straight)  # the reference, by what the CLI runs, in this process
+    for workers in (2, 0):
+        broken = tmp_path / f"broken{workers}"
+        out = interrupted([*args, f"data.num_workers={workers}"], broken, "KILL_AFTER_SAVE", at=2)
+        assert out.returncode == -signal.SIGKILL, out.stderr
+        assert torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 2
+        resumed = run_cli([f"resume={broken}"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert_same_run(straight, broken)
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="finds the ranks to kill through Linux's /proc")
 def test_killed_mid_epoch_under_torchrun_resumes_exactly(tmp_path):
+    """Two gloo ranks, held after a checkpoint in the middle of epoch 2 and killed there,
+    launcher and ranks one by one, as a lost node would; resumed with the same torchrun
+    command plus resume=RUN, the run ends exactly as one never interrupted."""
     args = [*ARGS, "stage=1", "trainer.device=cpu", "trainer.checkpoint_every.steps=2", "data.batch_size=8"]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     out = subprocess.run([*torchrun, "-m", "bnntrain", *args, f"hydra.run.dir={straight}"], capture_output=True,
                          text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr
-    out = interrupted(args, broken, "KILL_AFTER_SAVE", at=4, launcher=torchrun)
-    assert out.returncode != 0 and (broken / "stage1/last.pt").exists(), out.stderr
-    assert torch.load(broken / "stage1/last.pt", weights_only=True)["position"]["batches"] == 4
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
+    proc = subprocess.Popen([*torchrun, str(tmp_path / "signal_at.py"), "HOLD_AFTER_SAVE", "4", *args,
+                             f"hydra.run.dir={broken}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "held").exists():  # rank 0 wrote the checkpoint at batch 4 of epoch 2
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        # torchrun starts each rank in a session of its own: kill the launcher and its ranks.
+        ranks = children(proc.pid)
+        assert len(ranks) == 2
+        for pid in [proc.pid, *ranks]:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = torch.load(broken / "stage1/last.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"]["batches"]) == (1, 4) and not (broken / "results.json").exists()
     resumed = subprocess.run([*torchrun, "-m", "bnntrain", f"resume={broken}"], capture_output=True, text=True,
                              env=ENV, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    # Rank 0 alone reports, and only what was left: the rest of epoch 2.
+    assert resumed.stdout.count("stage1 epoch 2/2") == 1 and "stage1 epoch 1/2" not in resumed.stdout
+    assert "stage1: weights identical on all 2 ranks" in resumed.stdout
+    assert not (tmp_path / "outputs").exists() and results(broken)["stage1"]["epochs"] == 2
     assert_same_run(straight, broken)
+    assert_stage_matches(straight, broken, "stage1")  # best.pt too
 
 
 def test_a_live_run_owns_its_folder(tmp_path):
@@ -205,9 +247,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     assert "took over" in (run / "cli.log").read_text() and "host node7, PID 999999" in (run / "cli.log").read_text()
 
 
-def test_extending_a_finished_run(tmp_path):
-    run = tmp_path / "run"
-    assert run_cli(ARGS, run).returncode == 0
+def test_extending_a_finished_run(straight, tmp_path):
+    run = shutil.copytree(straight, tmp_path / "run")  # a finished run of its own
     fewer = run_cli([f"resume={run}", "schedule.epochs=1"], cwd=tmp_path)
     assert_one_line_error(fewer, "stage1 has trained 2 epochs already", "asks for fewer")
     earlier = run_cli([f"resume={run}", "stages.stage1.schedule.epochs=3"], cwd=tmp_path)
@@ -250,7 +291,7 @@ def test_a_read_only_folder_is_one_line_before_anything_starts(tmp_path):
     mount = tmp_path / "ro"
     mount_tmpfs(mount, "ro,size=64k")
     try:
-        out = run_cli(TINY, mount / "run")
+        out = cli_in_process(TINY, mount / "run")  # refused before the run starts
         assert_one_line_error(out, f"hydra.run.dir={mount}/run cannot be written", "read-only file system")
     finally:
         subprocess.run(["umount", str(mount)], check=True)
@@ -322,8 +363,7 @@ def test_export_checks_its_outputs_before_it_starts(tmp_path, straight):
     try:
         ckpt = straight / "stage2/last.pt"
         for args in ([f"out={ro}/m.bnn"], [f"out={tmp_path}/m.bnn", f"onnx={ro}/m.onnx"]):
-            out = subprocess.run([sys.executable, "-m", "bnntrain.tools.export", f"ckpt={ckpt}", *args], capture_output=True,
-                                 text=True, env=ENV)
+            out = main_in_process(export_main, ["bnntrain.tools.export", f"ckpt={ckpt}", *args])
             assert_one_line_error(out, "cannot be written", "read-only file system")
             assert not (tmp_path / "m.bnn").exists()  # refused before any work
     finally:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bnntrain.engine.setup import configure_malloc
-from conftest import TINY, run_cli
+from conftest import TINY, cli_in_process, run_cli
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -93,6 +93,6 @@ def test_the_trainer_keeps_memory_on_the_cpu_by_default(tmp_path):
                       tmp_path / setting)
         assert out.returncode == 0, out.stderr
         assert ("glibc keeps freed memory" in out.stdout + out.stderr) is said, setting
-    bad = run_cli([*TINY, "trainer.malloc=always"], tmp_path / "bad")
+    bad = cli_in_process([*TINY, "trainer.malloc=always"], tmp_path / "bad")  # refused before the run
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "trainer.malloc" in bad.stderr and "release" in bad.stderr

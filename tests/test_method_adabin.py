@@ -120,7 +120,7 @@ def test_the_weights_schedule_is_log_up_through_the_training_loop():
     epochs = 120
     conv = BinaryConv2d(4, 4, 3, input_quantizer="adabin_sign", weight_quantizer="adabin")
     hook = QuantizerSchedule()
-    run = SimpleNamespace(parts=SimpleNamespace(model=torch.nn.Sequential(conv)), epochs=epochs)
+    run = SimpleNamespace(parts=SimpleNamespace(model=torch.nn.Sequential(conv), optimizer=None), epochs=epochs)
     hook.before_stage(run)
     ede = conv.weight_quantizer.ede
     for epoch in (0, epochs // 2, epochs - 1):

@@ -149,7 +149,7 @@ def test_schedule_at_the_start_halfway_and_the_last_epoch(t_min, t_max):
 
 def test_the_training_loop_moves_both_quantizers_of_a_layer():
     conv = BinaryConv2d(4, 4, 3, input_quantizer="ede_sign", weight_quantizer="irnet_libra_pb")
-    run = SimpleNamespace(parts=SimpleNamespace(model=nn.Sequential(conv)), epochs=4)
+    run = SimpleNamespace(parts=SimpleNamespace(model=nn.Sequential(conv), optimizer=None), epochs=4)
     hook = QuantizerSchedule()
     hook.before_stage(run)
     hook.before_epoch(run, 2)  # halfway: t = sqrt(0.1 * 10) = 1, k = 1

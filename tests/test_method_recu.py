@@ -135,7 +135,7 @@ def test_tau_follows_the_codes_schedule_through_the_training_loop():
     epochs = 200
     conv = BinaryConv2d(4, 4, 3, input_quantizer="recu_sign", weight_quantizer="recu")
     hook = QuantizerSchedule()
-    run = SimpleNamespace(parts=SimpleNamespace(model=torch.nn.Sequential(conv)), epochs=epochs)
+    run = SimpleNamespace(parts=SimpleNamespace(model=torch.nn.Sequential(conv), optimizer=None), epochs=epochs)
     hook.before_stage(run)
     for epoch, expected in [(0, 0.85), (epochs // 2, None), (epochs - 1, None)]:
         hook.before_epoch(run, epoch)

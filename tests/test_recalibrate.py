@@ -14,6 +14,7 @@ from bnntrain.engine import save_checkpoint
 from bnntrain.engine.recalibrate import recalibrate_batchnorm
 from bnntrain.tools.evaluate import evaluate
 from bnntrain.models import build_model
+from bnntrain.run import pipeline
 from conftest import run_cli
 from test_config import make
 from test_resume import ENV, assert_same, crash_run
@@ -22,8 +23,7 @@ from test_resume import ENV, assert_same, crash_run
 @pytest.mark.slow
 def test_recalibration_restores_a_checkpoint_whose_statistics_are_wrong(tmp_path):
     run = tmp_path / "run"
-    out = run_cli(["stage=1", "model.width=0.25", "schedule.epochs=3", "trainer.progress=plain"], run)
-    assert out.returncode == 0, out.stderr
+    pipeline.run(["stage=1", "model.width=0.25", "schedule.epochs=3", "trainer.progress=plain"], run)  # the CLI's run
     state = torch.load(run / "stage1/last.pt", weights_only=True)
     good = state["metrics"]["top1"]
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def test_resume_is_exact_with_recalibration(tmp_path):
     args = ["data=synthetic", "data.image_size=16", "data.train_size=128", "data.batch_size=16", "model.width=0.125",
             "schedule.epochs=3", "stage=1", "trainer.bn_recalibrate=2", "seed=7"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert run_cli(args, straight).returncode == 0
+    pipeline.run(args, straight)  # the reference, by what the CLI runs, in this process
     crash_run(args, broken, "stage1/last.pt", epoch=1)
     out = run_cli([f"resume={broken}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr

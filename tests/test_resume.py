@@ -1,19 +1,18 @@
 """A run killed part-way and resumed ends with the same weights as one never interrupted:
-killed inside stage 1, right after stage 1 finished, inside stage 2, and under torchrun."""
+killed inside stage 1, right after stage 1 finished, inside stage 2 (under torchrun: in
+test_long_runs.py)."""
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
-from conftest import results, run_cli
+from bnntrain.run import pipeline
+from conftest import results, run_cli, shared_run
 
 pytestmark = pytest.mark.slow  # each test trains through the CLI two or three times
 
@@ -101,29 +100,10 @@ def assert_stage_matches(straight, resumed, stage):
         assert a[key] == b[key], f"results.json {stage} {key}: {a[key]} vs {b[key]}"
 
 
-def shared_run(tmp_path_factory, name: str, make) -> Path:
-    """`make(run_dir)` once per test session, for runs the tests only read: under xdist the
-    first worker to ask makes it and the other waits for it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
-    run, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.exists():
-            shutil.rmtree(run, ignore_errors=True)  # a half-made one, from a worker that failed
-            make(run)
-            done.touch()
-    return run
-
-
-def train(args, run_dir) -> None:
-    out = run_cli(args, run_dir)
-    assert out.returncode == 0, out.stderr
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The run never interrupted."""
-    run = shared_run(tmp_path_factory, "resume-straight", lambda run: train(ARGS, run))
+    run = shared_run(tmp_path_factory, "resume-straight", lambda run: pipeline.run(ARGS, run))  # what the CLI runs
     assert list(results(run)) == ["stage1", "stage2"]
     return run
 
@@ -189,43 +169,5 @@ def test_run_killed_inside_stage_2_resumes_there(tmp_path, straight):
 
 
 def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux's /proc)."""
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-
-
-@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
-                    reason="finds the ranks to kill through Linux's /proc")
-def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
-    """Two gloo ranks, killed (launcher and ranks) after an epoch, resumed with the same
-    torchrun command plus resume=RUN: the weights equal those of a run never interrupted."""
-    args = ["data=synthetic", "data.image_size=16", "data.train_size=384", "data.test_size=64",
-            "data.batch_size=16", "model.width=0.25", "stage=1", "schedule.epochs=3", "seed=5",
-            "trainer.device=cpu", "trainer.progress=plain"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bnntrain"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    out = subprocess.run(torchrun + args + [f"hydra.run.dir={straight}"], capture_output=True, text=True,
-                         timeout=300, env=ENV)
-    assert out.returncode == 0, out.stderr
-
-    proc = subprocess.Popen(torchrun + args + [f"hydra.run.dir={broken}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 240
-    while not (broken / "stage1" / "last.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.01)
-    # torchrun starts each rank in a session of its own: kill the launcher and its ranks
-    # one by one, as a lost node would.
-    ranks = children(proc.pid)
-    assert len(ranks) == 2
-    for pid in [proc.pid, *ranks]:
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    assert torch.load(broken / "stage1/last.pt", weights_only=True)["epoch"] < 3
-    assert not (broken / "results.json").exists()
-
-    out = subprocess.run(torchrun + [f"resume={broken}"], capture_output=True, text=True, timeout=300, env=ENV,
-                         cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("stage1 epoch 3/3") == 1 and "stage1 epoch 1/3" not in out.stdout  # rank 0 only
-    assert "stage1: weights identical on all 2 ranks" in out.stdout
-    assert not (tmp_path / "outputs").exists() and results(broken)["stage1"]["epochs"] == 3
-    assert_stage_matches(straight, broken, "stage1")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from bnntrain.engine import save_checkpoint
+from bnntrain.run import pipeline
 
-from conftest import TINY, results, run_cli, write_image_folder
-from test_resume import assert_stage_matches, crash_run, fingerprint, shared_run
+from conftest import TINY, results, run_cli, shared_run, write_image_folder
+from test_resume import assert_stage_matches, crash_run, fingerprint
 
 pytestmark = pytest.mark.slow  # each test trains through the CLI two or three times
 
@@ -51,8 +52,7 @@ def test_resume_keeps_the_best_checkpoint_and_best_top1(tmp_path):
     args = ["stage=1", "data=synthetic", "data.num_classes=2", "data.image_size=16", "data.train_size=128",
             "data.test_size=32", "data.batch_size=16", "model.width=0.125", "schedule.epochs=3"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    out = run_cli(args, straight)
-    assert out.returncode == 0, out.stderr
+    pipeline.run(args, straight)  # the reference, by what the CLI runs, in this process
     best = torch.load(straight / "stage1/best.pt", weights_only=True)
     assert best["epoch"] == 1, "premise: the uninterrupted run's best epoch is its first"
     assert results(straight)["stage1"]["best_top1"] == best["metrics"]["top1"]

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from bnntrain.run import pipeline
 from bnntrain.run.config import compose
 from bnntrain.engine import Trainer
 from bnntrain.losses import Objective
@@ -22,9 +24,9 @@ from test_config import make
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
-def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=2 ARGS` (ARGS: `-m bnntrain ...` or a script), captured."""
-    return subprocess.run(TORCHRUN + args, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(TORCHRUN + args, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"})
 
 
@@ -214,8 +216,9 @@ def test_torchrun_two_ranks_match_one_process_over_the_same_global_batch(tmp_pat
     assert out.stdout.count("stage1 epoch 1/1") == 1  # only rank 0 reports
     assert len(list((ddp / "stage1").glob("events.out.tfevents.*"))) == 1  # and writes
     assert results(ddp)["stage1"]["epochs"] == 1
-    assert run_cli(common + ["data.batch_size=128"], tmp_path / "one").returncode == 0
-    assert run_cli(common + ["data.batch_size=64"], tmp_path / "half").returncode == 0
+    # The one-process references, by the pipeline the CLI runs, here: no process to start.
+    pipeline.run(common + ["data.batch_size=128"], tmp_path / "one")
+    pipeline.run(common + ["data.batch_size=64"], tmp_path / "half")
     saved = {k: torch.load(tmp_path / k / "stage1/last.pt", weights_only=True) for k in ("ddp", "one", "half")}
     model = build_model(make("model.width=0.125").model, num_classes=10, in_channels=3)
     names = [n for n, _ in model.named_parameters()]
@@ -229,30 +232,26 @@ def test_torchrun_two_ranks_match_one_process_over_the_same_global_batch(tmp_pat
 
 
 @pytest.mark.slow
-def test_torchrun_scales_the_lr_when_asked(tmp_path):
-    out = torchrun(["-m", "bnntrain", *TINY, "stage=1", "trainer.device=cpu", "trainer.scale_lr=true",
-                    f"hydra.run.dir={tmp_path / 'run'}"])
+def test_torchrun_scales_the_lr_splits_the_evaluation_and_shares_rank_0s_folder(tmp_path):
+    """One run under torchrun, for three things: the lr scaled by the number of ranks when
+    asked; 33 test images on two ranks, 17 and 16, each counted once (the accuracy the run
+    reports is that of one process evaluating the same weights on the whole test set, where
+    a padded split would count one image twice, out of 34); and with no hydra.run.dir, the
+    ranks share the one run folder rank 0 made."""
+    from bnntrain.data import build_loaders
+    from bnntrain.nn import set_precision
+
+    out = torchrun(["-m", "bnntrain", *TINY, "stage=1", "data.test_size=33", "trainer.device=cpu",
+                    "trainer.scale_lr=true"], cwd=tmp_path)  # no hydra.run.dir
     assert out.returncode == 0, out.stderr
-    saved = torch.load(tmp_path / "run/stage1/last.pt", weights_only=True)
+    assert "data parallel over 2 ranks, backend gloo" in out.stdout
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    assert (run / "stage1/last.pt").exists() and (run / ".hydra/overrides.yaml").exists()
+    saved = torch.load(run / "stage1/last.pt", weights_only=True)
     # The lr the optimizer trained with (before the schedule), not just the config's.
     assert {g["initial_lr"] for g in saved["optimizer"]["param_groups"]} == {2e-3}
     assert "lr 2.00e-03" in out.stdout and saved["config"]["optimizer"]["lr"] == 2e-3
 
-
-@pytest.mark.slow
-def test_torchrun_evaluation_is_split_across_ranks_without_padding(tmp_path):
-    """33 test images on two ranks: 17 and 16, each counted once. The accuracy the run
-    reports is that of one process evaluating the same weights on the whole test set (a
-    padded split would count one image twice, out of 34)."""
-    from bnntrain.data import build_loaders
-    from bnntrain.nn import set_precision
-
-    run = tmp_path / "run"
-    out = torchrun(["-m", "bnntrain", *TINY, "stage=1", "data.test_size=33", "trainer.device=cpu",
-                    f"hydra.run.dir={run}"])
-    assert out.returncode == 0, out.stderr
-    assert "data parallel over 2 ranks, backend gloo" in out.stdout
-    saved = torch.load(run / "stage1/last.pt", weights_only=True)
     cfg = OmegaConf.create(saved["config"])
     loaders = build_loaders(cfg.data, cfg.augment, seed=cfg.seed)
     assert len(loaders.test.dataset) == 33

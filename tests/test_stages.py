@@ -112,6 +112,5 @@ FLOORS = {"birealnet18": 88, "reactnet18": 40}
 @pytest.mark.parametrize("model", ["birealnet18", "reactnet18"])
 def test_presets_learn_the_digits(model, tmp_path):
     """Two stages of three epochs at 1/8 width: stage 2, fully binary, well above chance (10%)."""
-    out = run_cli([f"model={model}", "model.width=0.125", "schedule.epochs=3"], tmp_path / "run")
-    assert out.returncode == 0, out.stderr
+    pipeline.run([f"model={model}", "model.width=0.125", "schedule.epochs=3"], tmp_path / "run")  # what the CLI runs
     assert results(tmp_path / "run")["stage2"]["top1"] >= FLOORS[model]
