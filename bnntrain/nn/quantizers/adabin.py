@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .base import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, Quantizer, registered
 from .estimators import SurrogateSign
-from .irnet import ErrorDecay
+from .irnet import ErrorDecayQuantizer
 
 
 def approx_sign_gradient(x: Tensor, grad: Tensor) -> Tensor:
@@ -95,7 +95,7 @@ def centre_and_spread(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @registered(WEIGHT_QUANTIZERS, "adabin")
-class AdaBinWeight(Quantizer):
+class AdaBinWeight(ErrorDecayQuantizer):
     """AdaBin's weights: per output channel, alpha_w sign((w - beta_w) / alpha_w) + beta_w,
     beta_w the channel's mean and alpha_w its standard deviation (`centre_and_spread`): the
     values beta_w -+ alpha_w. Neither is detached, as in their `AdaBin_Conv2d`.
@@ -118,18 +118,8 @@ class AdaBinWeight(Quantizer):
         t_max: the t that training approaches.
     """
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0) -> None:
-        super().__init__()
-        self.ede = ErrorDecay(t_min, t_max)
-
-    def arguments(self) -> dict[str, Any]:
-        return {"t_min": self.ede.t_min, "t_max": self.ede.t_max}
-
-    def set_progress(self, progress: float) -> None:
-        self.ede.set_progress(progress)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, t={self.ede.t:.4g}, k={self.ede.k:.4g}"
+    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0) -> None:  # their Log_UP's t_min
+        super().__init__(t_min, t_max)
 
     def values(self, w: Tensor) -> Tensor:
         beta, alpha = centre_and_spread(w.detach())

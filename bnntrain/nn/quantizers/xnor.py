@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ...registry import choose
 from .base import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, Quantizer, registered
 from .estimators import MaskedSign, SteSign
-from .weights import channel_scale
+from .weights import ScaledSign, channel_scale
 
 XNOR_SCALES = ("none", "box")
 XNOR_GRADIENTS = ("code", "paper")
@@ -104,7 +104,7 @@ class XnorWeightFunction(torch.autograd.Function):
 
 
 @registered(WEIGHT_QUANTIZERS, "xnor_weight")
-class XnorWeight(Quantizer):
+class XnorWeight(ScaledSign):
     """XNOR-Net's weights: alpha * sign(w), alpha the per-output-channel mean |w| (as
     `scaled_sign`), with the authors' gradient, n the weights per output channel and C the
     input channels:
@@ -126,20 +126,11 @@ class XnorWeight(Quantizer):
         ValueError: another gradient (`UnknownChoice`).
     """
 
-    channel_scaled = True
-    packable = True  # sign(w)'s signs, scaled per output channel
     projects_weights = True
 
     def __init__(self, gradient: str = "code") -> None:
-        super().__init__()
+        Quantizer.__init__(self)  # scaled_sign's values and scale, XNOR-Net's gradients
         self.gradient_mode = choose("model.weight_quantizer.gradient", gradient, XNOR_GRADIENTS)
-
-    def arguments(self) -> dict[str, Any]:
-        return {"gradient": self.gradient_mode}
-
-    def values(self, w: Tensor) -> Tensor:
-        alpha = channel_scale(w).unsqueeze(-1)
-        return torch.cat([-alpha, alpha], dim=-1)
 
     def forward(self, w: Tensor) -> Tensor:
         return XnorWeightFunction.apply(w, self.gradient_mode == "paper")
