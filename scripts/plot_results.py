@@ -68,7 +68,7 @@ def default_run_figure(run: dict) -> Any:
             flips.plot(curves["epoch"], curves["flip_ratio"], marker="o", ms=3.5, color=f"C{i}", label=label)
     acc.set(xlabel="epoch of the stage", ylabel="test top-1 (%)", title="Test top-1 after each epoch")
     flips.set(xlabel="epoch of the stage", ylabel="fraction of binary weights (log scale)", yscale="log",
-              title="Flip ratio: binary weights whose sign changed")
+              title="Flip ratio: signs changed in the epoch")
     for ax in (acc, flips):
         ax.xaxis.get_major_locator().set_params(integer=True)
     _legend(fig, acc)
@@ -139,9 +139,9 @@ def preset_speed_figure(rows: list[dict]) -> Any:
     bars from 1 (left of 1: the preset needs less), each with its target."""
     from matplotlib.patches import Patch
 
-    groups = {"Memory saved for the backward pass (batch 8): preset / baseline":
+    groups = {"Memory saved for backward, batch 8":
               [r for r in rows if r["unit"] == "MiB"],
-              "CPU training step time (batch 16): preset / baseline": [r for r in rows if r["unit"] == "s/step"]}
+              "CPU training step, batch 16": [r for r in rows if r["unit"] == "s/step"]}
     values = [r["ratio"] for r in rows] + [target_value(r["target"]) for r in rows]
     limits = (min(0.8, min(values) - 0.05), max(1.45, max(values) + 0.1))  # one scale for both panels
     fig, axes = _figure(8.0, 1.4 + 0.4 * len(rows), nrows=2,
