@@ -58,6 +58,8 @@ def test_the_model_stem_follows_the_data():
 # What some options need before they describe a run: values no recipe states for them, a teacher.
 NEEDS = {"optimizer=sgd": ["optimizer.lr=0.1", "optimizer.weight_decay=1e-4"],
          "optimizer=adamw": ["optimizer.lr=1e-3", "optimizer.weight_decay=1e-2"],
+         # Bop trains binary weights: a fully binary stage (stage 1's are real, refused)
+         "optimizer=bop": ["stage=2", "optimizer.lr=1e-2", "optimizer.weight_decay=0"],
          "distill": ["distill.teacher.torchvision=resnet18", f"distill.teacher.weights={__file__}"],
          "experiment=imagenet_kd": ["distill.teacher.torchvision=resnet34", f"distill.teacher.weights={__file__}"]}
 
