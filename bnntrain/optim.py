@@ -4,6 +4,7 @@ All schedules step once per epoch and are built from `torch.optim.lr_scheduler`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -90,6 +91,12 @@ DECAYED: dict[str, Callable[[nn.Module], set[int]]] = {
     # Every 4-D tensor: conv weights and the per-channel thresholds and shifts, not BN, PReLU or the
     # classifier (ReActNet's code: `p.ndimension() == 4`).
     "4d": lambda model: {id(p) for p in model.parameters() if p.dim() == 4},
+    # Every conv's and linear layer's parameters, their quantizers' (ReCU's alpha) and biases
+    # included, but not the shortcuts' convs, nor BN (ReCU's ImageNet code: the parameters whose
+    # names hold `conv` or `fc`, which its downsample convs' do not).
+    "convs_and_classifier": lambda model: {
+        id(p) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        and "shortcut" not in name.split(".") for p in m.parameters()},
 }
 
 
@@ -99,8 +106,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[d
     Args:
         model: the model whose trainable parameters are grouped.
         weight_decay: the decayed group's weight decay.
-        decay_on: `optimizer.weight_decay_on`: `all`, `weights` (conv and linear weights) or
-            `4d` (every 4-D tensor).
+        decay_on: `optimizer.weight_decay_on`: `all`, `weights` (conv and linear weights), `4d`
+            (every 4-D tensor) or `convs_and_classifier` (ReCU's rule, above).
 
     Returns:
         The optimizer's parameter groups.
@@ -177,18 +184,34 @@ def linear(optimizer: Optimizer, epochs: int) -> lr_scheduler.LRScheduler:
 
 
 @SCHEDULES.register("cosine")
-def cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0) -> lr_scheduler.LRScheduler:
-    """Cosine annealing from optimizer.lr down to `min_lr` over the stage.
+def cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0,
+           warmup_epochs: int = 0) -> lr_scheduler.LRScheduler:
+    """Cosine annealing from optimizer.lr down to `min_lr` over the stage, optionally after a
+    linear warm-up.
+
+    The warm-up is ReCU's code's (z-hXu/ReCU, `main.py`): epoch e < W trains at lr (e + 1) / W,
+    and its cosine, whose first step comes after epoch W - 1, runs over the epochs - (W - 1)
+    epochs from there: epoch e >= W trains at the cosine's step e - (W - 1).
 
     Args:
         optimizer: the optimizer whose lr it sets.
         epochs: the stage's epochs.
-        min_lr: the lr at the end.
+        min_lr: the cosine's lower end (ReCU's: 0).
+        warmup_epochs: W, the epochs of linear warm-up; 0 for none.
 
     Returns:
         The scheduler.
     """
-    return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
+    if not warmup_epochs:
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
+    period = epochs - (warmup_epochs - 1)
+    bottom = min_lr / optimizer.param_groups[0]["lr"]
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / warmup_epochs
+        return bottom + (1 - bottom) * (1 + math.cos(math.pi * (epoch - warmup_epochs + 1) / period)) / 2
+    return lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer) -> lr_scheduler.LRScheduler:

@@ -101,4 +101,19 @@ class Registry(Generic[T]):
         Raises:
             UnknownChoice: no entry has that name; the message lists those that do.
         """
-        return self._items[choose(self.kind, name, self.names())]
+        return self.get_as(self.kind, name)
+
+    def get_as(self, key: str, name: str) -> T:
+        """The entry registered under `name`, where the config key `key` names it.
+
+        Args:
+            key: the config key that gave the name, for the error.
+            name: as the config gives it.
+
+        Returns:
+            The entry.
+
+        Raises:
+            UnknownChoice: no entry has that name; the message lists those that do.
+        """
+        return self._items[choose(key, name, self.names())]

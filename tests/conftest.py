@@ -150,21 +150,40 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def _write_pickles(folder: Path, files: dict[str, dict]) -> None:
+    # The real files are Python 2 pickles whose str keys load as str with latin1.
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f)
+
+
 def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
     """CIFAR-100 in torchvision's on-disk layout: pickled dicts under cifar-100-python/."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        # The real files are Python 2 pickles whose str keys load as str with latin1.
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": [i % 100 for i in range(n)], "coarse_labels": [i % 20 for i in range(n)],
-                 "filenames": [f"{i}.png" for i in range(n)], "batch_label": name}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
-                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    files = {name: {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    "fine_labels": [i % 100 for i in range(n)], "coarse_labels": [i % 20 for i in range(n)],
+                    "filenames": [f"{i}.png" for i in range(n)], "batch_label": name}
+             for name, n in (("train", n_train), ("test", n_test))}
+    files["meta"] = {"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}
+    _write_pickles(root / "cifar-100-python", files)
+    return root
+
+
+def write_cifar10(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """CIFAR-10 in torchvision's on-disk layout: the training images split over data_batch_1..5,
+    then test_batch and batches.meta, under cifar-10-batches-py/. Image i of a split has label
+    i % 10, counted across the five training batches."""
+    rng = np.random.default_rng(0)
+    parts = [(f"data_batch_{b + 1}", idx) for b, idx in enumerate(np.array_split(np.arange(n_train), 5))]
+    files = {name: {"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
+                    "labels": [int(i) % 10 for i in idx], "filenames": [f"{i}.png" for i in idx],
+                    "batch_label": name}
+             for name, idx in [*parts, ("test_batch", np.arange(n_test))]}
+    files["batches.meta"] = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_train // 5,
+                             "num_vis": 3072}
+    _write_pickles(root / "cifar-10-batches-py", files)
     return root
 
 

@@ -70,5 +70,5 @@ def test_a_checkpoint_saved_before_a_data_key_existed_takes_the_presets_value():
 
 
 def test_evaluating_with_an_unknown_dataset_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^unknown data.name 'nope'; expected one of: cifar100, digits"):
+    with pytest.raises(ConfigError, match=r"^unknown data.name 'nope'; expected one of: cifar10, cifar100, digits"):
         evaluate(OLD_CHECKPOINT, ["data.name=nope", "trainer.device=cpu"])

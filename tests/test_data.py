@@ -1,11 +1,18 @@
 """Datasets and loaders on files the tests write in the real on-disk formats."""
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
 from bnntrain.data import build_loaders
 from bnntrain.errors import DataError
-from conftest import write_cifar100, write_image_folder
+from conftest import write_cifar10, write_cifar100, write_image_folder
 from test_config import make
+
+# data=NAME: the writer of its files, its classes, its folder, and its training files in order.
+CIFAR = {"cifar10": (write_cifar10, 10, "cifar-10-batches-py", [f"data_batch_{b}" for b in range(1, 6)]),
+         "cifar100": (write_cifar100, 100, "cifar-100-python", ["train"])}
 
 
 def loaders(*overrides):
@@ -39,14 +46,14 @@ def test_the_last_partial_batch_is_dropped_for_training_and_kept_for_testing():
     assert torch.equal(labels, data.test.dataset.labels)  # in order, each once
 
 
-@pytest.mark.parametrize("name", ["folder", "cifar100"])
+@pytest.mark.parametrize("name", ["folder", "cifar10", "cifar100"])
 def test_train_and_test_limits_keep_a_fixed_subset_of_that_size(tmp_path, name):
     if name == "folder":
         root = write_image_folder(tmp_path / "imgs", per_class=6)  # 18 train, 18 test
         args = ["data=folder", f"data.root={root}", "data.image_size=16"]
     else:
-        root = write_cifar100(tmp_path / "cifar")  # 40 train, 20 test
-        args = ["data=cifar100", f"data.root={root}"]
+        root = CIFAR[name][0](tmp_path / "cifar")  # 40 train, 20 test
+        args = [f"data={name}", f"data.root={root}"]
     args += ["data.num_workers=0", "data.batch_size=4", "data.train_limit=7", "data.test_limit=5"]
     first, second = loaders(*args), loaders(*args)
     full = loaders(*args[:-2])
@@ -63,13 +70,24 @@ def test_train_and_test_limits_keep_a_fixed_subset_of_that_size(tmp_path, name):
     assert len(full.train.dataset) == (18 if name == "folder" else 40)
 
 
-def test_cifar100_pickles(tmp_path):
-    root = write_cifar100(tmp_path / "cifar")
-    data = loaders("data=cifar100", f"data.root={root}", "data.num_workers=0", "data.batch_size=8")
-    assert data.num_classes == 100 and len(data.train.dataset) == 40 and len(data.test.dataset) == 20
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles(tmp_path, name):
+    write, classes, folder, train_files = CIFAR[name]
+    root = write(tmp_path / "cifar")
+    data = loaders(f"data={name}", f"data.root={root}", "data.num_workers=0", "data.batch_size=8")
+    train = data.train.dataset
+    assert data.num_classes == classes and len(train) == 40 and len(data.test.dataset) == 20
+    assert train.targets == [i % classes for i in range(40)]  # every training file, in order
+    assert data.test.dataset.targets == [i % classes for i in range(20)]
+    raw = []
+    for file in train_files:
+        with open(root / folder / file, "rb") as f:
+            raw.append(pickle.load(f, encoding="latin1")["data"])
+    # Each row holds the red, green and blue 32x32 planes; the reader keeps them as HWC images.
+    assert np.array_equal(train.data, np.concatenate(raw).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     x, y = next(iter(data.train))
-    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
-    # Normalised with the CIFAR-100 statistics: uniform noise in [0, 1] lands around +-2.
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.max() < classes
+    # Normalised with the preset's CIFAR statistics: uniform noise in [0, 1] lands around +-2.
     assert -2.5 < x.min() < -1.0 and 1.0 < x.max() < 2.5
 
 
@@ -121,14 +139,23 @@ def test_bad_roots(tmp_path, setup, words):
         loaders("data=folder", f"data.root={root}")
 
 
-def test_cifar100_missing_files(tmp_path):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_missing_or_unreadable_files(tmp_path, name):
+    write, _, folder, train_files = CIFAR[name]
     (tmp_path / "other").mkdir()
-    with pytest.raises(DataError, match="cifar-100-python"):
-        loaders("data=cifar100", f"data.root={tmp_path}")
-    (tmp_path / "cifar-100-python").mkdir()
-    (tmp_path / "cifar-100-python" / "train").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="missing|cannot be read"):
-        loaders("data=cifar100", f"data.root={tmp_path}")
+    with pytest.raises(DataError, match=f"holds no {folder}/ folder") as error:
+        loaders(f"data={name}", f"data.root={tmp_path}")
+    assert "data.download=true" in str(error.value)
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / train_files[0]).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=f"files under {tmp_path}/{folder} are missing") as missing:
+        loaders(f"data={name}", f"data.root={tmp_path}")
+    root = write(tmp_path / "full")
+    last = root / folder / train_files[-1]
+    last.write_bytes(last.read_bytes()[:100])  # a truncated download
+    with pytest.raises(DataError, match=f"files under {root}/{folder} cannot be read") as unreadable:
+        loaders(f"data={name}", f"data.root={root}")
+    assert "\n" not in str(missing.value) + str(unreadable.value)  # one line each
 
 
 def test_folder_without_root_names_the_key():

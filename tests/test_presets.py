@@ -35,6 +35,17 @@ PRESETS = {
     "reactnet18_paper": ([], 0.0, {"stage1": (2.5e-3, 1e-5), "stage2": (2.5e-3, 0.0)}, REACTNET_SCHEDULE),
     # ReActNet's mobilenet/ run.sh: lr 1.25e-3.
     "reactnet_a_paper": ([], 0.0, {"stage1": (1.25e-3, 1e-5), "stage2": (1.25e-3, 0.0)}, REACTNET_SCHEDULE),
+    # The method papers' recipes: SGD, one stage (every value in test_paper_recipes.py).
+    # IR-Net's trainer.py: lr 0.1, weight decay 1e-4, cosine over 400 epochs.
+    "irnet_resnet20_cifar10": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-4)}, {"name": "cosine", "epochs": 400}),
+    # ReCU's cifar/run.sh: lr 0.1, weight decay 5e-4, 600 epochs, 5 warm-up; imagenet/run.sh: 1e-4, 200.
+    "recu_resnet20_cifar10": ([], 0.0, {"stage2": ("sgd", 0.1, 5e-4)},
+                              {"name": "cosine", "epochs": 600, "warmup_epochs": 5}),
+    "recu_resnet18_imagenet": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-4)},
+                               {"name": "cosine", "epochs": 200, "warmup_epochs": 5}),
+    # AdaBin's cifar10/main.py: lr 0.1, weight decay 1e-4, 400 epochs; imagenet/main.py: 1e-5, 120.
+    "adabin_resnet20_cifar10": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-4)}, {"name": "cosine", "epochs": 400}),
+    "adabin_resnet18_imagenet": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-5)}, {"name": "cosine", "epochs": 120}),
 }
 
 
@@ -45,8 +56,9 @@ def test_each_preset_trains_with_the_recipe_its_source_states(preset):
     assert [cfg.stage.name for cfg in stages] == list(optimizer)
     for cfg in stages:
         assert cfg.loss.label_smoothing == label_smoothing, cfg.stage.name
+        expected = optimizer[cfg.stage.name]  # (lr, weight decay) for Adam, else (name, lr, weight decay)
         assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == \
-            ("adam", *optimizer[cfg.stage.name]), cfg.stage.name
+            (expected if len(expected) == 3 else ("adam", *expected)), cfg.stage.name
         assert {key: cfg.schedule.get(key) for key in schedule} == schedule, cfg.stage.name
 
 

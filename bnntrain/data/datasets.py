@@ -84,29 +84,46 @@ def synthetic(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
     return TensorImages(x_tr, y_tr, train_tf), TensorImages(x_te, y_te, test_tf), cfg.num_classes
 
 
-@DATASETS.register("cifar100")
-def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
-    from .folders import CIFAR100Files
-
+def _cifar(cfg: DictConfig, train_tf: Callable, test_tf: Callable, reader: type, title: str) -> Splits:
+    """CIFAR-10 or CIFAR-100 (`title`) in torchvision's layout, read by `reader` (a torchvision
+    CIFAR class): its pickles under <root>/<reader.base_folder>/, or downloaded there."""
+    folder = reader.base_folder
+    files = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
     root = Path(str(cfg.root)).expanduser() if cfg.root else None
     if cfg.download:
         if root is None:
-            raise DataError("data.root is not set: data=cifar100 data.download=true needs a folder to download into")
+            raise DataError(f"data.root is not set: data={cfg.name} data.download=true needs a folder to download into")
         root.mkdir(parents=True, exist_ok=True)
     else:
         root = _root(cfg)
-        if not (root / "cifar-100-python").is_dir():
-            raise DataError(f"data.root={root} holds no cifar-100-python/ folder: expected torchvision's CIFAR-100 "
-                            f"files ({root}/cifar-100-python/{{train,test,meta}}), or add data.download=true")
+        if not (root / folder).is_dir():
+            raise DataError(f"data.root={root} holds no {folder}/ folder: expected torchvision's {title} "
+                            f"files ({root}/{folder}/{{{','.join(files)}}}), or add data.download=true")
     try:
-        train = CIFAR100Files(str(root), train=True, transform=train_tf, download=cfg.download)
-        test = CIFAR100Files(str(root), train=False, transform=test_tf)
+        train = reader(str(root), train=True, transform=train_tf, download=cfg.download)
+        test = reader(str(root), train=False, transform=test_tf)
     except RuntimeError as err:
-        raise DataError(f"CIFAR-100 files under {root}/cifar-100-python are missing: {err}") from None
+        raise DataError(f"{title} files under {root}/{folder} are missing: {err}") from None
     except Exception as err:  # a truncated or foreign pickle
-        raise DataError(f"CIFAR-100 files under {root}/cifar-100-python cannot be read ({type(err).__name__}: "
-                        f"{err}); expected torchvision's pickled train, test and meta files") from None
+        raise DataError(f"{title} files under {root}/{folder} cannot be read ({type(err).__name__}: {err}); "
+                        f"expected torchvision's pickled {', '.join(files[:-1])} and {files[-1]} files") from None
     return train, test, len(train.classes)
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    """CIFAR-10: <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
+    from .folders import CIFAR10Files  # torchvision is imported only for the data sets that need it
+
+    return _cifar(cfg, train_tf, test_tf, CIFAR10Files, "CIFAR-10")
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
+    """CIFAR-100 (its 100 fine labels): <root>/cifar-100-python/{train,test,meta}."""
+    from .folders import CIFAR100Files
+
+    return _cifar(cfg, train_tf, test_tf, CIFAR100Files, "CIFAR-100")
 
 
 def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable) -> Splits:
@@ -131,5 +148,5 @@ def _class_folder_splits(cfg: DictConfig, train_tf: Callable, test_tf: Callable)
 
 DATASETS.register("imagenet")(_class_folder_splits)
 DATASETS.register("folder")(_class_folder_splits)
-RGB_DATASETS = ("cifar100", "imagenet", "folder")  # they load colour images (checked with the config)
+RGB_DATASETS = ("cifar10", "cifar100", "imagenet", "folder")  # they load colour images (checked with the config)
 

@@ -1,4 +1,5 @@
-"""The on-disk formats, read with torchvision's readers: CIFAR-100's pickles and class folders.
+"""The on-disk formats, read with torchvision's readers: CIFAR-10's and CIFAR-100's pickles and
+class folders.
 
 Apart from `datasets.py` because torchvision takes longer to import (1.6 s) than a small run
 on in-memory data (digits, synthetic) needs to train.
@@ -19,12 +20,23 @@ from .walk import FolderWalk
 log = logging.getLogger("bnntrain")
 
 
+def _without_md5(reader: type[datasets.CIFAR10]) -> tuple[list, list, dict]:
+    """The reader's train list, test list and meta with no md5 to check: torchvision then checks
+    that the files exist, not their hashes. Hashing on every start is slow, and a corrupt file
+    still fails at unpickling, which the builder reports clearly. A download still checks the
+    archive's md5 (tgz_md5)."""
+    return ([[name, None] for name, _ in reader.train_list], [[name, None] for name, _ in reader.test_list],
+            {**reader.meta, "md5": None})
+
+
+# One class per data set, each at module level: workers that start with spawn unpickle the
+# dataset by its class's name.
+class CIFAR10Files(datasets.CIFAR10):
+    train_list, test_list, meta = _without_md5(datasets.CIFAR10)
+
+
 class CIFAR100Files(datasets.CIFAR100):
-    # Check that the files exist, not their md5: hashing on every start is slow, and a
-    # corrupt file still fails at unpickling, which we report clearly.
-    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
-    meta = {**datasets.CIFAR100.meta, "md5": None}
+    train_list, test_list, meta = _without_md5(datasets.CIFAR100)
 
 
 class _ImageFolder(datasets.ImageFolder):

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import notes
 from ..errors import CheckpointError
+from ..nn.init import init_weights
 from ..registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name", package="bnntrain.models")
@@ -46,7 +47,8 @@ def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
     """Build the network a `model` config group describes.
 
     `cfg.name` picks the architecture in `MODELS`; every other key, and what the data decides
-    (`num_classes`, `in_channels`), is passed to its builder. The quantizer keys of earlier
+    (`num_classes`, `in_channels`), is passed to its builder; `weight_init` (a mapping of
+    `init_weights` arguments, or null) re-initialises the built network. The quantizer keys of earlier
     releases (`quantizer`, `quantizer_args`, `weight_scale`, `weight_gradient`) are read as
     `input_quantizer` and `weight_quantizer`, with a note.
 
@@ -65,10 +67,14 @@ def build_model(cfg: DictConfig | dict, **data_options: Any) -> nn.Module:
     options = quantizer_options(options)
     options.update(data_options)
     name = options.pop("name")
+    weight_init = options.pop("weight_init", None)
     try:
-        return MODELS.get(name)(**options)
-    except TypeError as err:  # an option the architecture does not take
+        model = MODELS.get(name)(**options)
+        if weight_init:  # after building, as the papers' code does: it covers every layer
+            init_weights(model, **weight_init)
+    except TypeError as err:  # an option the architecture (or the init) does not take
         raise ValueError(f"model '{name}' does not accept these options: {err}") from None
+    return model
 
 
 def model_from_checkpoint(state: dict[str, Any], source: str = "checkpoint") -> nn.Module:

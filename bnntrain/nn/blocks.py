@@ -154,6 +154,7 @@ ACTIVATIONS.register("relu")(lambda channels: nn.ReLU(inplace=True))
 ACTIVATIONS.register("identity")(lambda channels: nn.Identity())
 ACTIVATIONS.register("rprelu")(RPReLU)
 ACTIVATIONS.register("maxout")(Maxout)  # AdaBin's (nn/maxout.py)
+ACTIVATIONS.register("hardtanh")(lambda channels: nn.Hardtanh())  # IR-Net's and ReCU's ResNets
 
 
 class ChannelAttention(nn.Module):

@@ -11,6 +11,7 @@ turns them into the one-line ConfigError. A choice list here is the one its code
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 from pathlib import Path
@@ -174,6 +175,12 @@ def check_path(key: str, value: Any) -> None:
                           f"the file system allows {path_max - 1}")
 
 
+def takes_warmup_lr(schedule: str) -> bool:
+    from ..optim import SCHEDULES
+
+    return "warmup_lr" in inspect.signature(SCHEDULES.get(schedule)).parameters
+
+
 def check_relations(cfg: DictConfig) -> None:
     """Values that are fine alone but not together."""
     schedule = cfg.schedule
@@ -181,8 +188,12 @@ def check_relations(cfg: DictConfig) -> None:
     if late:
         raise ConfigError(f"schedule.milestones {late} lie past the last epoch (schedule.epochs={schedule.epochs}); "
                           f"each milestone must be a whole number below the number of epochs")
-    if schedule.get("warmup_epochs") and not schedule.get("warmup_lr"):
+    # The step decay's warm-up holds warmup_lr; the cosine's ramps up to the lr and takes none.
+    if schedule.get("warmup_epochs") and takes_warmup_lr(schedule.name) and not schedule.get("warmup_lr"):
         raise ConfigError("schedule.warmup_epochs is set but schedule.warmup_lr is not")
+    if (schedule.get("warmup_epochs") or 0) >= schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs ({schedule.warmup_epochs}) must be fewer than schedule.epochs "
+                          f"({schedule.epochs})")
     if (schedule.get("warmup_lr") or 0) > cfg.optimizer.lr:
         raise ConfigError(f"schedule.warmup_lr ({schedule.warmup_lr}) must not exceed optimizer.lr "
                           f"({cfg.optimizer.lr}): the warm-up leads up to the lr")
