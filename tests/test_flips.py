@@ -14,6 +14,30 @@ from bnntrain.engine.stage import train_stage
 from test_config import make
 
 
+@pytest.mark.parametrize("quantizer", [{"name": "irnet_libra_pb"}, {"name": "recu"}, {"name": "adabin"}])
+def test_flips_are_the_quantizers_own_choices_not_the_latent_signs(quantizer):
+    """IR-Net, ReCU and AdaBin binarize w minus its channel mean: moving the mean across a
+    weight flips its bit though the weight keeps its sign, and the tracker counts that."""
+    layer = BinaryLinear(8, 2, weight_quantizer=quantizer)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]] * 2))  # mean 4.5
+        if quantizer["name"] == "recu":
+            layer.weight_quantizer.alpha.fill_(1.0)
+    tracker = FlipTracker(layer)
+    with torch.no_grad():
+        layer.weight[:, 7] = 16.0  # every sign of w the same; the mean is now 5.5: 5 now below it
+    assert tracker.update()["train/flip_ratio"] == pytest.approx(2 / 16)  # w = 5 crossed, per row
+    before = FlipTracker(BinaryLinear(8, 2, weight_quantizer={"name": "sign"}))
+    assert before.update()["train/flip_ratio"] == 0.0
+
+
+def test_a_training_only_branch_does_not_flip_bits():
+    layer = BinaryLinear(64, 16, weight_quantizer={"name": "fda", "noise": True, "reduction": 4}).train()
+    layer.weight_quantizer.set_progress(0.0)  # the noise at its largest
+    tracker = FlipTracker(layer)
+    assert tracker.update()["train/flip_ratio"] == 0.0 and layer.weight_quantizer.training
+
+
 def test_flip_ratio_counts_sign_changes_exactly():
     model = nn.Sequential(BinaryConv2d(3, 8, 3), BinaryLinear(4, 2, binarize=False), BinaryLinear(10, 5))
     with torch.no_grad():

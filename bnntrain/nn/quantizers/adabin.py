@@ -129,3 +129,9 @@ class AdaBinWeight(ErrorDecayQuantizer):
         beta, alpha = centre_and_spread(w)
         signs = SurrogateSign.apply((w - beta) / alpha, self.ede.gradient)
         return signs * alpha + beta
+
+    @torch.no_grad()
+    def weight_signs(self, w: Tensor) -> Tensor:
+        """Which of its two values each weight takes: the sign of w - beta_w, not of the value."""
+        beta, alpha = centre_and_spread(w)
+        return ~torch.signbit((w - beta) / alpha)

@@ -145,6 +145,25 @@ class Quantizer(nn.Module):
             w: the latent weight.
         """
 
+    @torch.no_grad()
+    def weight_signs(self, w: Tensor) -> Tensor:
+        """The binary choice the quantizer makes for each weight, as the evaluated network
+        makes it: True where it takes the upper value (the flip-ratio tracker reads these).
+
+        Args:
+            w: the latent weight.
+
+        Returns:
+            A boolean tensor of w's shape: the sign bit of `forward(w)` in evaluation mode
+                (IR-Net's and ReCU's signs are those of the standardised weight, not of w).
+        """
+        training = self.training
+        self.eval()  # a training-only branch (FDA's noise) is no part of the choice
+        try:
+            return ~torch.signbit(self(w))
+        finally:
+            self.train(training)
+
     def output_scale(self, x: Tensor, out: Tensor, layer: nn.Module) -> Tensor | None:
         """A factor the layer multiplies into its output before the bias, for a quantizer with
         `scales_output` (XNOR-Net's K, XNOR-Net++'s spatial factors). None by default.
