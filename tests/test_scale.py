@@ -233,16 +233,19 @@ def test_torchrun_two_ranks_match_one_process_over_the_same_global_batch(tmp_pat
 
 @pytest.mark.slow
 def test_torchrun_scales_the_lr_splits_the_evaluation_and_shares_rank_0s_folder(tmp_path):
-    """One run under torchrun, for three things: the lr scaled by the number of ranks when
+    """One run under torchrun, for four things: the lr scaled by the number of ranks when
     asked; 33 test images on two ranks, 17 and 16, each counted once (the accuracy the run
     reports is that of one process evaluating the same weights on the whole test set, where
-    a padded split would count one image twice, out of 34); and with no hydra.run.dir, the
-    ranks share the one run folder rank 0 made."""
+    a padded split would count one image twice, out of 34); with no hydra.run.dir, the
+    ranks share the one run folder rank 0 made; and ReCU's weights in stage 1, whose alpha
+    gets no gradient while the weights are real (DDP refuses that at the second step unless
+    told to look for unused parameters)."""
     from bnntrain.data import build_loaders
     from bnntrain.nn import set_precision
 
     out = torchrun(["-m", "bnntrain", *TINY, "stage=1", "data.test_size=33", "trainer.device=cpu",
-                    "trainer.scale_lr=true"], cwd=tmp_path)  # no hydra.run.dir
+                    "trainer.scale_lr=true", "~model.weight_quantizer", "+model.weight_quantizer={name:recu}"],
+                   cwd=tmp_path)  # no hydra.run.dir
     assert out.returncode == 0, out.stderr
     assert "data parallel over 2 ranks, backend gloo" in out.stdout
     (run,) = (tmp_path / "outputs").glob("*/*")

@@ -27,6 +27,7 @@ from ..losses import build_objective
 from ..models import build_model, model_from_checkpoint
 from ..optim import build_optimizer, build_scheduler
 from .checkpoint import load_checkpoint, load_model_weights
+from .distributed import idle_quantizer_parameters
 from .seeding import seed_everything
 from .setup import configure_malloc, prepare_model, resolve_device, trainer_options
 from .trainer import Trainer
@@ -96,7 +97,9 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
         load_model_weights(model, _finite(load_checkpoint(init)["model"], init), init)
         log.info(f"{name}: weights initialised from {init}")
     scheduler = _scheduler(cfg.schedule, optimizer, saved["epoch"] if saved is not None else 0)
-    net = prepare_model(model, device, cfg.trainer, options["channels_last"])  # DDP/compile around `model`
+    idle = idle_quantizer_parameters(model, cfg.stage.activations, cfg.stage.weights)
+    # DDP/compile around `model`
+    net = prepare_model(model, device, cfg.trainer, options["channels_last"], idle_parameters=bool(idle))
     objective.to(device)
     if teacher is not None:
         teacher.to(device)

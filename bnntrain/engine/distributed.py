@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from ..nn.layers import BinaryMixin
+
 
 def launched_by_torchrun() -> bool:
     """torchrun (even with one process) or any launcher that sets WORLD_SIZE above 1."""
@@ -88,13 +90,31 @@ def broadcast_text(text: str) -> str:
     return value[0]
 
 
-def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
-    """DistributedDataParallel around the model (SyncBatchNorm first, if asked)."""
+def idle_quantizer_parameters(model: nn.Module, activations: str, weights: str) -> list[nn.Parameter]:
+    """The quantizers' parameters that get no gradient at a stage's precision: a weight
+    quantizer's (ReCU's alpha, XNOR-Net++'s factors) while the weights are real, an input
+    quantizer's (AdaBin's alpha and beta) while the activations are."""
+    idle = []
+    for layer in model.modules():
+        if not isinstance(layer, BinaryMixin) or not layer.binarize:
+            continue
+        if weights != "binary":
+            idle += list(layer.weight_quantizer.parameters())
+        if activations != "binary":
+            idle += list(layer.input_quantizer.parameters())
+    return idle
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool, idle_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around the model (SyncBatchNorm first, if asked). With
+    `idle_parameters` (some get no gradient in this stage) DDP looks for unused parameters
+    after each backward pass, which it otherwise refuses at the second step."""
     if not dist.is_initialized():
         return model
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=idle_parameters)
 
 
 class ShardSampler(Sampler[int]):

@@ -46,9 +46,11 @@ def configure_malloc(setting: str, device: torch.device) -> bool:
     return keep and tune_glibc_malloc()
 
 
-def prepare_model(model: nn.Module, device: torch.device, cfg: DictConfig, channels_last: bool) -> nn.Module:
+def prepare_model(model: nn.Module, device: torch.device, cfg: DictConfig, channels_last: bool,
+                  idle_parameters: bool = False) -> nn.Module:
     """Move the model to its device and wrap it for training; the caller keeps `model`
-    itself for checkpoints, so saved keys never carry a DDP or compile prefix."""
+    itself for checkpoints, so saved keys never carry a DDP or compile prefix.
+    `idle_parameters`: some of its parameters get no gradient in this stage (DDP must know)."""
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    net = distributed.wrap(model, device, sync_bn=cfg.sync_bn)
+    net = distributed.wrap(model, device, sync_bn=cfg.sync_bn, idle_parameters=idle_parameters)
     return torch.compile(net) if cfg.compile else net
