@@ -73,7 +73,8 @@ def test_the_study_writes_the_runs_own_numbers(tmp_path):
     data = write_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=8, size=32)
     out = tmp_path / "study"
     argv = ["--data", str(data), "--out", str(out), "--arms", "bop", "--seeds", "0", "--epochs", "1",
-            "--repeats", "1", "--extra", "data.batch_size=8", "--extra", "data.num_workers=0"]
+            "--repeats", "1", "--extra", "data.batch_size=8", "--extra", "data.num_workers=0",
+            "--extra", "model.width=0.0625", "--extra", "data.image_size=16"]
     study.main(argv)
     written = json.loads((out / "methods.json").read_text())
     assert list(written["arms"]) == ["bnn", "bop"] and written["seeds"] == [0] and written["epochs"] == 1
