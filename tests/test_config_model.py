@@ -105,7 +105,7 @@ INVALID = {
     "identity as quantizer": (["model.input_quantizer.name=identity"],
                               ["model.input_quantizer", INPUT_NAMES]),
     "argument the quantizer lacks": (["+model.input_quantizer.beta=3"], ["model.input_quantizer=ste_sign",
-                                                                          "takes no arguments; got beta"]),
+                                                                          "takes clip_value; got beta"]),
     "unknown weight gradient": (["model.weight_quantizer.gradient=both"], ["model.weight_quantizer.gradient",
                                                                            "scaled, unscaled"]),
     "old weight_scale not a flag": (["model.weight_scale=maybe"], ["model.weight_scale", "true or false"]),

@@ -181,7 +181,7 @@ def test_an_unpackable_quantizer_is_refused_by_the_export():
 def test_a_precision_mode_or_an_unknown_argument_is_refused_with_what_is_expected():
     with pytest.raises(ValueError, match="precision mode, which the stage sets"):
         BinaryConv2d(3, 4, 3, input_quantizer="clamp")
-    with pytest.raises(ValueError, match="model.input_quantizer=ste_sign takes no arguments; got beta"):
+    with pytest.raises(ValueError, match="model.input_quantizer=ste_sign takes clip_value; got beta"):
         build_quantizer(INPUT_QUANTIZERS, {"name": "ste_sign", "beta": 2.0})
     with pytest.raises(ValueError, match="model.weight_quantizer.gradient 'both'; expected one of: scaled, unscaled"):
         build_quantizer(WEIGHT_QUANTIZERS, {"name": "scaled_sign", "gradient": "both"})

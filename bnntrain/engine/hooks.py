@@ -184,17 +184,23 @@ class PrecisionSwitch(Hook):
 
 class QuantizerSchedule(Hook):
     """Quantizers whose behaviour changes over the stage (a `set_progress(fraction)` method)
-    learn at each epoch's start how far the stage has come: epoch / epochs, 0 at its start."""
+    learn at each epoch's start how far the stage has come: epoch / epochs, 0 at its start.
+    Modules with a `set_epoch(epoch)` method (a schedule by epoch, not by fraction: BNext's
+    temperature) learn the epoch itself, counted from 0."""
     name = "quantizer_schedule"
 
     def before_stage(self, run: StageRun) -> None:
-        self.scheduled = [m for m in run.parts.model.modules() if callable(getattr(m, "set_progress", None))]
+        modules = list(run.parts.model.modules())
+        self.scheduled = [m for m in modules if callable(getattr(m, "set_progress", None))]
         if callable(getattr(run.parts.optimizer, "set_progress", None)):  # Bop's gamma
             self.scheduled.append(run.parts.optimizer)
+        self.by_epoch = [m for m in modules if callable(getattr(m, "set_epoch", None))]
 
     def before_epoch(self, run: StageRun, epoch: int) -> None:
         for module in self.scheduled:
             module.set_progress(epoch / run.epochs)
+        for module in self.by_epoch:
+            module.set_epoch(epoch)
 
 
 class WeightProjection(Hook):

@@ -11,7 +11,9 @@ output position by numba-compiled kernels (`kernels.py`; numba is the optional e
 `infer`: `pip install 'bnntrain[infer]'`). Everything else (the real-valued stem, shortcuts,
 BN, activations, pooling, the classifier) stays the PyTorch module it was, so the outputs are
 those of `bnntrain.tools.export.load` to float rounding: the binary sums are integers, and a tap in
-the zero padding counts for nothing, as in PyTorch.
+the zero padding counts for nothing, as in PyTorch. A layer that pads its signs with +-1
+(larq's `pad_values`, QuickNet's +1) has its input padded with +-inf before packing, whose
+sign that is whatever the threshold, and the kernels then pad nothing.
 
 A binary layer the kernels cannot run (a stage-1 checkpoint's layers: binary activations,
 real weights; a stage-0 one's: real activations; padding given as a string) stops `load`
@@ -95,6 +97,8 @@ def why_not_packed(layer: inference.InferenceBinaryLayer) -> str | None:
         return "real-valued weights (a stage-1 checkpoint)"
     if layer.conv is not None and isinstance(layer.conv["padding"], str):
         return f"padding={layer.conv['padding']!r}"
+    if getattr(layer, "pad_value", 0.0) not in (0.0, 1.0, -1.0):
+        return f"pad_value={layer.pad_value} (the kernels pad with zeros or with signs)"
     return None
 
 
@@ -124,6 +128,10 @@ class PackedBinaryConv2d(nn.Module):
         self.groups = conv["groups"]
         self.in_channels = self.in_per_group * self.groups
         self.stride, self.padding, self.dilation = (_pair(conv[k]) for k in ("stride", "padding", "dilation"))
+        # Signs padded with +-1: the input is padded here with +-inf (see the module's docstring).
+        self.sign_padding, self.pad_fill = (0, 0), math.copysign(math.inf, getattr(layer, "pad_value", 0.0))
+        if getattr(layer, "pad_value", 0.0):
+            self.sign_padding, self.padding = self.padding, (0, 0)
         self.words_per_group = math.ceil(self.in_per_group / WORD)
         self.weight_words = pack_weight(weight, self.groups)
         # One group, no dilation: the faster kernel, its weights [KH, KW x words, O].
@@ -143,7 +151,9 @@ class PackedBinaryConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"conv {self.kh}x{self.kw}"
-        return (f"{kind}, {self.in_channels} -> {self.out_channels}, stride {self.stride}, padding {self.padding}, "
+        pad = (f"padding {self.padding}" if self.sign_padding == (0, 0)
+               else f"padding {self.sign_padding} with {'+' if self.pad_fill > 0 else '-'}1")
+        return (f"{kind}, {self.in_channels} -> {self.out_channels}, stride {self.stride}, {pad}, "
                 f"groups {self.groups}: XNOR-popcount, {self.words_per_group} uint64 words per tap")
 
     def pack(self, x: Tensor) -> np.ndarray:
@@ -177,6 +187,10 @@ class PackedBinaryConv2d(nn.Module):
             x = x.reshape(x.shape[0], -1, 1, 1)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise UserError(f"a packed binary layer of {self.in_channels} input channels got shape {tuple(x.shape)}")
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        if self.sign_padding != (0, 0):
+            ph, pw = self.sign_padding
+            x = F.pad(x, (pw, pw, ph, ph), value=self.pad_fill)
         n, _, h, w = x.shape
         words = self.pack(x)
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
@@ -195,7 +209,7 @@ class PackedBinaryConv2d(nn.Module):
         # The layout it came in: PyTorch's real-valued layers round differently on the two
         # layouts, and this keeps the model's outputs those of packed.load's in that layout.
         result = result.permute(0, 3, 1, 2)
-        return result if x.is_contiguous(memory_format=torch.channels_last) else result.contiguous()
+        return result if channels_last else result.contiguous()
 
 
 def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer], nn.Module | None]) -> None:

@@ -176,18 +176,28 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         binarize: False builds the real-valued twin, which stays real whatever it is set to.
         init: `default` (PyTorch's init) or `small_positive` (Bi-Real Net's U[0, 0.001): every
             sign +1 at first).
+        pad_value: what the quantized input is padded with (larq's `pad_values`): 0, zeros as
+            PyTorch pads; QuickNet's 1.0 pads the signs with +1, a value a binary engine holds.
 
     Raises:
-        ValueError: an unknown quantizer name or init, or an argument the quantizer does not take.
+        ValueError: an unknown quantizer name or init, or an argument the quantizer does not take;
+            a `pad_value` with a quantizer that scales the output (XNOR-Net's K, whose box
+            filter pads with zeros).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, groups: int = 1, bias: bool = False, *, input_quantizer: QuantizerSpec = "ste_sign",
                  weight_quantizer: QuantizerSpec = "scaled_sign", learnable_threshold: bool = False,
-                 binarize: bool = True, init: str = "default") -> None:
+                 binarize: bool = True, init: str = "default", pad_value: float = 0.0) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self._init_binary(input_quantizer, weight_quantizer, learnable_threshold, binarize, init,
                           in_channels, spatial=True)
+        # Non-zero: the layer pads its quantized input itself and convolves with no padding;
+        # `padding` still says by how much, for the cost report and the export.
+        self.pad_value = float(pad_value)
+        if self.pad_value and any(q.scales_output for q in (self.input_quantizer, self.weight_quantizer)):
+            raise ValueError(f"pad_value={pad_value} with a quantizer that scales the output (XNOR-Net's K, "
+                             f"computed with zero padding) is not supported")
         # The sign and the conv run as one autograd step where the input quantizer declares a
         # fused form (sign_conv.py), which keeps less for the backward pass; False runs it unfused.
         self.fused_sign = True
@@ -204,13 +214,27 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
         scalers = self.output_scalers()
         bias = None if scalers else self.bias  # a scaled output takes the bias after the scale
         fused = FUSED_SIGN_CONVS.get(self.input_quantizer.fused) if self.fused_sign else None
-        if self.activations == "binary" and fused is not None:
+        # A fused form computes sign(x): padding x with +-1 pads its signs with the same value.
+        if self.activations == "binary" and fused is not None and self.pad_value in (0.0, 1.0, -1.0):
             shifted = x if self.threshold is None else x + self.threshold
-            conv = (self.stride, self.padding, self.dilation, self.groups)
+            padding = self.padding
+            if self.pad_value:
+                shifted, padding = self._pad_input(shifted), (0, 0)
+            conv = (self.stride, padding, self.dilation, self.groups)
             out = fused.apply(shifted, self.quantized_weight(), bias, *conv, self.input_quantizer)
+        elif self.pad_value:
+            out = F.conv2d(self._pad_input(self.quantize_input(x)), self.quantized_weight(), bias, self.stride, 0,
+                           self.dilation, self.groups)
         else:
             out = self._conv_forward(self.quantize_input(x), self.quantized_weight(), bias)
         return self.scale_output(x, out, scalers) if scalers else out
+
+    def _pad_input(self, x: Tensor) -> Tensor:  # by `padding` on each side, with `pad_value`
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph), value=self.pad_value)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", pad_value={self.pad_value}" if self.pad_value else "")
 
 
 class BinaryLinear(BinaryMixin, nn.Linear):

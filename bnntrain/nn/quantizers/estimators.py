@@ -74,10 +74,24 @@ class SurrogateSignEstimator(SignEstimator):
 
 @registered(INPUT_QUANTIZERS, "ste_sign")
 class SteSign(MaskedSignEstimator):
-    """The collection's BinActive: gradient g where |x| < 1, else 0."""
+    """The collection's BinActive: gradient g where |x| < 1, else 0; or, with a `clip_value`,
+    larq's `SteSign(clip_value)`: g where |x| <= clip_value (QuickNet's 1.25).
+
+    Args:
+        clip_value: None (the collection's |x| < 1) or where larq's gradient stops, the bound
+            included.
+    """
+
+    def __init__(self, clip_value: float | None = None) -> None:
+        super().__init__()
+        self.clip_value = clip_value
+
+    def arguments(self) -> dict[str, Any]:
+        # The collection's estimator is its name alone, as before the argument existed.
+        return {} if self.clip_value is None else {"clip_value": self.clip_value}
 
     def mask(self, x: Tensor) -> Tensor:
-        return x.abs() < 1
+        return x.abs() < 1 if self.clip_value is None else x.abs() <= self.clip_value
 
 
 @registered(INPUT_QUANTIZERS, "approx_sign")

@@ -14,10 +14,23 @@ from .estimators import MaskedSignEstimator
 
 @registered(WEIGHT_QUANTIZERS, "sign")
 class WeightSign(MaskedSignEstimator):
-    """sign(w) with the clipped straight-through gradient: g where |w| <= 1."""
+    """sign(w) with the clipped straight-through gradient: g where |w| <= clip_value (larq's
+    `SteSign(clip_value)` as a kernel quantizer; QuickNet's is 1.25).
+
+    Args:
+        clip_value: where the gradient stops, the bound included.
+    """
+
+    def __init__(self, clip_value: float = 1.0) -> None:
+        super().__init__()
+        self.clip_value = clip_value
+
+    def arguments(self) -> dict[str, Any]:
+        # At the default, its name alone, as before the argument existed.
+        return {} if self.clip_value == 1.0 else {"clip_value": self.clip_value}
 
     def mask(self, w: Tensor) -> Tensor:
-        return w.abs() <= 1
+        return w.abs() <= self.clip_value
 
 
 def channel_scale(w: Tensor) -> Tensor:

@@ -47,6 +47,9 @@ class InferenceBinaryLayer(nn.Module):
         self.binary_weights = layer.weights == "binary"
         self.conv = ({"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
                       "groups": layer.groups} if isinstance(layer, nn.Conv2d) else None)
+        # What the quantized input is padded with (larq's `pad_values`; QuickNet's +1): the
+        # layer pads it here and convolves with no padding, as the trained layer does.
+        self.pad_value = getattr(layer, "pad_value", 0.0)
         weight = layer.quantized_weight().detach().clone()
         scale = None
         if self.binary_weights and layer.weight_quantizer.channel_scaled:
@@ -60,19 +63,24 @@ class InferenceBinaryLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = "conv" if self.conv is not None else "linear"
         bits = "1-bit" if self.binary_weights else "32-bit"
-        return f"{kind} {tuple(self.weight.shape)}, {bits} weights, {self.activations} input"
+        pad = f", padded with {self.pad_value}" if self.pad_value else ""
+        return f"{kind} {tuple(self.weight.shape)}, {bits} weights, {self.activations} input{pad}"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.threshold is not None:
             x = x + self.threshold
         x = INPUT_FUNCTIONS[self.activations](x)
+        conv = self.conv
+        if conv is not None and self.pad_value:
+            (ph, pw), conv = conv["padding"], {**conv, "padding": 0}
+            x = F.pad(x, (pw, pw, ph, ph), value=self.pad_value)
         if not (self.binary_weights and self.activations == "binary"):
             weight = self.weight if self.scale is None else self.weight * self.scale
-            return F.linear(x, weight, self.bias) if self.conv is None else F.conv2d(x, weight, self.bias, **self.conv)
+            return F.linear(x, weight, self.bias) if conv is None else F.conv2d(x, weight, self.bias, **conv)
         # +-1 inputs and weights: the conv's sums are whole numbers, exact in float32 in any
         # order; the scale and bias then apply once each, as a binary engine does it
         # (bnntrain.infer's outputs are these, bit for bit).
-        out = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
+        out = F.linear(x, self.weight) if conv is None else F.conv2d(x, self.weight, None, **conv)
         shape = (1, -1) + (1,) * (out.dim() - 2)
         if self.scale is not None:
             out = out * self.scale.reshape(shape)
@@ -134,19 +142,27 @@ def check_packable(name: str, layer: BinaryMixin) -> None:
                             f"cannot run it as trained")
 
 
-def to_inference(model: nn.Module) -> dict[str, str]:
+def to_inference(model: nn.Module, check: bool = True) -> dict[str, str]:
     """Turn a trained model, in place, into its inference form: binary layers of plain ops,
     BN folded where exact, eval mode. Returns the folded {conv: bn}.
 
     Args:
         model: a trained model, at the precision it is exported at.
+        check: refuse a layer whose quantizer is not `packable`. Reading a packed file skips
+            it: the file was checked when written, and the fresh model its config builds has
+            the quantizers' initial state (BNext's soft weights at temperature 1), not the
+            trained one.
 
     Returns:
         {name of the conv: name of the BN folded into it}.
+
+    Raises:
+        UserError: with `check`, a binary layer whose quantizer is not packable.
     """
     model.eval()
     for name, layer in list(binary_layers(model)):
-        check_packable(name, layer)
+        if check:
+            check_packable(name, layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, InferenceBinaryLayer(layer))
     folded = fold_batchnorms(model)
