@@ -35,6 +35,9 @@ PRESETS = {
     "reactnet18_paper": ([], 0.0, {"stage1": (2.5e-3, 1e-5), "stage2": (2.5e-3, 0.0)}, REACTNET_SCHEDULE),
     # ReActNet's mobilenet/ run.sh: lr 1.25e-3.
     "reactnet_a_paper": ([], 0.0, {"stage1": (1.25e-3, 1e-5), "stage2": (1.25e-3, 0.0)}, REACTNET_SCHEDULE),
+    # AdamBNN's step1/ and step2/ run.sh: lr 1.25e-3, weight decay 5e-6 then 0, 256 epochs each.
+    "adambnn_reactnet_a": ([], 0.0, {"stage1": (1.25e-3, 5e-6), "stage2": (1.25e-3, 0.0)},
+                           {"name": "linear", "epochs": 256}),
     # The method papers' recipes: SGD, one stage (every value in test_paper_recipes.py).
     # IR-Net's trainer.py: lr 0.1, weight decay 1e-4, cosine over 400 epochs.
     "irnet_resnet20_cifar10": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-4)}, {"name": "cosine", "epochs": 400}),

@@ -103,6 +103,28 @@ def test_stage2_starts_from_stage1s_last_weights_learned_thresholds_included(tmp
     assert_same_tensors(epoch_starts[1], s1)
 
 
+def test_a_stage_may_start_from_the_previous_ones_best_checkpoint(tmp_path, epoch_starts):
+    """`stage.start_from=best` (AdamBNN's step 2): the hand-over is stage 1's best.pt."""
+    run = tmp_path / "run"
+    pipeline.run([*TINY, "schedule.epochs=2", "stages.stage2.stage.start_from=best", "trainer.progress=plain"], run)
+    assert torch.load(run / "stage2/last.pt", weights_only=True)["init_from"] == str(run / "stage1/best.pt")
+    assert_same_tensors(epoch_starts[2], torch.load(run / "stage1/best.pt", weights_only=True)["model"])
+
+
+def test_a_stage_may_keep_its_own_binary_weights_and_take_everything_else(tmp_path, epoch_starts):
+    """`stage.hand_over=all_but_binary_weights` (ReActNet-A's released step 2): the binary
+    convs' latent weights keep their fresh init; every other tensor comes from stage 1."""
+    run = tmp_path / "run"
+    pipeline.run([*TINY, "model=reactnet18", "stages.stage2.stage.hand_over=all_but_binary_weights",
+                  "stages.stage2.model.binary_init=small_positive", "trainer.progress=plain"], run)
+    s1 = torch.load(run / "stage1/last.pt", weights_only=True)["model"]
+    start = epoch_starts[1]
+    binary = {k for k in s1 if k.startswith("stages.") and ".convs." in k and k.endswith(".weight")}
+    assert binary and all(0 <= start[k].min() and start[k].max() < 0.001 for k in binary)  # U[0, 0.001)
+    assert_same_tensors({k: v for k, v in start.items() if k not in binary}, {k: v for k, v in s1.items()
+                                                                            if k not in binary})
+
+
 # Stage 2's top-1 on the digits' 360 test images, measured with seed 0: birealnet18 93.06%,
 # reactnet18 44.72%. The floors sit a few points under.
 FLOORS = {"birealnet18": 88, "reactnet18": 40}

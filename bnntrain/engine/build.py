@@ -25,6 +25,7 @@ from ..distill import build_teacher
 from ..errors import CheckpointError
 from ..losses import build_objective
 from ..models import build_model, model_from_checkpoint
+from ..nn import binary_layers
 from ..optim import build_optimizer, build_scheduler
 from .checkpoint import load_checkpoint, load_model_weights
 from .distributed import idle_quantizer_parameters
@@ -61,6 +62,14 @@ class StageParts:
     teacher: nn.Module | None = None
 
 
+def keep_own_binary_weights(model: nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    """`weights` with every binary layer's latent weight replaced by the fresh model's own:
+    ReActNet-A's released step-2 code loads step 1 with strict=False into binary convs whose
+    weight has another name (`weights`, flattened), so they keep their U[0, 0.001) init."""
+    own = {f"{name}.weight": layer.weight.detach().clone() for name, layer in binary_layers(model) if layer.binarize}
+    return {**weights, **own}
+
+
 def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] | None = None,
                 resume: Path | None = None, bad_images: BadImageLog | None = None) -> StageParts:
     """The stage `cfg` (a stage config from `config.plan`) starting from `init`, or resumed
@@ -94,8 +103,12 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
         objective.load_state_dict(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])
     elif init is not None:
-        load_model_weights(model, _finite(load_checkpoint(init)["model"], init), init)
-        log.info(f"{name}: weights initialised from {init}")
+        weights = _finite(load_checkpoint(init)["model"], init)
+        if cfg.stage.hand_over == "all_but_binary_weights":
+            weights = keep_own_binary_weights(model, weights)
+        load_model_weights(model, weights, init)
+        log.info(f"{name}: weights initialised from {init}"
+                 + (" (its binary convs' weights left at their init)" if cfg.stage.hand_over != "all" else ""))
     scheduler = _scheduler(cfg.schedule, optimizer, saved["epoch"] if saved is not None else 0)
     idle = idle_quantizer_parameters(model, cfg.stage.activations, cfg.stage.weights)
     # DDP/compile around `model`

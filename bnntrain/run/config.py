@@ -146,7 +146,8 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
          check_init: bool = True) -> list[DictConfig]:
     """The config of every stage these overrides describe, in order, each resolved and checked,
     exactly as it will train. A later stage of a pipeline starts from the previous stage's
-    `<run_dir>/<stage>/last.pt`; `world_size` ranks scale the lr where `trainer.scale_lr` says so.
+    `<run_dir>/<stage>/last.pt` (`best.pt` where `stage.start_from` says); `world_size` ranks
+    scale the lr where `trainer.scale_lr` says so.
     `check_init=False` shows a stage that starts from a checkpoint without naming one.
 
     Args:
@@ -177,8 +178,8 @@ def plan(overrides: list[str], run_dir: str | Path = RUN_FOLDER, world_size: int
         raise ConfigError(f"stages.{unknown[0]} is set, but this run trains {', '.join(names)}")
     stages = []
     for i, cfg in enumerate(composed):
-        init = cfg.init if i == 0 else str(Path(run_dir) / names[i - 1] / "last.pt")
-        stages.append(finish_stage(cfg, init, world_size))
+        previous = None if i == 0 else Path(run_dir) / names[i - 1]
+        stages.append(finish_stage(cfg, previous, world_size))
     first = stages[0]
     if not check_init:
         return stages
@@ -202,8 +203,9 @@ def note_unread_keys(overrides: list[str]) -> None:
                 notes.add(f"warning: {override} adds a key that bnntrain does not read (a typo?)")
 
 
-def finish_stage(cfg: DictConfig, init: str | None, world_size: int = 1) -> DictConfig:
-    """Steps 3-5 above for one composed stage."""
+def finish_stage(cfg: DictConfig, previous: Path | None, world_size: int = 1) -> DictConfig:
+    """Steps 3-5 above for one composed stage; `previous`, the folder of the stage before it
+    in a pipeline (None for the first, which starts from `init=`)."""
     name = cfg.stage.name
     own = cfg.stages.get(name)
     if own:
@@ -219,7 +221,9 @@ def finish_stage(cfg: DictConfig, init: str | None, world_size: int = 1) -> Dict
     fill_from_recipe(values["optimizer"], values["stage"].pop("recipe", None) or {}, name)
     if not values["stage"]["color_jitter"] and "color_jitter" in (values["augment"]["train"] or {}):
         values["augment"]["train"]["color_jitter"] = None  # trick 9: the stage trains without it
-    values["init"] = init
+    # A later stage starts from the previous one's last (or, as it asks, best) checkpoint.
+    if previous is not None:
+        values["init"] = str(previous / f"{values['stage']['start_from']}.pt")
     if values["trainer"]["scale_lr"] and world_size > 1:  # linear scaling with the global batch
         values["optimizer"]["lr"] *= world_size
         if values["schedule"].get("warmup_lr"):
