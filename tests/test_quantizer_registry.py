@@ -209,3 +209,12 @@ def test_a_registry_finds_every_entry_of_its_package_by_itself():
     same, found = out.stdout.split(" ", 1)
     assert same == "True", found
     assert "approx_sign" in found and "scaled_sign" in found and "reactnet_a" in found
+
+
+def test_an_inherited_argument_the_quantizer_does_not_take_is_dropped_only_when_null():
+    """A preset naming another quantizer sets the `gradient` it inherits from _base.yaml's
+    scaled_sign to null; a null the class does take stays null (larq's clip_value=None)."""
+    assert build_quantizer(WEIGHT_QUANTIZERS, {"name": "recu", "gradient": None}).config()["name"] == "recu"
+    with pytest.raises(ValueError, match="recu takes tau_min, tau_max; got gradient"):
+        build_quantizer(WEIGHT_QUANTIZERS, {"name": "recu", "gradient": "scaled"})
+    assert build_quantizer(INPUT_QUANTIZERS, {"name": "ste_heaviside", "clip_value": None}).clip_value is None

@@ -225,8 +225,8 @@ def build_quantizer(registry: Registry[type[Quantizer]], spec: QuantizerSpec) ->
 
     Args:
         registry: where the name is looked up.
-        spec: a name, a mapping of `name` and the class's arguments (one set to None takes
-            the class's default), or a `Quantizer` (returned as it is).
+        spec: a name, a mapping of `name` and the class's arguments (a key the class does not
+            take, set to None, is left out), or a `Quantizer` (returned as it is).
 
     Returns:
         The quantizer: a new one, unless `spec` is one.
@@ -238,12 +238,13 @@ def build_quantizer(registry: Registry[type[Quantizer]], spec: QuantizerSpec) ->
         return spec
     options = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = options.pop("name", None)
-    # null is "not set": a preset that names another quantizer drops an argument it inherits
-    # (the `gradient` of _base.yaml's scaled_sign) this way, since configs merge mappings.
-    options = {key: value for key, value in options.items() if value is not None}
     cls = registry.get(name)
     accepted = [p.name for p in inspect.signature(cls).parameters.values()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    # An argument the class does not take, set to null, is "not set": a preset that names
+    # another quantizer drops one it inherits (the `gradient` of _base.yaml's scaled_sign) this
+    # way, since configs merge mappings. One the class takes keeps its null (larq's clip_value).
+    options = {key: value for key, value in options.items() if key in accepted or value is not None}
     unknown = [key for key in options if key not in accepted]
     if unknown:
         raise ValueError(f"{registry.kind}={name} takes {', '.join(accepted) or 'no arguments'}; "
