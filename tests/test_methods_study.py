@@ -106,3 +106,16 @@ def test_the_study_writes_the_runs_own_numbers(tmp_path):
     again = json.loads((out / "methods.json").read_text())["arms"]
     assert again["bop"]["top1"] == bop["top1"] and again["bop"]["resumed"] == [True]
     assert again["bnn"]["top1"] == bnn["top1"] and again["bnn"]["resumed"] == [False]
+
+
+def test_the_methods_page_shows_the_committed_study():
+    """docs/methods.md's measured table is the committed JSON, line for line, as the script
+    writes it, and says how many seeds and epochs it rests on."""
+    from docs_pages import flat, page
+
+    written = json.loads((ROOT / "scripts" / "results_methods_study_cifar10.json").read_text())
+    assert written["noise_rule"] == study.NOISE_RULE and list(written["arms"]) == list(study.ARMS)
+    for line in study.markdown(written["arms"]).splitlines():
+        assert line in page("methods.md"), line
+    seeds = ", ".join(str(s) for s in written["seeds"])
+    assert f"seeds {seeds}, {written['epochs']} epochs" in flat("methods.md")
