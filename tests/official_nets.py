@@ -177,3 +177,14 @@ class ReActNetA(nn.Module):
         for block in self.feature:
             x = block(x)
         return self.fc(self.pool1(x).flatten(1))
+
+
+@torch.no_grad()
+def randomize_batchnorms(net, g):
+    """Every BN's statistics, scale and shift drawn at random: nothing lines up by accident."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0, 0.1, generator=g)

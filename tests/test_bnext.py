@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from official_nets import LearnableBias, randomize_batchnorms
+
 from bnntrain.complexity import count_costs
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import UserError
@@ -58,14 +60,6 @@ class HardBinaryConv(nn.Module):
             binary = binary.detach() - w.detach() + w
         return F.conv2d(x, binary, stride=self.stride, padding=self.padding)
 
-
-class LearnableBias(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
-
-    def forward(self, x):
-        return x + self.bias.expand_as(x)
 
 
 class SqueezeAndExpand(nn.Module):
@@ -186,12 +180,7 @@ def randomized(net, temperature):
                 p.copy_(torch.empty(p.shape).uniform_(-0.2, 1.2, generator=g))
             elif name.endswith("move.bias") or name.endswith("prelu.weight") or "activation" in name:
                 p.normal_(0, 0.2, generator=g)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
+        randomize_batchnorms(net, g)
         for name, b in net.named_buffers():
             if name.endswith("temperature"):
                 b.fill_(temperature)

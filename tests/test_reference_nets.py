@@ -89,12 +89,7 @@ def away_from_zero(net):
                 p.copy_(torch.empty(p.shape).uniform_(0.01, 1, generator=g) * (torch.randint(0, 2, p.shape, generator=g) * 2 - 1))
             elif name.endswith("bias") and p.dim() == 4:
                 p.normal_(0, 0.1, generator=g)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
+        official.randomize_batchnorms(net, g)
     return net
 
 
