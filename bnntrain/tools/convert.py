@@ -3,11 +3,14 @@
 
 Reads what Bi-Real Net's and ReActNet's official PyTorch code saves (liuzechun/Bi-Real-net
 `pytorch_implementation/BiReal18_34`, liuzechun/ReActNet `resnet/` and `mobilenet/`, both
-steps): the state dict alone or inside a dict (`state_dict`, `epoch`, `best_top1_acc`,
-`optimizer`), keys with or without DataParallel's `module.` prefix, step 1's real 4-D conv
-weights, step 2's 4-D `weight` or flat `(N, 1)` `weights`. Every official key is mapped to
-exactly one of ours (ReActNet-A's two 1x1 convs and BNs where the channels double are joined
-into our one 1x1 conv and BN along the output channels, in order); a key with no rule, a key of
+steps) and BNext's (hpi-xnor/BNext `src/bnext.py`, the four sizes, as its training script
+saves them or as released): the state dict alone or inside a dict (`state_dict`, `epoch`,
+`best_top1_acc`, `optimizer`, ...), keys with or without DataParallel's `module.` prefix, step
+1's real 4-D conv weights, step 2's 4-D `weight` or flat `(N, 1)` `weights`; BNext trains in
+one step, binary from the start, so its checkpoints are stage 2. Every official key is mapped
+to exactly one of ours (official_keys.py; ReActNet-A's two 1x1 convs and BNs where the channels
+double are joined into our one 1x1 conv and BN along the output channels, in order; BNext's
+HardSign temperature, divided out of a sign, is dropped); a key with no rule, a key of
 ours left unfilled, a shape other than ours (or, for step 2's binary convs, the flat `(N, 1)`),
 a dimension of size 0 or a non-float tensor where ours is float is an error naming it. The
 result loads with `init=`, and works with `bnntrain.tools.summary`, `bnntrain.tools.export` and
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -32,55 +35,22 @@ from ..errors import CheckpointError, ConfigError
 from ..files import refuse_overwrite
 from ..models import build_model
 from ..nn import set_precision
+from .official_keys import BINARY_CONV, DROPPED, ONE_STEP, PRESETS, RULES, STEM, Rule
 
 USAGE = "usage: python -m bnntrain.tools.convert src=PATH out=PATH model=NAME [step=1|2] [group=option ...]"
-Rule = tuple[str, Callable[[re.Match], str]]
-BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-
-# Bi-Real Net 18/34 and ReActNet's ResNet-18: layer{L}.{B} is our stages.{L-1}.{B}.
-RESNET_RULES: list[Rule] = [
-    (r"conv1\.weight", lambda m: "stem.0.weight"),
-    (rf"bn1\.{BN}", lambda m: f"stem.1.{m[1]}"),
-    (r"layer(\d)\.(\d+)\.binary_conv\.weights?", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.convs.0.weight"),
-    (rf"layer(\d)\.(\d+)\.bn1\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.norms.0.{m[3]}"),
-    (r"layer(\d)\.(\d+)\.move0\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.convs.0.threshold"),
-    (r"layer(\d)\.(\d+)\.move1\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.shift_in"),
-    (r"layer(\d)\.(\d+)\.prelu\.weight", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.prelu.weight"),
-    (r"layer(\d)\.(\d+)\.move2\.bias", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.act.shift_out"),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.weight", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.1.weight"),
-    (rf"layer(\d)\.(\d+)\.downsample\.2\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.2.{m[3]}"),
-    (r"fc\.(weight|bias)", lambda m: f"classifier.{m[1]}"),
-]
-# ReActNet-A: feature.0 is the stem, feature.{i} our stages.{i-1}: its 3x3 half `.0`, its 1x1 half `.1`.
-HALF = {"move11": "0.convs.0.threshold", "move12": "0.act.shift_in", "prelu1": "0.act.prelu", "move13": "0.act.shift_out",
-        "move21": "1.convs.0.threshold", "move22": "1.act.shift_in", "prelu2": "1.act.prelu", "move23": "1.act.shift_out"}
-REACTNET_A_RULES: list[Rule] = [
-    (r"feature\.0\.conv1\.weight", lambda m: "stem.0.weight"),
-    (rf"feature\.0\.bn1\.{BN}", lambda m: f"stem.1.{m[1]}"),
-    (r"feature\.(\d+)\.binary_3x3\.weights?", lambda m: f"stages.{int(m[1]) - 1}.0.convs.0.weight"),
-    (rf"feature\.(\d+)\.bn1\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.0.norms.0.{m[2]}"),
-    (r"feature\.(\d+)\.binary_pw(?:_down[12])?\.weights?", lambda m: f"stages.{int(m[1]) - 1}.1.convs.0.weight"),
-    (rf"feature\.(\d+)\.bn2(?:_[12])?\.{BN}", lambda m: f"stages.{int(m[1]) - 1}.1.norms.0.{m[2]}"),
-    (r"feature\.(\d+)\.(move\d\d)\.bias", lambda m: f"stages.{int(m[1]) - 1}.{HALF[m[2]]}"),
-    (r"feature\.(\d+)\.(prelu[12])\.weight", lambda m: f"stages.{int(m[1]) - 1}.{HALF[m[2]]}.weight"),
-    (r"fc\.(weight|bias)", lambda m: f"classifier.{m[1]}"),
-]
-RULES = {"resnet18": RESNET_RULES, "resnet34": RESNET_RULES, "reactnet_a": REACTNET_A_RULES}
-PRESETS = ("birealnet18", "birealnet34", "reactnet18", "reactnet_a")  # the presets with official checkpoints
-STEM = {"resnet18": "conv1.weight", "resnet34": "conv1.weight", "reactnet_a": "feature.0.conv1.weight"}
 # Far above any real dataset (ImageNet-21k has 21,841 classes; images 1 to 4 channels), far
 # below what a forged shape could make build_model allocate.
 MAX_CLASSES, MAX_CHANNELS = 100_000, 1024
-BINARY_CONV = re.compile(r"\.(binary_conv|binary_3x3|binary_pw\w*)\.weights?$")
 
 
-def check_preset(overrides: list[str]) -> None:
+def check_preset(overrides: list[str]) -> str:
     """Before anything is read: another preset would fail later on its keys, not on its name."""
     presets = [o.partition("=")[2] for o in overrides if o.startswith("model=")]
     preset = presets[-1] if presets else None
     if preset not in PRESETS:
         raise ConfigError(f"model={preset}: convert takes the networks with official checkpoints: "
                           f"{', '.join(PRESETS)}")
+    return preset
 
 
 def check_paths(src: Path, out: Path) -> None:
@@ -110,8 +80,14 @@ def official_state(blob: Any, src: Path) -> dict[str, Tensor]:
     return out
 
 
-def infer_step(state: dict[str, Tensor], step: str | None) -> int:
-    """Step 2 stores binary convs as flat `weights`; a 4-D `weight` may be either step."""
+def infer_step(state: dict[str, Tensor], step: str | None, preset: str) -> int:
+    """Step 2 stores binary convs as flat `weights`; a 4-D `weight` may be either step. A
+    network trained in one step (BNext) is binary from the start: stage 2."""
+    if preset in ONE_STEP:
+        if step not in (None, "2"):
+            raise ConfigError(f"step={step}: {preset} trains in one step, binary from the start; its checkpoints "
+                              f"are stage 2 (leave step out)")
+        return 2
     if step is not None:
         if step not in ("1", "2"):
             raise ConfigError(f"step must be 1 or 2; got {step}")
@@ -143,7 +119,7 @@ def map_keys(state: dict[str, Tensor], rules: list[Rule], own: dict[str, Tensor]
         target = next((fn(m) for pattern, fn in rules if (m := re.fullmatch(pattern, key))), None)
         if target is None:
             unmapped.append(key)
-        else:
+        elif target != DROPPED:
             parts.setdefault(target, []).append((key, value))
     if unmapped:
         raise CheckpointError(f"no rule maps {len(unmapped)} official key(s) onto this model: "
@@ -227,16 +203,20 @@ def convert(src: str | Path, out: str | Path, overrides: list[str],
         UserError: `out` is `src`, or cannot be written.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    check_preset(overrides)
+    preset = check_preset(overrides)
     check_paths(src, out)
     blob = load_tensors(src, "official checkpoint")
     state = official_state(blob, src)
-    n = infer_step(state, step)
+    n = infer_step(state, step, preset)
     num_classes = size_from(state, "fc.weight", 0, MAX_CLASSES, "classes", 1000)
     epoch, best = recorded(blob, "epoch", src) or 0, recorded(blob, "best_top1_acc", src)
     if epoch < 0 or epoch != int(epoch):  # a checkpoint's epoch counts the epochs completed
         raise CheckpointError(f"{src}: epoch is {epoch}, not a count of epochs")
+    if preset in ONE_STEP and "epoch" in blob:  # BNext's script saves the finished epoch's index (and resumes at +1)
+        epoch += 1
     data = [] if any(o.startswith("data=") for o in overrides) else ["data=imagenet"]
+    if preset in ONE_STEP and num_classes != 1000:  # BNext's code: a stride-1 stem for any other class count
+        data.append("data.stem=cifar")
     cfg = last_stage([f"stage={n}", f"init={src}", *data, *overrides, f"data.num_classes={num_classes}"])
     if cfg.model.name not in RULES:
         raise ConfigError(f"model.name={cfg.model.name}: official checkpoints exist for {', '.join(PRESETS)}")
