@@ -16,6 +16,9 @@ a dimension of size 0 or a non-float tensor where ours is float is an error nami
 result loads with `init=`, and works with `bnntrain.tools.summary`, `bnntrain.tools.export` and
 `bnntrain.tools.evaluate`. Latent binary weights of exactly 0 are counted: the official torch.sign
 makes them 0, bnntrain's sign +1, so the two networks' logits differ unless there are none.
+
+An HDF5 file (told by its first bytes) is larq-zoo's Keras weights of a QuickNet, read with h5py
+(keras_weights.py): trained in one run, binary from the start, so stage 2; larq's sign is +1 at 0.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from ..errors import CheckpointError, ConfigError
 from ..files import refuse_overwrite
 from ..models import build_model
 from ..nn import set_precision
-from .official_keys import BINARY_CONV, DROPPED, ONE_STEP, PRESETS, RULES, STEM, Rule
+from .keras_weights import KERAS_RULES, is_hdf5, keras_layers, keras_sizes, keras_state
+from .official_keys import BINARY_CONV, DROPPED, KERAS_PRESETS, ONE_STEP, PRESETS, RULES, STEM, Rule
 
 USAGE = "usage: python -m bnntrain.tools.convert src=PATH out=PATH model=NAME [step=1|2] [group=option ...]"
 # Far above any real dataset (ImageNet-21k has 21,841 classes; images 1 to 4 channels), far
@@ -181,23 +185,24 @@ def recorded(blob: Any, key: str, src: Path) -> float | None:
 
 
 def convert(src: str | Path, out: str | Path, overrides: list[str],
-            step: str | None = None) -> tuple[dict[str, Any], int]:
+            step: str | None = None) -> tuple[dict[str, Any], int | None]:
     """Write `out` from the official checkpoint `src`; return what was written and how many
-    latent binary weights are exactly 0 (see `zero_binary_weights`; 0 where weights are real).
+    latent binary weights are exactly 0 (see `zero_binary_weights`; 0 where weights are real;
+    None for larq-zoo's Keras files, whose sign is +1 at 0 as ours).
 
     Args:
-        src: the official checkpoint.
+        src: the official checkpoint: a PyTorch file, or larq-zoo's Keras HDF5 weights.
         out: the bnntrain checkpoint to write; not `src`, in an existing folder.
         overrides: `model=NAME`, one of the presets with official checkpoints, and any other
             config overrides (`data=imagenet` unless a `data=` is given).
         step: `1` or `2`, the official training step; None infers it where the weights tell.
 
     Returns:
-        The checkpoint written, and the number of latent binary weights that are exactly 0.
+        The checkpoint written, and the number of latent binary weights that are exactly 0 (or None).
 
     Raises:
-        ConfigError: another preset, a step that must be given or is not 1 or 2, or `out`'s
-            folder missing.
+        ConfigError: another preset, a step that must be given or is not 1 or 2, `out`'s
+            folder missing, or an HDF5 file without h5py installed.
         CheckpointError: `src` is unreadable, or its keys, shapes or types do not map onto the
             model.
         UserError: `out` is `src`, or cannot be written.
@@ -205,6 +210,8 @@ def convert(src: str | Path, out: str | Path, overrides: list[str],
     src, out = Path(src).expanduser(), Path(out).expanduser()
     preset = check_preset(overrides)
     check_paths(src, out)
+    if is_hdf5(src) or preset in KERAS_PRESETS:
+        return convert_keras(src, out, overrides, step, preset), None
     blob = load_tensors(src, "official checkpoint")
     state = official_state(blob, src)
     n = infer_step(state, step, preset)
@@ -223,15 +230,39 @@ def convert(src: str | Path, out: str | Path, overrides: list[str],
     in_channels = size_from(state, STEM[cfg.model.name], 1, MAX_CHANNELS, "input channels", 3)
     model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
     weights = map_keys(state, RULES[cfg.model.name], model.state_dict())
+    return (written(model, weights, cfg, src, out, (num_classes, in_channels), int(epoch), best),
+            zero_binary_weights(state) if cfg.stage.weights == "binary" else 0)
+
+
+def convert_keras(src: Path, out: Path, overrides: list[str], step: str | None, preset: str) -> dict[str, Any]:
+    """`convert` for larq-zoo's Keras HDF5 weights (keras_weights.py); they hold no epoch or accuracy."""
+    if preset not in KERAS_PRESETS:
+        raise ConfigError(f"{src} is HDF5 (Keras): convert reads it for {', '.join(KERAS_PRESETS)}, not model={preset}")
+    if step not in (None, "2"):  # larq-zoo trains them in one run, binary from the start
+        raise ConfigError(f"step={step}: larq-zoo's weights are binary from the start, stage 2 (leave step out)")
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=imagenet"]
+    with keras_layers(src) as layers:
+        num_classes, in_channels = keras_sizes(layers, MAX_CLASSES, MAX_CHANNELS)
+        cfg = last_stage(["stage=2", f"init={src}", *data, *overrides, f"data.num_classes={num_classes}"])
+        if cfg.model.name not in KERAS_RULES:
+            raise ConfigError(f"model.name={cfg.model.name}: larq-zoo's Keras weights are {', '.join(KERAS_RULES)}'s")
+        model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
+        weights = keras_state(layers, model, KERAS_RULES[cfg.model.name])
+    return written(model, weights, cfg, src, out, (num_classes, in_channels), 0, None)
+
+
+def written(model: torch.nn.Module, weights: dict[str, Tensor], cfg: Any, src: Path, out: Path,
+            sizes: tuple[int, int], epoch: int, best: float | None) -> dict[str, Any]:
+    """`weights` in `model` at the stage's precision, saved to `out`; `sizes`: (classes, in channels)."""
     load_model_weights(model, weights, src)
     set_precision(model, cfg.stage.activations, cfg.stage.weights)
-    checkpoint = {"model": model.state_dict(), "num_classes": num_classes, "in_channels": in_channels,
-                  "epoch": int(epoch), "stage": cfg.stage.name,
+    checkpoint = {"model": model.state_dict(), "num_classes": sizes[0], "in_channels": sizes[1],
+                  "epoch": epoch, "stage": cfg.stage.name,
                   "precision": {"activations": cfg.stage.activations, "weights": cfg.stage.weights},
                   "metrics": {}, "best_top1": None if best is None else float(best),
                   "config": OmegaConf.to_container(cfg, resolve=True), "init_from": str(src)}
     save_checkpoint(checkpoint, out)
-    return checkpoint, zero_binary_weights(state) if cfg.stage.weights == "binary" else 0
+    return checkpoint
 
 
 def run(argv: list[str]) -> None:
@@ -253,7 +284,9 @@ def run(argv: list[str]) -> None:
           f"{len(checkpoint['model'])} tensors, {checkpoint['num_classes']} classes")
     if checkpoint["precision"]["weights"] != "binary":
         return  # step 1's real weights: a weight of 0 is 0 in both networks
-    if zeros:
+    if zeros is None:
+        print("larq's sign is +1 at 0, as bnntrain's: every binary weight has the sign larq gives it")
+    elif zeros:
         print(f"{zeros} latent binary weight(s) are exactly 0: the official torch.sign makes them 0, bnntrain's "
               f"sign +1 (times the channel's scale), so this network's logits differ from the official one's")
     else:
