@@ -25,6 +25,8 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
+import forked_cli
+
 # The suite runs in two worker processes (pyproject.toml); one thread each keeps them from
 # fighting over the cores, and so does one thread in every process a test starts (the CLI,
 # torchrun's ranks), unless the test asks for more.
@@ -59,11 +61,11 @@ def need(*modules: str, extra: str) -> ModuleType:
 def run_cli(args: list[str], run_dir: Path | None = None, cwd: Path | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m bnntrain ARGS hydra.run.dir=RUN_DIR`, capturing output."""
-    cmd = [sys.executable, "-m", "bnntrain", *args]
+    cmd = ["-m", "bnntrain", *args]
     if run_dir is not None:
         cmd.append(f"hydra.run.dir={run_dir}")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return forked_cli.run(cmd, cwd=cwd, env=env, timeout=timeout)  # a process, without its seconds of imports
 
 
 class ReachedTheRun(BaseException):

@@ -5,8 +5,6 @@ how many latent binary weights are exactly 0. bnntrain.tools.summary names a che
 build or count in one line."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,11 +21,11 @@ from conftest import main_in_process
 from test_config import make
 from test_errors import assert_one_line_error
 from test_reference_nets import away_from_zero, save_official
+import forked_cli
 
 
 def tool(name, *args):
-    return subprocess.run([sys.executable, "-m", f"bnntrain.tools.{name}", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return forked_cli.run(["-m", f"bnntrain.tools.{name}", *map(str, args)], timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from the official network of test_quicknet.py, with the layer names Keras gives 
 model; the converted network's logits are the official network's in float64, every layer of
 the three sizes is accounted for, and a file that does not fit is one line naming what."""
 import re
-import subprocess
 import sys
 from collections import Counter
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import forked_cli
 from conftest import main_in_process, need
 from test_config import make
 from test_errors import assert_one_line_error
@@ -267,8 +267,8 @@ def test_the_file_kind_is_told_by_its_bytes_and_must_be_the_presets(official, tm
 
 def test_the_command_converts_and_the_result_exports(official, tmp_path):
     src = write_keras(tmp_path / "quicknet_small_weights.h5", keras_model_layers(official))
-    out = subprocess.run([sys.executable, "-m", "bnntrain.tools.convert", f"src={src}", f"out={tmp_path / 'ours.pt'}",
-                          "model=quicknet_small", "model.width=0.25"], capture_output=True, text=True, timeout=300)
+    out = forked_cli.run(["-m", "bnntrain.tools.convert", f"src={src}", f"out={tmp_path / 'ours.pt'}",
+                          "model=quicknet_small", "model.width=0.25"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"wrote {tmp_path / 'ours.pt'}: quicknet_small (model=quicknet_small), stage2 (binary activations, " \
            f"binary weights)" in out.stdout and "10 classes" in out.stdout, out.stdout

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from bnntrain.run.config import plan
 from bnntrain.engine import save_checkpoint
 from bnntrain.tools import evaluate
 from bnntrain.errors import UserError
+import forked_cli
 from conftest import TINY, cli_in_process, main_in_process, results, run_cli, write_image_folder
 from test_errors import assert_one_line_error, fingerprint
 from test_errors import earlier_run as finished  # noqa: F401 (a finished stage-1 run)
@@ -30,8 +30,7 @@ SECRET = "not-for-the-log-3141"
 
 def cli(args, cwd, module="bnntrain"):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "BNN_TEST_SECRET": SECRET}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return forked_cli.run(["-m", module, *args], cwd=cwd, env=env, timeout=300)
 
 
 def test_resume_keeps_only_the_task_settings_of_a_run_record(finished, tmp_path):
@@ -83,9 +82,9 @@ def test_each_run_gets_a_folder_of_its_own(tmp_path):
     assert len(set(made)) == 3 and all(m.is_dir() for m in made)
     shutil.rmtree(tmp_path / "outputs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs = [subprocess.Popen([sys.executable, "-m", "bnntrain", *TINY, "stage=1", f"seed={seed}"], cwd=tmp_path,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
-    assert [job.wait(timeout=300) for job in jobs] == [0, 0], [job.stderr.read() for job in jobs]
+    jobs = [forked_cli.start(["-m", "bnntrain", *TINY, "stage=1", f"seed={seed}"], cwd=tmp_path, env=env)
+            for seed in (1, 2)]
+    assert [job.wait(timeout=300) for job in jobs] == [0, 0], [job.output()[1] for job in jobs]
     folders = sorted((tmp_path / "outputs").glob("*/*"))
     assert len(folders) == 2
     seeds = set()
@@ -178,8 +177,8 @@ main()
 def test_the_stop_message_is_said_once_and_logged(tmp_path):
     run, script = tmp_path / "run", tmp_path / "stop.py"
     script.write_text(STOP_WHILE_LOADING)
-    out = subprocess.run([sys.executable, str(script), *TINY, "stage=1", f"hydra.run.dir={run}"], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forked_cli.run([str(script), *TINY, "stage=1", f"hydra.run.dir={run}"], timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 128 + signal.SIGTERM, out.stderr
     assert [line for line in out.stderr.splitlines() if line.strip()] == [
         f"stopped by SIGTERM at the start of stage1, nothing new to save; resume with: python -m bnntrain resume={run}"]

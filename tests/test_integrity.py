@@ -5,7 +5,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zipfile
 from contextlib import contextmanager
 
@@ -20,14 +19,14 @@ from bnntrain.models import build_model
 from conftest import TINY, need, run_cli, shared_run, write_image_folder
 from test_config import make
 from test_errors import assert_one_line_error
+import forked_cli
 
 
 def run_tool(tool, *args, cwd=None):
     """`python -m bnntrain.tools.TOOL ARGS` (or `bnntrain.infer`), as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     module = "bnntrain.infer" if tool == "infer" else f"bnntrain.tools.{tool}"
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+    return forked_cli.run(["-m", module, *map(str, args)], cwd=cwd, env=env, timeout=300)
 
 
 def train_and_export(folder):

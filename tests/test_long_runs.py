@@ -19,6 +19,7 @@ from PIL import Image
 from bnntrain.run import cli, pipeline
 from bnntrain.errors import UserError
 from bnntrain.tools.export.cli import main as export_main
+import forked_cli
 from conftest import TINY, cli_in_process, main_in_process, need, results, run_cli, shared_run, write_image_folder
 from test_errors import assert_one_line_error
 from test_resume import ENV, assert_same, assert_stage_matches, children
@@ -58,8 +59,10 @@ main()
 
 def interrupted(args, run, how, at, launcher=(sys.executable,)):
     (run.parent / "signal_at.py").write_text(SIGNAL_AT)
-    return subprocess.run([*launcher, str(run.parent / "signal_at.py"), how, str(at), *args, f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    command = [str(run.parent / "signal_at.py"), how, str(at), *args, f"hydra.run.dir={run}"]
+    if launcher == (sys.executable,):
+        return forked_cli.run(command, env=ENV, timeout=300)
+    return subprocess.run([*launcher, *command], capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def assert_same_run(a, b):
@@ -138,8 +141,7 @@ def test_a_stop_signal_while_a_stage_loads_stops_it_and_resume_goes_on(stage, st
     stages it goes on with stage 2. Either way the result equals an uninterrupted run."""
     run, script = tmp_path / "run", tmp_path / "signal_while_loading.py"
     script.write_text(SIGNAL_WHILE_LOADING)
-    out = subprocess.run([sys.executable, str(script), stage[-1], *ARGS, f"hydra.run.dir={run}"],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    out = forked_cli.run([str(script), stage[-1], *ARGS, f"hydra.run.dir={run}"], env=ENV, timeout=300)
     assert out.returncode == 128 + signal.SIGTERM, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == [f"stopped by SIGTERM at the start of {stage}, nothing new to save; "
@@ -219,21 +221,19 @@ def test_killed_mid_epoch_under_torchrun_resumes_exactly(tmp_path):
 def test_a_live_run_owns_its_folder(tmp_path):
     run = tmp_path / "run"
     # Long enough to outlive both checks on a loaded machine; stopped with SIGTERM after them.
-    slow = subprocess.Popen([sys.executable, "-m", "bnntrain", *ARGS, "schedule.epochs=200", f"hydra.run.dir={run}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    slow = forked_cli.start(["-m", "bnntrain", *ARGS, "schedule.epochs=200", f"hydra.run.dir={run}"], env=ENV)
     deadline = time.time() + 120
     while not (run / "stage1/last.pt").exists():  # training, with its lock held and its stop signals set
         assert slow.poll() is None and time.time() < deadline
         time.sleep(0.05)
     assert (run / ".lock").read_text()
     for second in ([*TINY, f"hydra.run.dir={run}"], [f"resume={run}"]):
-        out = subprocess.run([sys.executable, "-m", "bnntrain", *second], capture_output=True, text=True, env=ENV,
-                             cwd=tmp_path, timeout=120)
+        out = forked_cli.run(["-m", "bnntrain", *second], env=ENV, cwd=tmp_path, timeout=120)
         assert_one_line_error(out, f"{run} is in use by a run still going", f"PID {slow.pid}", "started 20")
         assert out.returncode == 2
     assert slow.poll() is None, "the run ended before the checks: they proved nothing"
     slow.send_signal(signal.SIGTERM)
-    assert slow.wait(timeout=300) == 128 + signal.SIGTERM, slow.stderr.read()
+    assert slow.wait(timeout=300) == 128 + signal.SIGTERM, slow.output()[1]
     assert (run / ".lock").read_text() == ""  # let go when it stops
     assert len(list((run / "stage1").glob("events.out.tfevents.*"))) == 1  # one writer
 

@@ -21,6 +21,7 @@ from bnntrain.tools.summary import main as summary_main
 from conftest import TINY, run_cli
 from test_config import make
 from test_errors import assert_one_line_error
+import forked_cli
 
 # Official parameter counts (1000 classes) and published BOPs / FLOPs / OPs at 224 px.
 PUBLISHED = {
@@ -219,8 +220,8 @@ def test_latent_weight_clipping(tmp_path):
 def test_a_foreign_file_is_one_line_naming_keys(tmp_path):
     torch.manual_seed(0)
     save_official(official.BiRealNet(), tmp_path / "bireal.pth.tar")
-    out = subprocess.run([sys.executable, "-m", "bnntrain.tools.convert", f"src={tmp_path / 'bireal.pth.tar'}",
-                          f"out={tmp_path / 'x.pt'}", "model=reactnet_a"], capture_output=True, text=True)
+    out = forked_cli.run(["-m", "bnntrain.tools.convert", f"src={tmp_path / 'bireal.pth.tar'}",
+                          f"out={tmp_path / 'x.pt'}", "model=reactnet_a"])
     assert_one_line_error(out, "no rule maps 120 official key(s)", "conv1.weight, bn1.weight")
     state = official.BiRealNet(react=True, flat=False).state_dict()
     torch.save(state, tmp_path / "ambiguous.pth")
@@ -333,16 +334,14 @@ def test_evaluate_through_the_cli(tmp_path):
     assert run_cli(["stage=1", "data=folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=6",
                     "data.image_size=16", "model.width=0.125", "schedule.epochs=2"], run).returncode == 0
     env_run, py = subprocess.run, sys.executable
-    out = env_run([py, "-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'e.json'}"],
-                  capture_output=True, text=True)
+    out = forked_cli.run(["-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'e.json'}"])
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "e.json").read_text())
     saved = torch.load(run / "stage1/last.pt", weights_only=True)["metrics"]
     assert result["top1"] == pytest.approx(saved["top1"]) and result["loss"] == pytest.approx(saved["loss"], rel=1e-5)
     assert result["images"] == 24 and "top1" in out.stdout
     other = write_image_folder(tmp_path / "two", classes=("a", "b"), per_class=2)
-    bad = env_run([py, "-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"data.root={other}"],
-                  capture_output=True, text=True)
+    bad = forked_cli.run(["-m", "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"data.root={other}"])
     assert_one_line_error(bad, "predicts 3 classes", "has 2")
     torchrun = env_run([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "bnntrain.tools.evaluate", f"ckpt={run / 'stage1/last.pt'}", f"out={tmp_path / 'ddp.json'}",

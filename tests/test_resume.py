@@ -4,14 +4,13 @@ test_long_runs.py)."""
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from bnntrain.run import pipeline
+import forked_cli
 from conftest import results, run_cli, shared_run
 
 pytestmark = pytest.mark.slow  # each test trains through the CLI two or three times
@@ -57,8 +56,7 @@ main()
 def crash_run(args, run_dir, after: str, epoch: int = 0) -> None:
     """Run ARGS in `run_dir` and kill it right after it writes `after` ('stage2/last.pt' of
     `epoch` epochs, or 'results.json')."""
-    out = subprocess.run([sys.executable, "-c", CRASH, after, str(epoch), *args, f"hydra.run.dir={run_dir}"],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    out = forked_cli.run(["-c", CRASH, after, str(epoch), *args, f"hydra.run.dir={run_dir}"], env=ENV, timeout=300)
     assert out.returncode == -signal.SIGKILL, f"the run was not killed after {after}: {out.stderr}"
 
 
@@ -110,8 +108,7 @@ def straight(tmp_path_factory):
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, straight):
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([sys.executable, "-m", "bnntrain", *ARGS, f"hydra.run.dir={broken}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = forked_cli.start(["-m", "bnntrain", *ARGS, f"hydra.run.dir={broken}"], env=ENV)
     deadline = time.time() + 240
     while not (broken / "stage1" / "last.pt").exists():  # killed after stage 1's first epoch
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"

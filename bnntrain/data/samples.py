@@ -92,9 +92,13 @@ def quiet_worker(_: int) -> None:
     """Loader workers leave SIGINT, SIGTERM and SIGUSR1 to the main process, which stops the
     run cleanly; a worker killed by Ctrl-C or by SLURM would end the epoch with an error.
     (So that a process leaving on an error does not wait for workers that ignore the SIGTERM
-    of multiprocessing's clean-up, `kill_workers_at_exit` ends them first.)"""
+    of multiprocessing's clean-up, `kill_workers_at_exit` ends them first.) Nor do they hold the
+    run folder's lock, which ends with the run's own process."""
+    from ..run.folders import close_inherited_locks  # here: the run package imports the data package
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    close_inherited_locks()
 
 
 @functools.cache

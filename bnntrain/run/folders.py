@@ -179,6 +179,15 @@ def check_free(run_dir: Path) -> None:
         os.close(fd)
 
 
+def close_inherited_locks() -> None:
+    """In a process forked from a run (a loader worker): close the run folders' locks it
+    inherited. A lock is held while any process has it open, so a killed run's workers would
+    keep its folder "in use" until they notice, seconds later; the run's own process holds it."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
 def release(run_dir: Path) -> None:
     """Let go of the lock before the process ends, leaving an empty lock file (a clean end)."""
     fd = _held.pop(Path(run_dir).resolve(), None)
