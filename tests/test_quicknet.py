@@ -264,7 +264,7 @@ def test_the_networks_page_gives_each_record_networks_counts():
     from docs_pages import agrees, table_rows
 
     rows = table_rows("networks.md", "| preset | network (official code) | parameters (1000 classes) | BOPs / FLOPs / OPs at 224 px (ours)")
-    assert len(rows) == 7
+    assert len(rows) == 8
     for row in rows:
         name = row[0].strip("`").removeprefix("model=")
         cfg = last_stage([f"model={name}", "data=imagenet", "data.root=/nonexistent", "stage=2",
