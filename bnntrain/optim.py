@@ -45,11 +45,12 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parame
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
     name = options.pop("name")
     decay_on = options.pop("weight_decay_on")
+    rest = options.pop("weight_decay_rest", 0.0)  # absent from configs saved before it existed
     centralize = options.pop("gradient_centralization")
     clip = options.pop("weight_clip")
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    groups = param_groups(model, options["weight_decay"], decay_on)
+    groups = param_groups(model, options["weight_decay"], decay_on, rest)
     extra = list(extra)
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
@@ -100,14 +101,17 @@ DECAYED: dict[str, Callable[[nn.Module], set[int]]] = {
 }
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[dict]:
-    """One group where every parameter takes weight decay, else a decayed and an exempt group.
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str, rest: float = 0.0) -> list[dict]:
+    """One group where every parameter takes weight decay, else the group `decay_on` picks and
+    the rest.
 
     Args:
         model: the model whose trainable parameters are grouped.
-        weight_decay: the decayed group's weight decay.
+        weight_decay: the picked group's weight decay.
         decay_on: `optimizer.weight_decay_on`: `all`, `weights` (conv and linear weights), `4d`
             (every 4-D tensor) or `convs_and_classifier` (ReCU's rule, above).
+        rest: the other group's weight decay (`optimizer.weight_decay_rest`): 0 exempts it;
+            BNext's code gives its 4-D tensors 1e-8 and the rest 1e-3.
 
     Returns:
         The optimizer's parameter groups.
@@ -121,7 +125,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_on: str) -> list[d
         return [{"params": params}]
     decayed = DECAYED[decay_on](model)
     return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": rest}]
 
 
 def centralize_gradients(weights: Iterable[nn.Parameter]) -> None:
@@ -212,6 +216,66 @@ def cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0,
             return (epoch + 1) / warmup_epochs
         return bottom + (1 - bottom) * (1 + math.cos(math.pi * (epoch - warmup_epochs + 1) / period)) / 2
     return lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TimmCosine(lr_scheduler.LRScheduler):
+    """timm's `CosineLRScheduler` stepped per epoch with `warmup_prefix=True` (one cycle, no
+    noise, k-decay 1), which BNext's code uses: epoch e < W trains at
+    warmup_lr + e (lr - warmup_lr) / W, epoch e >= W at
+    min_lr + (lr - min_lr) (1 + cos(pi (e - W) / period)) / 2, and past one period at min_lr.
+
+    Args:
+        optimizer: the optimizer whose lr it sets.
+        period: timm's `t_initial`, the cosine's length in epochs (BNext's: all the epochs, so
+            the warm-up pushes its end past the stage and the lr never reaches min_lr).
+        min_lr: timm's `lr_min`.
+        warmup_epochs: timm's `warmup_t`, W.
+        warmup_lr: timm's `warmup_lr_init`.
+    """
+
+    def __init__(self, optimizer: Optimizer, period: int, min_lr: float, warmup_epochs: int,
+                 warmup_lr: float) -> None:
+        self.period, self.min_lr, self.warmup_epochs, self.warmup_lr = period, min_lr, warmup_epochs, warmup_lr
+        super().__init__(optimizer)
+
+    def lr_at(self, base: float, epoch: int) -> float:
+        """The lr of `epoch` for base lr `base`, in timm's arithmetic.
+
+        Args:
+            base: the optimizer's lr.
+            epoch: the epoch, counted from 0.
+
+        Returns:
+            The lr that epoch trains at.
+        """
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr + epoch * ((base - self.warmup_lr) / self.warmup_epochs)
+        t = epoch - self.warmup_epochs
+        if t >= self.period:  # timm's cycle_limit of 1
+            return self.min_lr
+        return self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t / self.period))
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+
+
+@SCHEDULES.register("timm_cosine")
+def timm_cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0, warmup_epochs: int = 0,
+                warmup_lr: float | None = None, period: int | None = None) -> lr_scheduler.LRScheduler:
+    """timm's cosine with a warm-up before it (`TimmCosine`).
+
+    Args:
+        optimizer: the optimizer whose lr it sets.
+        epochs: the stage's epochs.
+        min_lr: the cosine's lower end.
+        warmup_epochs: epochs of linear warm-up from `warmup_lr`; 0 for none.
+        warmup_lr: where the warm-up starts (needed with `warmup_epochs`).
+        period: the cosine's length in epochs; None: `epochs`, as BNext's code sets it.
+
+    Returns:
+        The scheduler.
+    """
+    return TimmCosine(optimizer, period or epochs, min_lr, warmup_epochs, warmup_lr or 0.0)
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer) -> lr_scheduler.LRScheduler:

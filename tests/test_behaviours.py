@@ -35,8 +35,8 @@ class RunSpy:
             self.teacher_built = (teacher, {k: v.clone() for k, v in teacher.state_dict().items()}, init)
             return teacher
 
-        def build_objective(cfg, model, num_classes, teacher):
-            objective = real_objective(cfg, model, num_classes, teacher)
+        def build_objective(cfg, model, num_classes, teacher, assistants=None):
+            objective = real_objective(cfg, model, num_classes, teacher, assistants)
             self.current = record = {"cfg": cfg, "model": model, "objective": objective, "steps": [],
                                      "initial": {k: v.clone() for k, v in objective.state_dict().items()},
                                      "teacher": teacher}

@@ -13,6 +13,7 @@ IMAGENET_STEPS = {"name": "multistep", "epochs": 75, "milestones": [40, 60, 70],
 CIFAR100_STEPS = {"name": "multistep", "epochs": 350, "milestones": [150, 250, 320], "gamma": 0.2}  # trick 8
 # ReActNet's run.sh (resnet/1_step1, 2_step2): lr 2.5e-3 both steps, weight decay 1e-5 then 0, 128 epochs.
 REACTNET_SCHEDULE = {"name": "linear", "epochs": 128}
+BNEXT_SCHEDULE = {"name": "timm_cosine", "epochs": 512, "warmup_epochs": 5, "warmup_lr": 1e-5, "min_lr": 1e-7}
 
 # preset: (extra overrides, label smoothing, {stage: (lr, weight decay)}, schedule)
 PRESETS = {
@@ -49,6 +50,11 @@ PRESETS = {
     # AdaBin's cifar10/main.py: lr 0.1, weight decay 1e-4, 400 epochs; imagenet/main.py: 1e-5, 120.
     "adabin_resnet20_cifar10": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-4)}, {"name": "cosine", "epochs": 400}),
     "adabin_resnet18_imagenet": ([], 0.0, {"stage2": ("sgd", 0.1, 1e-5)}, {"name": "cosine", "epochs": 120}),
+    # BNext's src/script/BNext-*/run_*.sh with src/train_assistant_group_amp.py: AdamW lr 1e-3, weight
+    # decay 1e-8 (1e-3 on the rest), timm's cosine after 5 warm-up epochs from 1e-5, 512 epochs, only
+    # the teachers' loss (every value in test_bnext_recipe.py).
+    **{f"bnext_{size}_paper": ([], 0.0, {"stage2": ("adamw", 1e-3, 1e-8)}, BNEXT_SCHEDULE)
+       for size in ("tiny", "small", "middle", "large")},
 }
 
 

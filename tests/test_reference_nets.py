@@ -300,7 +300,8 @@ def test_paper_presets_state_their_values(tmp_path):
     assert (s1["optimizer"]["lr"], s1["optimizer"]["weight_decay"], s2["optimizer"]["weight_decay"]) == (2.5e-3, 1e-5, 0)
     assert (s1["data"]["batch_size"], s1["schedule"], s2["schedule"]) == (512, {"name": "linear", "epochs": 128},
                                                                          {"name": "linear", "epochs": 128})
-    assert s1["distill"]["teacher"] == {"checkpoint": None, "torchvision": "resnet34", "weights": "IMAGENET1K_V1"}
+    assert s1["distill"]["teacher"] == {"checkpoint": None, "torchvision": "resnet34", "timm": None,
+                                           "weights": "IMAGENET1K_V1"}
     assert (s1["distill"]["kd_weight"], s1["distill"]["temperature"], s1["loss"]["label_smoothing"]) == (1, 1, 0)
     assert list(s1["augment"]["train"]) == ["random_resized_crop", "lighting", "horizontal_flip"]
     assert s1["model"]["learnable_threshold"] and s1["model"]["activation"] == "rprelu"

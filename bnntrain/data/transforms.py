@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ..errors import ConfigError
+from .randaugment import RandAugment
 from ..registry import Registry, choose
 
 # ImageNet's RGB principal components (trick 9), for Lighting.
@@ -79,16 +80,26 @@ TRANSFORMS: Registry[Callable[..., Callable]] = Registry("augment transform")
 """The per-image transforms an `augment` config lists, by name. Each is a factory called with
 the listed value: with no argument for `true`, with keyword arguments for a mapping, else with
 the value itself."""
-TRANSFORMS.register("resize")(lambda size: _v2().Resize(size, antialias=True))
+TRANSFORMS.register("resize")(
+    lambda size, interpolation="bilinear": _v2().Resize(size, _interpolation(interpolation), antialias=True))
 TRANSFORMS.register("center_crop")(lambda *args, **kwargs: _v2().CenterCrop(*args, **kwargs))
 TRANSFORMS.register("random_crop")(lambda *args, **kwargs: _v2().RandomCrop(*args, **kwargs))
 TRANSFORMS.register("random_resized_crop")(
-    lambda size, scale=(0.08, 1.0): _v2().RandomResizedCrop(size, scale=tuple(scale), antialias=True))
+    lambda size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear": _v2().RandomResizedCrop(
+        size, scale=tuple(scale), ratio=tuple(ratio), interpolation=_interpolation(interpolation), antialias=True))
 TRANSFORMS.register("horizontal_flip")(lambda *args, **kwargs: _v2().RandomHorizontalFlip(*args, **kwargs))
 TRANSFORMS.register("rotation")(lambda *args, **kwargs: _v2().RandomRotation(*args, **kwargs))
 TRANSFORMS.register("color_jitter")(lambda *args, **kwargs: _v2().ColorJitter(*args, **kwargs))
 TRANSFORMS.register("autoaugment")(lambda policy="imagenet": _v2().AutoAugment(_v2().AutoAugmentPolicy(policy)))
 TRANSFORMS.register("lighting")(Lighting)
+
+
+def _interpolation(name: str) -> Any:
+    """torchvision's interpolation mode of that name (`bilinear`, `bicubic`, `nearest`)."""
+    return _v2().InterpolationMode(name)
+
+
+TRANSFORMS.register("rand_augment")(RandAugment)
 
 
 def _make(name: str, args: Any) -> Callable:

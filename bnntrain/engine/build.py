@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data import Loaders, build_loaders
 from ..data.samples import BadImageLog
-from ..distill import build_teacher
+from ..distill import build_assistants, build_teacher
 from ..errors import CheckpointError
 from ..losses import build_objective
 from ..models import build_model, model_from_checkpoint
@@ -50,7 +50,7 @@ class StageParts:
         optimizer: None where the parts only evaluate.
         scheduler: the learning-rate schedule, stepped once per epoch; None where the parts only
             evaluate.
-        teacher: the frozen distillation teacher, or None.
+        teacher: the frozen distillation teacher, or None (its assistants are the objective's).
     """
     device: torch.device
     loaders: Loaders
@@ -96,7 +96,8 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
     model = build_model(cfg.model, num_classes=loaders.num_classes, in_channels=loaders.channels)
     distill = cfg.get("distill")
     teacher = build_teacher(distill, init, loaders.num_classes) if distill and name in distill.stages else None
-    objective = build_objective(cfg, model, loaders.num_classes, teacher)
+    assistants = build_assistants(distill, teacher, init, loaders.num_classes) if teacher is not None else []
+    objective = build_objective(cfg, model, loaders.num_classes, teacher, assistants)
     optimizer = build_optimizer(cfg.optimizer, model, extra=objective.parameters())
     if saved is not None:
         load_model_weights(model, saved["model"], resume)
@@ -114,8 +115,8 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
     # DDP/compile around `model`
     net = prepare_model(model, device, cfg.trainer, options["channels_last"], idle_parameters=bool(idle))
     objective.to(device)
-    if teacher is not None:
-        teacher.to(device)
+    for frozen in {id(t): t for t in (teacher, *assistants) if t is not None}.values():
+        frozen.to(device)
     # The optimizer state loaded on the CPU follows the parameters to the device.
     optimizer.load_state_dict(optimizer.state_dict())
     trainer = Trainer(net, objective, optimizer, device, **options)

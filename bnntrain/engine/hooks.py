@@ -203,6 +203,15 @@ class QuantizerSchedule(Hook):
             module.set_epoch(epoch)
 
 
+class TeacherSchedule(Hook):
+    """The objective's assistant teacher of each epoch (`distill.assistants`), picked at the
+    epoch's start from the epoch alone (so a resumed stage picks it too)."""
+    name = "teacher_schedule"
+
+    def before_epoch(self, run: StageRun, epoch: int) -> None:
+        run.parts.objective.set_epoch(epoch, run.epochs)
+
+
 class WeightProjection(Hook):
     """Weight quantizers that keep the latent weights in a set (`projects_weights`: XNOR-Net
     mean-centres and clamps them) project them before every training forward, as their

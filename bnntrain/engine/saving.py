@@ -13,7 +13,7 @@ from . import distributed, layout
 from .checkpoint import load_checkpoint, save_checkpoint
 from ..nn.quantizers import WEIGHT_QUANTIZERS
 from .hooks import (BatchNormReestimation, EpochLog, FlipRatio, Hook, PrecisionSwitch, QuantizerSchedule, StageRun,
-                    WeightProjection)
+                    TeacherSchedule, WeightProjection)
 from .stopping import StepWatch, Stopped
 
 
@@ -95,11 +95,15 @@ def stage_hooks(cfg: DictConfig) -> list[Hook]:
         cfg: a stage config.
 
     Returns:
-        The precision switch and the quantizer schedule, the sign-flip ratio (binary weights),
+        The precision switch and the quantizer schedule, the assistant teachers' schedule
+            (`distill.assistants`), the sign-flip ratio (binary weights),
             BN re-estimation (`trainer.bn_recalibrate`), the epoch log, the checkpointer and the
             stop watch.
     """
     hooks: list[Hook] = [PrecisionSwitch(), QuantizerSchedule()]
+    distill = cfg.get("distill")
+    if distill and cfg.stage.name in distill.stages and distill.get("assistants"):
+        hooks.append(TeacherSchedule())
     quantizer = cfg.model.get("weight_quantizer") or {}
     if quantizer.get("name") and WEIGHT_QUANTIZERS.get(quantizer["name"]).projects_weights:
         hooks.append(WeightProjection())

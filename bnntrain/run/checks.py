@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 Check = tuple[Callable[[Any], bool], str]  # (is it valid?, what a valid value is)
 
@@ -204,25 +204,9 @@ def check_relations(cfg: DictConfig) -> None:
                           f"(stage.weights={cfg.stage.weights}): use it in a fully binary stage")
     distill = cfg.get("distill")  # absent without distill=
     if distill and cfg.stage.name in distill.stages:
-        teacher = distill.teacher
-        if not teacher.checkpoint and not teacher.torchvision:
-            raise ConfigError("distillation needs a teacher: distill.teacher.checkpoint=PATH (a bnntrain checkpoint) "
-                              "or distill.teacher.torchvision=NAME with distill.teacher.weights=PATH")
-        if teacher.torchvision and not teacher.weights:
-            raise ConfigError(f"distill.teacher.torchvision={teacher.torchvision} needs distill.teacher.weights=PATH "
-                              f"(a state dict)")
-        for key in ("checkpoint", "weights"):
-            path = teacher[key]
-            if not path or path == "init" or (key == "weights" and _published(teacher.torchvision, path)):
-                continue
-            if not Path(path).expanduser().is_file():
-                raise CheckpointError(f"distill.teacher.{key}={path} does not exist")
+        from ..distill import check_teachers  # here: composing a config imports no torch
 
-
-def _published(architecture: str | None, weights: str) -> bool:
-    from ..distill import torchvision_weights
-
-    return bool(architecture) and torchvision_weights(architecture, weights) is not None
+        check_teachers(distill)
 
 
 def check_builds(cfg: DictConfig) -> None:
