@@ -252,7 +252,7 @@ def test_the_file_kind_is_told_by_its_bytes_and_must_be_the_presets(official, tm
     args = ["bnntrain.tools.convert", f"src={src}", f"out={tmp_path / 'ours.pt'}"]
     assert_one_line_error(main_in_process(convert_main, [*args, "model=birealnet18"]),
                           "is HDF5 (Keras): convert reads it for quicknet_small, quicknet, quicknet_large, "
-                          "not model=birealnet18")
+                          "real_to_binary, not model=birealnet18")
     assert_one_line_error(main_in_process(convert_main, [*args, "model=quicknet_small", "step=1"]),
                           "step=1: larq-zoo's weights are binary from the start, stage 2 (leave step out)")
     torch.save({"fc.weight": torch.zeros(10, 8)}, tmp_path / "torch.h5")

@@ -17,8 +17,9 @@ result loads with `init=`, and works with `bnntrain.tools.summary`, `bnntrain.to
 `bnntrain.tools.evaluate`. Latent binary weights of exactly 0 are counted: the official torch.sign
 makes them 0, bnntrain's sign +1, so the two networks' logits differ unless there are none.
 
-An HDF5 file (told by its first bytes) is larq-zoo's Keras weights of a QuickNet, read with h5py
-(keras_weights.py): trained in one run, binary from the start, so stage 2; larq's sign is +1 at 0.
+An HDF5 file (told by its first bytes) is larq-zoo's Keras weights of a QuickNet or of
+Real-to-Binary Net, read with h5py (keras_weights.py): binary at the end of their training, so
+stage 2; larq's sign is +1 at 0.
 """
 from __future__ import annotations
 

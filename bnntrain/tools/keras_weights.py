@@ -1,30 +1,27 @@
-"""Keras HDF5 weight files (larq-zoo's released QuickNets) as bnntrain state dicts, read with
-h5py alone (the `keras` extra): no TensorFlow.
+"""Keras HDF5 weight files (larq-zoo's released QuickNets and Real-to-Binary Net) as bnntrain
+state dicts, read with h5py alone (the `keras` extra): no TensorFlow.
 
 The layout is Keras's legacy HDF5 one, as `model.save_weights("x.h5")` (Keras 2, tf.keras, and
 Keras 3's legacy writer) or, under a `model_weights` group, `model.save("x.h5")` writes it: the
-attribute `layer_names` lists every layer in the model's order (split into `layer_names0`,
-`layer_names1`, ... when long); each layer's group lists its arrays in `weight_names` (Keras 2:
-`quant_conv2d_3/kernel:0`, Keras 3: `quant_conv2d_3/kernel`), trainable ones first, each array
-at that path inside the group. Keras loads such a file by position: the n-th layer that has
-weights into the n-th such layer of the model. So does this module: the layers of the file that
-hold arrays are paired, in order, with the modules of ours that a network's rules pick, in
-module order; QuickNet's Keras names are numbered by creation (`batch_normalization_7`) and
-say nothing the order does not. Each array is named by its last part (`kernel`, `gamma`,
-`moving_variance`, ...), which the layer's rules map onto one tensor of ours in a layout:
-Conv2D kernels (kh, kw, in, out) become (out, in, kh, kw), DepthwiseConv2D kernels (kh, kw, in,
-mult) become (in * mult, 1, kh, kw), Dense kernels (in, out) are transposed, the rest are taken
-as they are. A fixed tensor of ours that is not saved (QuickNet's blur kernel, a buffer of the
-architecture) is compared with the file's rather than loaded. Every shape is checked before its
-array is read; an array with no place, a layer left over on either side or a tensor of ours left
-unfilled is an error naming it. Another network's Keras weights are another entry of
-`KERAS_RULES`, a few patterns, where its Keras layers are made in the order of our modules.
+attribute `layer_names` lists every layer in the model's order (split into `layer_names0`, ...
+when long); each layer's group lists its arrays in `weight_names` (Keras 2: `conv/kernel:0`,
+Keras 3: `conv/kernel`), trainable ones first. Keras loads such a file by position, the n-th
+layer with weights into the n-th such layer of the model; so does this module where the Keras
+names are automatic (QuickNet's `batch_normalization_7`), pairing them with the modules of ours
+the network's rules pick, in order. Where the network's code names its layers (Real-to-Binary
+Net's `r2b_bnn_block_2a_conv2d`), each layer is paired by its name, wherever it is in the file
+(the tables: keras_rules.py). Each array, named by its last part (`kernel`, `alpha`, ...), fills
+one tensor of ours: Conv2D kernels (kh, kw, in, out) become (out, in, kh, kw), DepthwiseConv2D
+kernels (kh, kw, in, mult) (in * mult, 1, kh, kw), Dense kernels are transposed, PReLU slopes
+(1, 1, C) become (C,). A fixed tensor of ours that is not saved (QuickNet's blur kernel) is
+compared, not loaded. Every shape is checked before its array is read; an array with no place,
+a layer left over on either side (or two for one module) or a tensor of ours left unfilled is
+an error naming it.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,31 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from .keras_rules import KERAS_RULES  # noqa: F401 (convert.py reads the tables here)
+from .keras_rules import Layout, Named, Rules, by_name, by_order
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 in every file h5py (so Keras) writes
-
-# A Keras layer's arrays, by their last name part: (the tensor of our module it fills, its layout).
-Layout = dict[str, tuple[str, str]]
-CONV: Layout = {"kernel": ("weight", "conv")}
-DEPTHWISE: Layout = {"depthwise_kernel": ("weight", "depthwise")}
-BATCHNORM: Layout = {"gamma": ("weight", "same"), "beta": ("bias", "same"),
-                     "moving_mean": ("running_mean", "same"), "moving_variance": ("running_var", "same")}
-DENSE: Layout = {"kernel": ("weight", "dense"), "bias": ("bias", "same")}
-BLUR: Layout = {"depthwise_kernel": ("kernel", "depthwise")}  # BlurPool2d's fixed kernel: compared, not loaded
-# A network's rules: a pattern over our module names, and the layout of the Keras layer it pairs with.
-Rules = list[tuple[str, Layout]]
-
-# larq_zoo/sota/quicknet.py: the stem's QuantConv2D, BN, QuantDepthwiseConv2D, BN without scale
-# or shift, QuantConv2D, BN; each residual block's QuantConv2D and BN; each transition's fixed
-# blur DepthwiseConv2D (trainable=False, still saved), QuantConv2D and BN; the QuantDense.
-QUICKNET: Rules = [
-    (r"stem\.[17]", CONV), (r"stem\.5", DEPTHWISE), (r"stem\.[268]", BATCHNORM),
-    (r"stages\.\d+\.\d+\.conv", CONV), (r"stages\.\d+\.\d+\.norm", BATCHNORM),
-    (r"stages\.\d+\.\d+\.2", BLUR), (r"stages\.\d+\.\d+\.3", CONV), (r"stages\.\d+\.\d+\.4", BATCHNORM),
-    (r"classifier", DENSE),
-]
-KERAS_RULES: dict[str, Rules] = {"quicknet_small": QUICKNET, "quicknet": QUICKNET, "quicknet_large": QUICKNET}
-
 
 @dataclass
 class KerasLayer:
@@ -209,6 +185,8 @@ def keras_shape(layout: str, shape: tuple[int, ...], module: nn.Module) -> tuple
     if layout == "depthwise":  # ours (in * mult, 1, kh, kw) with `groups` = in
         groups = getattr(module, "groups", shape[0])
         return (*shape[2:], groups, shape[0] // groups)
+    if layout == "prelu":  # one slope per channel, shared over the map
+        return (1, 1, *shape)
     return shape[::-1] if layout == "dense" else shape
 
 
@@ -221,6 +199,8 @@ def to_torch(layout: str, array: np.ndarray) -> Tensor:
         array = array.transpose(2, 3, 0, 1).reshape(channels * mult, 1, kh, kw)
     elif layout == "dense":
         array = array.T
+    elif layout == "prelu":
+        array = array.reshape(-1)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -263,36 +243,29 @@ def fill(layer: KerasLayer, name: str, module: nn.Module, layout: Layout,
     return {k: v for k, v in out.items() if k in saved}
 
 
-def keras_state(layers: list[KerasLayer], model: nn.Module, rules: Rules) -> dict[str, Tensor]:
-    """The state dict of `model` from a Keras file's layers: the n-th layer with arrays fills the
-    n-th module of ours that `rules` pick (in module order); BN batch counters, which Keras
-    does not keep, are ours as built.
+def keras_state(layers: list[KerasLayer], model: nn.Module, rules: Rules | Named) -> dict[str, Tensor]:
+    """The state dict of `model` from a Keras file's layers: by order, the n-th layer with
+    arrays fills the n-th module of ours that `rules` pick (in module order), or, for `Named`
+    rules, each layer the module its name picks; BN batch counters, which Keras does not keep,
+    are ours as built.
 
     Args:
         layers: the file's layers, as `keras_layers` yields them.
         model: the network to fill (read, not changed).
-        rules: the network's patterns over our module names, with each one's Keras layout.
+        rules: the network's table in keras_rules.py.
 
     Returns:
         A tensor for every key of the model's state dict.
 
     Raises:
-        CheckpointError: a layer left over on either side, an array with no place, a shape or
-            dtype that is not ours, a fixed tensor that differs, or a tensor of ours left unfilled.
+        CheckpointError: a layer left over on either side (or two for one module), an array
+            with no place, a shape or dtype that is not ours, a fixed tensor that differs, or a
+            tensor of ours left unfilled.
     """
     saved = model.state_dict()
-    ours = [(name, module, layout) for name, module in model.named_modules()
-            for layout in [next((lay for pattern, lay in rules if re.fullmatch(pattern, name)), None)] if layout]
-    if len(layers) < len(ours):
-        name = ours[len(layers)][0]
-        hint = " (a *_notop file holds no classifier: convert the file with the top)" if name == "classifier" else ""
-        raise CheckpointError(f"the Keras file has {len(layers)} layers with weights, this model {len(ours)}: "
-                              f"nothing for {name}{hint}")
-    if len(layers) > len(ours):
-        raise CheckpointError(f"the Keras file has {len(layers)} layers with weights, this model {len(ours)}: "
-                              f"{layers[len(ours)].name} has no place in it (another network or size?)")
+    pairs = by_name(layers, model, rules) if isinstance(rules, Named) else by_order(layers, model, rules)
     out: dict[str, Tensor] = {}
-    for layer, (name, module, layout) in zip(layers, ours):
+    for layer, (name, module, layout) in pairs:
         out.update(fill(layer, name, module, layout, saved))
     unfilled = [k for k in saved if k not in out and not k.endswith("num_batches_tracked")]
     if unfilled:

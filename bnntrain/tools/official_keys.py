@@ -1,6 +1,6 @@
 """How the official PyTorch checkpoints' keys become ours: one list of rules per network, each a
 pattern over the official key (without DataParallel's `module.`) and the key of ours it fills
-(larq-zoo's Keras files are paired by layer order instead: keras_weights.py).
+(larq-zoo's Keras files are paired by layer order or layer name instead: keras_rules.py).
 A rule whose target is `DROPPED` accounts for an official tensor that has no effect on the
 network and no twin in ours (BNext's `HardSign` temperature); any other key must be filled.
 """
@@ -75,8 +75,8 @@ BNEXT_RULES: list[Rule] = [
 RULES = {"resnet18": RESNET_RULES, "resnet34": RESNET_RULES, "reactnet_a": REACTNET_A_RULES, "bnext": BNEXT_RULES}
 STEM = {"resnet18": "conv1.weight", "resnet34": "conv1.weight", "reactnet_a": "feature.0.conv1.weight",
         "bnext": "feature.0.conv1.weight"}
-# The presets whose official weights are larq-zoo's Keras HDF5 files (keras_weights.py maps them).
-KERAS_PRESETS = ("quicknet_small", "quicknet", "quicknet_large")
+# The presets whose official weights are larq-zoo's Keras HDF5 files (keras_rules.py maps them).
+KERAS_PRESETS = ("quicknet_small", "quicknet", "quicknet_large", "real_to_binary")
 # The presets with official checkpoints.
 PRESETS = ("birealnet18", "birealnet34", "reactnet18", "reactnet_a", "bnext_tiny", "bnext_small", "bnext_middle",
            "bnext_large", *KERAS_PRESETS)
