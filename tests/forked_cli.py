@@ -30,8 +30,9 @@ PRELOAD = ["torch", "torch._dynamo", "torchvision", "hydra", "omegaconf", "PIL.I
            "bnntrain.run.pipeline", "bnntrain.engine.trainer", "bnntrain.engine.build", "bnntrain.models",
            "bnntrain.data", "bnntrain.optim", "bnntrain.losses", "bnntrain.tools.export", "forked_cli"]
 # Read by the interpreter or by libraries as they load: a command that sets them otherwise is not forked.
-STARTUP = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "PYTHONHASHSEED", "PYTHONPATH",
-           "PYTHONWARNINGS", "PYTHONMALLOC", "LD_PRELOAD", "PYTORCH_JIT", "CUDA_VISIBLE_DEVICES")
+# (numba is not preloaded: a command that imports it reads NUMBA_* itself, as a fresh one does.)
+STARTUP = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "PYTHONPATH", "PYTHONWARNINGS",
+           "PYTHONMALLOC", "LD_PRELOAD", "PYTORCH_JIT", "CUDA_VISIBLE_DEVICES")
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}  # as the tests run their commands
 _context = None
 _MAIN_PROCESS = type(mp_process.current_process())  # multiprocessing's own class, which it deletes

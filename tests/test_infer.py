@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import forked_cli
 from bnntrain.tools import export
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import ConfigError
@@ -156,8 +157,8 @@ def test_trained_model_on_real_digits(digits_export):
 
 
 def infer_cli(*args):
-    return subprocess.run([sys.executable, "-m", "bnntrain.infer", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PATH": ""})
+    return forked_cli.run(["-m", "bnntrain.infer", *map(str, args)], timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PATH": ""})
 
 
 @pytest.mark.slow

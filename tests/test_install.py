@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import forked_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,8 +52,7 @@ def test_console_script(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "lr: 0.0002" in out.stdout and "weight_decay: 0.0" in out.stdout and "epochs: 350" in out.stdout
     # The same CLI as `python -m bnntrain`: the same config, line for line, and the same error.
-    module = subprocess.run([sys.executable, "-m", "bnntrain", "stage=2", "data=cifar100", "--cfg", "job"],
-                            cwd=tmp_path, capture_output=True, text=True)
+    module = forked_cli.run(["-m", "bnntrain", "stage=2", "data=cifar100", "--cfg", "job"], cwd=tmp_path)
     assert module.returncode == 0 and out.stdout == module.stdout
     bad = subprocess.run([str(SCRIPT), "optimizer.lrr=1"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "optimizer.lrr" in bad.stderr
