@@ -12,6 +12,11 @@ Speed, 224 px, fully binary (stage 2), Adam, as `python -m bnntrain` trains on t
   the same layout), and each twin against an identical copy of itself: the noise floor.
 Memory: bytes saved for the backward pass (batch 8), against torchvision's ResNet-18/34 and
 the twins.
+
+    python scripts/bench_presets.py --records [--json FILE]
+
+The record networks instead (`bnext_tiny`, `quicknet_small`, `quicknet`, `quicknet_large`,
+`real_to_binary`), each against its real-valued twin, speed and memory alike.
 """
 from __future__ import annotations
 
@@ -58,19 +63,30 @@ def stepper(model: torch.nn.Module, batch: int, channels_last: bool):
     return step
 
 
+RECORDS = ("bnext_tiny", "quicknet_small", "quicknet", "quicknet_large", "real_to_binary")
+
+
 def bench_speed(repeats: int, batch: int) -> list[dict]:
     arms = {"torchvision resnet18 (NCHW)": stepper(torchvision.models.resnet18(), batch, False),
             "torchvision resnet18 (channels_last)": stepper(torchvision.models.resnet18(), batch, True),
             "birealnet18": stepper(preset("birealnet18"), batch, True)}
-    for name in ("reactnet18", "reactnet_a"):
+    return bench_against_twins(arms, ("birealnet18", "torchvision resnet18 (NCHW)"),
+                               ("birealnet18", "torchvision resnet18 (channels_last)"),
+                               names=("reactnet18", "reactnet_a"), repeats=repeats, batch=batch)
+
+
+def bench_against_twins(arms: dict, *pairs: tuple[str, str], names: tuple[str, ...], repeats: int,
+                        batch: int) -> list[dict]:
+    """Each of `names` against its real-valued twin (and the twin against a copy: the noise
+    floor), interleaved with `arms`; one row per pair of `pairs` and per name."""
+    for name in names:
         arms[name] = stepper(preset(name), batch, True)
         arms[f"{name} twin"] = stepper(preset(name, binarize=False), batch, True)
         # A second, identical twin: the ratio of the two is what this machine's noise alone gives.
         arms[f"{name} twin copy"] = stepper(preset(name, binarize=False), batch, True)
     times = interleaved(arms, repeats, warmup=1)
     rows = []
-    for arm, base in (("birealnet18", "torchvision resnet18 (NCHW)"), ("birealnet18", "torchvision resnet18 (channels_last)"),
-                      ("reactnet18", "reactnet18 twin"), ("reactnet_a", "reactnet_a twin")):
+    for arm, base in (*pairs, *((name, f"{name} twin") for name in names)):
         row = {"benchmark": f"CPU training step, {arm}, 224 px, batch {batch}", "baseline": base,
                "baseline_value": statistics.median(times[base]), "bnntrain_value": statistics.median(times[arm]),
                "unit": "s/step", "ratio": round(paired_ratio(times[base], times[arm]), 3),
@@ -78,6 +94,19 @@ def bench_speed(repeats: int, batch: int) -> list[dict]:
         if f"{base} copy" in times:
             row["noise_floor_ratio"] = round(paired_ratio(times[base], times[f"{base} copy"]), 3)
         rows.append(row)
+    return rows
+
+
+def bench_record_memory(batch: int = 8) -> list[dict]:
+    """The record networks' bytes saved for backward against their real-valued twins'."""
+    x = torch.randn(batch, 3, 224, 224)
+    rows = []
+    for name in RECORDS:
+        ours, twin = saved_bytes(preset(name), x), saved_bytes(preset(name, binarize=False), x)
+        rows.append({"benchmark": f"memory saved for backward, {name}, 224 px, batch {batch}",
+                     "baseline": "its real-valued twin", "baseline_value": twin / 2**20, "bnntrain_value": ours / 2**20,
+                     "unit": "MiB", "ratio": round(ours / twin, 3), "twin_ratio": round(ours / twin, 3),
+                     "target": "<= 1.35"})
     return rows
 
 
@@ -104,10 +133,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--malloc", choices=("keep", "release"), default="keep", help="as trainer.malloc")
+    parser.add_argument("--records", action="store_true", help="the record networks against their twins")
     args = parser.parse_args()
     if args.malloc == "keep" and not tune_glibc_malloc():
         print("glibc's malloc could not be tuned here: measuring with the system's", file=sys.stderr)
-    rows = bench_memory() + bench_speed(args.repeats, args.batch)
+    if args.records:
+        rows = bench_record_memory() + bench_against_twins({}, names=RECORDS, repeats=args.repeats, batch=args.batch)
+    else:
+        rows = bench_memory() + bench_speed(args.repeats, args.batch)
     for r in rows:
         noise = f"; twin against its copy {r['noise_floor_ratio']:.3f}" if "noise_floor_ratio" in r else ""
         print(f"{r['benchmark']:<62} {r['bnntrain_value']:>9.4g} {r['unit']}  vs {r['baseline']} "
