@@ -95,6 +95,9 @@ def _how_to_supply(key: str, spec: Any) -> str:
     if spec.get("timm"):
         return (f": the teacher {spec.timm} takes {key}.weights=PATH (a state dict of timm's {spec.timm}), "
                 f"or {key}.weights=null for timm's pretrained download")
+    if spec.get("torchvision"):
+        return (f": the teacher {spec.torchvision} takes {key}.weights=PATH (a state dict of torchvision's "
+                f"{spec.torchvision}), or the name of torchvision's weights (IMAGENET1K_V1) for its download")
     return ""
 
 
@@ -205,7 +208,14 @@ def _torchvision_teacher(name: str, weights: str | None, num_classes: int, key: 
         if len(published.meta["categories"]) != num_classes:
             raise ConfigError(f"torchvision's {name} {weights} predicts {len(published.meta['categories'])} classes, "
                               f"this data has {num_classes}")
-        return torchvision.models.get_model(name, weights=published)
+        try:
+            return torchvision.models.get_model(name, weights=published)
+        except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), a broken download
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"the teacher {name}: torchvision's {weights} weights could not be loaded "
+                                  f"({reason}); download them once where there is a network (torch caches them "
+                                  f"under TORCH_HOME), or give {key}.weights=PATH (a state dict of torchvision's "
+                                  f"{name})") from None
     try:
         model = torchvision.models.get_model(name, num_classes=num_classes)
     except ValueError as err:

@@ -1,9 +1,11 @@
 """Optimizers and learning-rate schedules from the `optimizer` and `schedule` config groups.
 
-All schedules step once per epoch and are built from `torch.optim.lr_scheduler`.
+The schedules are built from `torch.optim.lr_scheduler`; each steps once per epoch, but those
+of step_schedules.py after every optimizer step.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable
 
@@ -13,15 +15,18 @@ from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
 from .bop import Bop
+from .case_optimizer import CaseOptimizer
 from .nn import binary_layers
 from .registry import Registry, choose
+from .step_schedules import cosine_per_step
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer.name")
-"""The optimizers by name (`optimizer.name`): torch's Adam, AdamW and SGD, and Bop (bop.py)."""
+"""The optimizers by name (`optimizer.name`): torch's Adam, AdamW and SGD, Bop and case."""
 OPTIMIZERS.register("adam")(torch.optim.Adam)      # trick 7: Adam with default betas
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
 OPTIMIZERS.register("bop")(Bop)                    # binary weights by Bop, the rest by Adam (bop.py)
+OPTIMIZERS.register("case")(CaseOptimizer)         # binary weights by one optimizer, the rest by another
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> Optimizer:
@@ -143,6 +148,7 @@ def centralize_gradients(weights: Iterable[nn.Parameter]) -> None:
 SCHEDULES: Registry[Callable[..., lr_scheduler.LRScheduler]] = Registry("schedule.name")
 """The learning-rate schedules by name (`schedule.name`), each built from the optimizer and the
 `schedule` config's other keys."""
+SCHEDULES.register("cosine_per_step")(cosine_per_step)  # larq-zoo's, per optimizer step (step_schedules.py)
 
 
 @SCHEDULES.register("multistep")
@@ -278,20 +284,23 @@ def timm_cosine(optimizer: Optimizer, epochs: int, min_lr: float = 0.0, warmup_e
     return TimmCosine(optimizer, period or epochs, min_lr, warmup_epochs, warmup_lr or 0.0)
 
 
-def build_scheduler(cfg: DictConfig, optimizer: Optimizer) -> lr_scheduler.LRScheduler:
+def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int = 1) -> lr_scheduler.LRScheduler:
     """The learning-rate schedule a `schedule` config describes.
 
     Args:
         cfg: the `schedule` group: `name` picks the schedule in `SCHEDULES`, the other keys
             are its arguments.
         optimizer: the optimizer whose lr it sets.
+        steps_per_epoch: the optimizer steps of an epoch, for a schedule by steps.
 
     Returns:
-        The scheduler, stepped once per epoch.
+        The scheduler, stepped once per epoch, or after each optimizer step if `per_step`.
 
     Raises:
         ValueError: an unknown name (`UnknownChoice`).
     """
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
-    return SCHEDULES.get(options.pop("name"))(optimizer, **options)
-
+    factory = SCHEDULES.get(options.pop("name"))
+    if "steps_per_epoch" in inspect.signature(factory).parameters:
+        options["steps_per_epoch"] = steps_per_epoch
+    return factory(optimizer, **options)

@@ -55,6 +55,18 @@ PRESETS = {
     # the teachers' loss (every value in test_bnext_recipe.py).
     **{f"bnext_{size}_paper": ([], 0.0, {"stage2": ("adamw", 1e-3, 1e-8)}, BNEXT_SCHEDULE)
        for size in ("tiny", "small", "middle", "large")},
+    # larq-zoo's sota_experiments.py TrainQuickNet{Small,,Large}: SGD's peak lr 0.1 (Adam's 1e-2 on the binary
+    # kernels), no weight decay, 600 epochs, cosine per step after 5 warm-up epochs (every value in
+    # test_quicknet_recipe.py).
+    **{f"quicknet{size}_paper": ([], 0.0, {"stage2": ("case", 0.1, 0.0)},
+                                 {"name": "cosine_per_step", "epochs": 600, "warmup_epochs": 5})
+       for size in ("_small", "", "_large")},
+    # larq-zoo's multi_stage_experiments.py TrainR2BBFP, TrainR2BBAN, TrainR2BBNN: Adam 1e-3, 1e-3, 2e-4;
+    # Keras's l2(1e-5) in the first two (weight decay 2e-5 on larq-zoo's loss, 5e-6 on ours, a quarter of
+    # it); 75 epochs, x0.3 at 40/60/70 after 5 warm-up epochs (every value in test_real_to_binary_recipe.py).
+    "real_to_binary_paper": ([], 0.0, {"stage0": (1e-3, 5e-6), "stage1": (1e-3, 5e-6), "stage2": (2e-4, 0.0)},
+                             {"name": "multistep", "epochs": 75, "milestones": [40, 60, 70], "gamma": 0.3,
+                              "warmup_epochs": 5}),
 }
 
 

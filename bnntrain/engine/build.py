@@ -10,6 +10,7 @@ and trainer to evaluate it, and nothing to train it with.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,8 @@ class StageParts:
         trainer: the loop that trains and evaluates it.
         objective: the batch loss; None where the parts only evaluate.
         optimizer: None where the parts only evaluate.
-        scheduler: the learning-rate schedule, stepped once per epoch; None where the parts only
-            evaluate.
+        scheduler: the learning-rate schedule, stepped once per epoch (or, where its `per_step`
+            says so, by the trainer after each optimizer step); None where the parts only evaluate.
         teacher: the frozen distillation teacher, or None (its assistants are the objective's).
     """
     device: torch.device
@@ -103,6 +104,8 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
         load_model_weights(model, saved["model"], resume)
         objective.load_state_dict(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])
+    elif init is not None and cfg.stage.hand_over == "none":  # a fresh network, which `init` may still teach
+        log.info(f"{name}: starts from its own initial weights (stage.hand_over: none), not from {init}")
     elif init is not None:
         weights = _finite(load_checkpoint(init)["model"], init)
         if cfg.stage.hand_over == "all_but_binary_weights":
@@ -110,7 +113,8 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
         load_model_weights(model, weights, init)
         log.info(f"{name}: weights initialised from {init}"
                  + (" (its binary convs' weights left at their init)" if cfg.stage.hand_over != "all" else ""))
-    scheduler = _scheduler(cfg.schedule, optimizer, saved["epoch"] if saved is not None else 0)
+    steps_per_epoch = math.ceil(len(loaders.train) / options["accumulate"])  # the trainer's, last window included
+    scheduler = _scheduler(cfg.schedule, optimizer, saved, steps_per_epoch)
     idle = idle_quantizer_parameters(model, cfg.stage.activations, cfg.stage.weights)
     # DDP/compile around `model`
     net = prepare_model(model, device, cfg.trainer, options["channels_last"], idle_parameters=bool(idle))
@@ -119,7 +123,8 @@ def build_stage(cfg: DictConfig, init: str | None = None, saved: dict[str, Any] 
         frozen.to(device)
     # The optimizer state loaded on the CPU follows the parameters to the device.
     optimizer.load_state_dict(optimizer.state_dict())
-    trainer = Trainer(net, objective, optimizer, device, **options)
+    per_step = scheduler if getattr(scheduler, "per_step", False) else None
+    trainer = Trainer(net, objective, optimizer, device, **options, step_schedule=per_step)
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
     return StageParts(device, loaders, model, trainer, objective, optimizer, scheduler, teacher)
@@ -163,14 +168,20 @@ def _finite(weights: dict[str, Any], init: str) -> dict[str, Any]:
     return weights
 
 
-def _scheduler(cfg: DictConfig, optimizer: Any, epochs_done: int) -> Any:
-    """The schedule of this config, moved on by the epochs already trained: the lr is the one
-    an uninterrupted run has there (also where a resumed run now has more epochs)."""
+def _scheduler(cfg: DictConfig, optimizer: Any, saved: dict[str, Any] | None, steps_per_epoch: int) -> Any:
+    """The schedule of this config, moved on by the epochs (or, for a schedule by steps, the
+    optimizer steps) already trained in `saved`: the lr is the one an uninterrupted run has
+    there (also where a resumed run now has more epochs)."""
     for group in optimizer.param_groups:  # as a new run starts: at the base lr
         group["lr"] = group.get("initial_lr", group["lr"])
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    if saved is None:
+        return scheduler
+    if getattr(scheduler, "per_step", False):  # a checkpoint mid-epoch too: the trainer's step count
+        scheduler.advance_to(saved["trainer"]["step"])
+        return scheduler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "step() before optimizer.step()": this is a replay
-        for _ in range(epochs_done):
+        for _ in range(saved["epoch"]):
             scheduler.step()
     return scheduler

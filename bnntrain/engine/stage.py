@@ -94,7 +94,8 @@ def _train_epoch(run: StageRun, epoch: int) -> None:
     run.metrics = parts.trainer.evaluate(parts.loaders.test)
     _call(run, "after_evaluation", epoch)
     check_finite(run.metrics["loss"], f"{cfg.stage.name} epoch {epoch + 1}: the test loss")  # never save broken weights
-    parts.scheduler.step()
+    if not getattr(parts.scheduler, "per_step", False):  # a schedule by steps moved with each step
+        parts.scheduler.step()
     _call(run, "after_epoch", epoch)
 
 

@@ -31,7 +31,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective: Objective, optimizer: Optimizer, device: torch.device,
                  log_every: int | None = None, amp: str | None = None, channels_last: bool = False,
-                 grad_clip: float | None = None, accumulate: int = 1) -> None:
+                 grad_clip: float | None = None, accumulate: int = 1, step_schedule: Any = None) -> None:
         """`objective(model, images, targets)` returns the batch loss (see bnntrain.losses).
 
         The options are `trainer.*` as `engine.setup.trainer_options` resolves them; left out,
@@ -49,13 +49,15 @@ class Trainer:
             channels_last: feed the batches in the channels-last memory format.
             grad_clip: the largest gradient norm, clipped before each step; None clips none.
             accumulate: batches per optimizer step.
+            step_schedule: a learning-rate schedule stepped after each optimizer step (one whose
+                `per_step` says so), or None.
         """
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.device, self.log_every = device, log_every
         self.amp_dtype = AMP_DTYPES[amp] if amp else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.grad_clip, self.accumulate = grad_clip, accumulate
+        self.grad_clip, self.accumulate, self.step_schedule = grad_clip, accumulate, step_schedule
         self.step = 0  # optimizer steps taken in this stage, across epochs
         self.progress: dict[str, Any] = {"batches": 0, "loss_sum": 0.0}  # of the epoch under way
 
@@ -172,6 +174,8 @@ class Trainer:
             if not update:
                 continue
             self.step += 1
+            if self.step_schedule is not None:  # the lr of the next step, before a checkpoint holds it
+                self.step_schedule.step()
             self.progress = {"batches": i, "loss_sum": total}
             if self.log_every and self.step % self.log_every == 0:
                 self._report(logged.item() / logged_steps, on_log)

@@ -21,7 +21,7 @@ from .sign_conv import FUSED_SIGN_CONVS
 
 ACTIVATION_MODES = ("binary", *PRECISION_MODES)
 """What a binary layer's input can be in a stage (`stage.activations`): `binary` (its input
-quantizer) or one of `PRECISION_MODES` (`real`, `leaky_clip`, `clamp`)."""
+quantizer) or one of `PRECISION_MODES` (`real`, `leaky_clip`, `clamp`, `tanh`)."""
 WEIGHT_INITS = ("default", "small_positive")  # PyTorch's conv/linear init, or Bi-Real's U[0, 0.001)
 WEIGHT_MODES = ("binary", "real")
 """What a binary layer's weight can be in a stage (`stage.weights`): `binary` (its weight

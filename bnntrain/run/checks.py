@@ -80,7 +80,7 @@ RULES: dict[str, Check | Owned] = {
     "stage.color_jitter": flag(),
     "stage.needs_init": flag(),
     "stage.start_from": one_of("last", "best"),
-    "stage.hand_over": one_of("all", "all_but_binary_weights"),
+    "stage.hand_over": one_of("all", "all_but_binary_weights", "none"),
     "stage.switch.at": FRACTION,
     "stage.switch.activations": Owned("nn.ACTIVATION_MODES"),
     "data.batch_size": whole(1),

@@ -35,6 +35,7 @@ def clamp(x: Tensor) -> Tensor:
 
 
 PRECISION_MODES: dict[str, Callable[[Tensor], Tensor]] = {"real": lambda x: x, "leaky_clip": leaky_clip,
-                                                          "clamp": clamp}
+                                                          "clamp": clamp, "tanh": torch.tanh}
 """What a binary layer applies to its input in a stage whose activations are not binary, by
-`stage.activations`: `real` (the input as it is), `leaky_clip` or `clamp`."""
+`stage.activations`: `real` (the input as it is), `leaky_clip`, `clamp` or `tanh` (Real-to-Binary
+Net's real-valued stage, larq-zoo's `r2b_fp`: tanh of the conv's input, its gradient 1 - tanh^2)."""
