@@ -271,3 +271,23 @@ def test_the_cifar_study_gap_sentence():
     arms = json.loads((ROOT / "scripts" / "results_stage2_study_cifar10.json").read_text())["arms"]
     gap = arms["one stage, fully binary"]["mean"] - arms["two-stage (stage 1 then stage 2)"]["mean"]
     assert f"the two-stage network ends {gap:.0f} points below a fully binary network" in flat("results.md")
+
+
+def test_record_network_benchmark_table_is_the_json():
+    rows = table_rows("benchmarks.md", "| record network benchmark | baseline | bnntrain | ratio | twin against its copy |")
+    records = bench("bench_results_records_cpu.json")
+    assert len(rows) == len(records)
+    for row, entry in zip(rows, records):
+        assert row[0] == entry["benchmark"] and row[1].startswith(entry["baseline"])
+        assert agrees(row[3], entry["ratio"])
+        assert agrees(row[4], entry["noise_floor_ratio"]) if "noise_floor_ratio" in entry else row[4] == "-"
+
+
+def test_record_networks_imagenette_table_is_the_runs():
+    runs = json.loads((ROOT / "scripts" / "results_records_imagenette.json").read_text())
+    rows = table_rows("networks.md", "| network (Imagenette, 64 px) | overrides | test top-1 per epoch (%) | final | best | s |")
+    assert [row[0] for row in rows] == [f"`{name}`" for name in runs["networks"]]
+    for row, net in zip(rows, runs["networks"].values()):
+        assert row[1] == " ".join(f"`{o}`" for o in net["overrides"])
+        assert row[2] == ", ".join(f"{t:.1f}" for t in net["curve"])
+        assert agrees(row[3], net["top1"]) and agrees(row[4], net["best_top1"]) and agrees(row[5], net["seconds"])

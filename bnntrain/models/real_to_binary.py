@@ -38,28 +38,6 @@ R2B_KEYS = ("in_channels", "stem", "width", "bn_momentum", "input_quantizer", "w
             "learnable_threshold", "binarize", "scaling_reduction")  # what `RealToBinaryNet` reads
 
 
-class SameMaxPool2d(nn.Module):
-    """Max pooling with TensorFlow's "same" padding: the padding never wins (-inf), the smaller
-    half before (a 3x3 stride-2 pool on 112 pads 0 above, 1 below).
-
-    Args:
-        kernel: the window's side.
-        stride: the stride.
-    """
-
-    def __init__(self, kernel: int, stride: int) -> None:
-        super().__init__()
-        self.kernel, self.stride = kernel, stride
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        top, bottom = same_padding(x.shape[-2], self.kernel, self.stride)
-        left, right = same_padding(x.shape[-1], self.kernel, self.stride)
-        return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), self.kernel, self.stride)
-
-
 class KerasPReLU(nn.PReLU):
     """Keras's PReLU (one slope per channel, `shared_axes=[1, 2]`, from 0): relu(x) - a relu(-x).
     Its gradient at x = 0 is 0, where PyTorch's is a; a binary conv's sums are whole numbers,
@@ -187,7 +165,8 @@ def r2b_stem(in_channels: int, channels: int, kind: str, momentum: float) -> nn.
     layers = [("pad", SamePad2d(kernel, stride)), ("conv", conv), ("bn", keras_batchnorm(channels, momentum)),
               ("act", KerasPReLU(channels))]
     if kind == "imagenet":
-        layers.append(("pool", SameMaxPool2d(3, 2)))
+        # TensorFlow's "same" max pool: the smaller half of the padding before, -inf (never the max).
+        layers.append(("pool", nn.Sequential(SamePad2d(3, 2, value=-math.inf), nn.MaxPool2d(3, 2))))
     return nn.Sequential(OrderedDict(layers))
 
 

@@ -103,21 +103,22 @@ class SamePad2d(nn.Module):
     """TensorFlow's `padding="same"` of a square kernel, from the input's size at each call.
 
     Args:
-        kernel: the next conv's kernel size.
+        kernel: the next conv's (or pool's) kernel size.
         stride: its stride.
+        value: the padding's value: 0 before a conv, -inf before a max pool (the padding never wins).
     """
 
-    def __init__(self, kernel: int, stride: int) -> None:
+    def __init__(self, kernel: int, stride: int, value: float = 0.0) -> None:
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.value = kernel, stride, value
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}"
+        return f"kernel={self.kernel}, stride={self.stride}" + (f", value={self.value}" if self.value else "")
 
     def forward(self, x: Tensor) -> Tensor:
         top, bottom = same_padding(x.shape[-2], self.kernel, self.stride)
         left, right = same_padding(x.shape[-1], self.kernel, self.stride)
-        return F.pad(x, (left, right, top, bottom))
+        return F.pad(x, (left, right, top, bottom), value=self.value)
 
 
 class BlurPool2d(nn.Module):
