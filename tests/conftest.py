@@ -152,6 +152,19 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def assert_onnx_matches(packed: Path, x: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> None:
+    """The packed file's ONNX export, run by onnxruntime on `x`, gives `want` (the export's
+    own outputs) within float32 rounding."""
+    need("onnx", "onnxscript", extra="export")
+    onnxruntime = need("onnxruntime", extra="export")
+    from bnntrain.tools.export.onnx import export_onnx
+
+    path = packed.with_suffix(".onnx")
+    export_onnx(packed, path)
+    (got,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=tol, atol=tol)
+
+
 def _write_pickles(folder: Path, files: dict[str, dict]) -> None:
     # The real files are Python 2 pickles whose str keys load as str with latin1.
     folder.mkdir(parents=True)

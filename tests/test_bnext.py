@@ -17,8 +17,8 @@ from bnntrain.complexity import count_costs
 from bnntrain.engine import load_checkpoint, save_checkpoint
 from bnntrain.errors import UserError
 from bnntrain.models import build_model, model_from_checkpoint
-from bnntrain.run.pipeline import run
 from bnntrain.tools import export
+from conftest import assert_onnx_matches, results, run_cli
 from test_config import make
 from test_method_bnext import OldClamp
 
@@ -262,8 +262,9 @@ def test_two_stages_on_the_digits_then_the_export(tmp_path):
     """Stage 1 (binary activations, real weights) hands its weights to stage 2 (soft, then
     hard binary weights); the temperature follows the epochs; the export refuses the soft
     phase in one line and packs sign(w) once T < 1e-7, with the network's outputs."""
-    results = run(DIGITS, tmp_path / "run")
-    assert list(results) == ["stage1", "stage2"]
+    out = run_cli(DIGITS, tmp_path / "run")  # the command line
+    assert out.returncode == 0, out.stderr
+    assert list(results(tmp_path / "run")) == ["stage1", "stage2"]
     last = tmp_path / "run" / "stage2" / "last.pt"
     state = load_checkpoint(last)
     assert state["init_from"] == str(tmp_path / "run" / "stage1" / "last.pt")
@@ -297,6 +298,7 @@ def test_two_stages_on_the_digits_then_the_export(tmp_path):
         tol = {"rtol": 1e-4, "atol": 1e-6 * want.abs().max().item()}  # float32 rounding (stem BN folded)
         torch.testing.assert_close(loaded(x), want, **tol)
         assert torch.equal(loaded(x).argmax(1), want.argmax(1))
+        assert_onnx_matches(tmp_path / "hard.bnn", x, loaded(x))
 
 
 def hardened(model):

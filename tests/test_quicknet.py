@@ -15,10 +15,9 @@ from bnntrain.infer.runtime import why_not_packed
 from bnntrain.models import build_model, model_from_checkpoint
 from bnntrain.nn import BinaryConv2d, binary_layers
 from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, build_quantizer
-from bnntrain.run.pipeline import run
 from bnntrain.tools import export
 from bnntrain.tools.export.inference import InferenceBinaryLayer
-from conftest import need
+from conftest import assert_onnx_matches, need, results, run_cli
 from test_config import make
 
 # PyTorch parameters (1000 classes), larq-zoo's published count, blur weights, top-1, BOPs and
@@ -234,7 +233,9 @@ def test_the_border_is_plus_one_not_zero():
 def test_two_stages_on_the_digits_clip_and_export_with_plus_one_padding(tmp_path):
     overrides = ["model=quicknet_small", "data=digits", "model.width=0.125", "data.train_limit=256",
                  "schedule.epochs=1", "optimizer.weight_clip=1.25", "trainer.device=cpu", "trainer.progress=plain"]
-    assert list(run(overrides, tmp_path / "run")) == ["stage1", "stage2"]
+    out = run_cli(overrides, tmp_path / "run")  # the command line
+    assert out.returncode == 0, out.stderr
+    assert list(results(tmp_path / "run")) == ["stage1", "stage2"]
     last = tmp_path / "run" / "stage2" / "last.pt"
     trained = model_from_checkpoint(load_checkpoint(last)).eval()
     latent = [layer.weight for _, layer in binary_layers(trained)]
@@ -252,6 +253,7 @@ def test_two_stages_on_the_digits_clip_and_export_with_plus_one_padding(tmp_path
         for channels_last in (False, True):  # the kernels pad with nothing; the input with +inf
             torch.testing.assert_close(infer.load(tmp_path / "model.bnn", channels_last=channels_last)(x),
                                        inference(x), rtol=1e-5, atol=1e-5)
+        assert_onnx_matches(tmp_path / "model.bnn", x, inference(x))  # +1 padding in ONNX too
     layers[0].pad_value = 0.5
     assert why_not_packed(layers[0]) == "pad_value=0.5 (the kernels pad with zeros or with signs)"
 

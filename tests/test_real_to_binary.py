@@ -20,7 +20,7 @@ from bnntrain.nn import binary_layers, set_precision
 from bnntrain.nn.gated_scaling import GatedScaling
 from bnntrain.tools import export
 from bnntrain.tools.export.inference import InferenceBinaryLayer
-from conftest import need
+from conftest import assert_onnx_matches, need
 from test_config import make
 
 PARAMS = 11_986_920        # PyTorch's parameters with 1000 classes
@@ -255,3 +255,4 @@ def test_two_stages_on_the_digits_clip_and_export(tmp_path):
         from bnntrain import infer
 
         torch.testing.assert_close(infer.load(tmp_path / "model.bnn")(x), inference(x), rtol=1e-5, atol=1e-5)
+        assert_onnx_matches(tmp_path / "model.bnn", x, inference(x))  # the shifted pads, in ONNX too
