@@ -274,7 +274,8 @@ def by_hand_test_set(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tricks_resnet18", "birealnet18", "birealnet34", "reactnet18", "reactnet_a"])
+@pytest.mark.parametrize("preset", ["tricks_resnet18", "birealnet18", "birealnet34", "reactnet18", "reactnet_a",
+                                    "bnext_tiny", "quicknet_small", "real_to_binary"])
 def test_stage2_starts_from_every_stage1_tensor(preset, tmp_path):
     """Stage 2 runs with an lr of 1e-30, below float32's resolution at these weights, so that
     its parameters at the end are those it started from; BN statistics move with each batch,
