@@ -2,6 +2,7 @@
 unchanged for the other parameters; gamma's schedules; its state across a resume; and the
 stage that may use it."""
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_bop_in_a_stage_with_real_weights_is_one_line():
         plan(["stage=1", "optimizer=bop", "optimizer.lr=1e-2", "optimizer.weight_decay=0"])
 
 
-def test_a_fully_binary_stage_trains_with_bop_and_resumes(tmp_path: Path, monkeypatch):
+def test_a_fully_binary_stage_trains_with_bop_and_resumes(tmp_path: Path, monkeypatch, caplog):
     """Two epochs straight, and one then a resume for the second, end with the same weights:
     Bop's averages and gamma schedule and Adam's moments all come back from the checkpoint."""
     options = ["stage='2'", "stage.needs_init=false", "model.width=0.125", "data=synthetic", "data.train_size=16",
@@ -123,7 +124,10 @@ def test_a_fully_binary_stage_trains_with_bop_and_resumes(tmp_path: Path, monkey
         gammas.append(self.param_groups[0]["lr"])
 
     monkeypatch.setattr(Bop, "set_progress", recorded)
+    caplog.set_level(logging.INFO)
     straight = train_stage(make(*options, "schedule.epochs=2"), tmp_path / "a" / "stage2")
+    # The log's lr is Adam's (cosine: 1e-2, then 5e-3), not Bop's gamma (1e-2, then 5.5e-3).
+    assert "stage2 epoch 2/2  lr 5.00e-03" in caplog.text
     assert gammas == [0.01, pytest.approx(0.0055, rel=1e-12)]  # the stage loop sets gamma at each epoch's start
     train_stage(make(*options, "schedule.epochs=1"), tmp_path / "b" / "stage2")
     first = torch.load(tmp_path / "b" / "stage2" / "last.pt", weights_only=True)

@@ -87,7 +87,9 @@ def _train_epoch(run: StageRun, epoch: int) -> None:
     seed_everything(epoch_seed(cfg.seed, cfg.stage.name, epoch))
     done, run.position = run.position, dict(layout.START)
     parts.loaders.set_epoch(epoch, done["batches"])
-    run.lr = parts.optimizer.param_groups[0]["lr"]
+    # The lr the log shows: the first group's, but for Bop's own, whose "lr" is its gamma.
+    run.lr = next((g["lr"] for g in parts.optimizer.param_groups if not g.get("bop")),
+                  parts.optimizer.param_groups[0]["lr"])
     run.train = parts.trainer.train_epoch(run.logger.batches(parts.loaders.train, epoch), on_log=run.logger.train_loss,
                                           on_step=_on_step(run, epoch), done=done["batches"],
                                           loss_sum=done["loss_sum"])
