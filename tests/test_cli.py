@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnntrain.data import build_loaders
 from bnntrain.engine import load_checkpoint
 from bnntrain.models import model_from_checkpoint
+import forked_cli
 from conftest import TINY, results, run_cli, write_cifar100, write_image_folder
 
 pytestmark = pytest.mark.slow  # every test here trains through the CLI: several seconds each
@@ -137,6 +138,19 @@ def test_cifar100_pickles_through_the_cli(tmp_path):
     assert ckpt["trainer"]["step"] == 2  # 32 images in batches of 16
     reported = results(tmp_path / "run")["stage1"]
     assert reported["top1"] == pytest.approx(evaluate_checkpoint(tmp_path / "run/stage1/last.pt")["top1"])
+
+
+def test_loader_workers_started_by_forkserver(tmp_path):
+    """Python 3.14 starts processes with forkserver on Linux: the workers then receive the image
+    folder pickled, which a lambda in it made impossible."""
+    root = write_image_folder(tmp_path / "imgs", per_class=4, size=20)
+    code = ("import multiprocessing; multiprocessing.set_start_method('forkserver', force=True); "
+            "from bnntrain.run.cli import main; main()")
+    out = forked_cli.run(["-c", code, "stage=1", "data=folder", f"data.root={root}", "data.image_size=16",
+                          "data.batch_size=6", "data.num_workers=1", "model.width=0.125", "schedule.epochs=1",
+                          f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=plain"])
+    assert out.returncode == 0, out.stderr
+    assert results(tmp_path / "run")["stage1"]["epochs"] == 1
 
 
 def test_image_folder_through_the_cli_with_workers(tmp_path):

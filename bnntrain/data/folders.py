@@ -6,6 +6,8 @@ on in-memory data (digits, synthetic) needs to train.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from pathlib import Path
@@ -44,7 +46,9 @@ class _ImageFolder(datasets.ImageFolder):
     a symlink loop ends, and no file is counted twice."""
 
     def __init__(self, root: str, transform: Callable) -> None:
-        self.walk = FolderWalk(lambda: raise_if_stopped(f"listing the images under {root}"))
+        # A partial, not a lambda: workers started by spawn or forkserver (Python 3.14's default
+        # on Linux) receive the dataset pickled.
+        self.walk = FolderWalk(functools.partial(raise_if_stopped, f"listing the images under {root}"))
         # The loader hands over the path: the transform's first step decodes it (transforms.Decode,
         # with Pillow or torchcodec as data.decoder chooses).
         super().__init__(root, transform=transform, loader=str)
