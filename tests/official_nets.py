@@ -188,3 +188,23 @@ def randomize_batchnorms(net, g):
             m.running_var.uniform_(0.5, 2, generator=g)
             m.weight.uniform_(0.5, 1.5, generator=g)
             m.bias.normal_(0, 0.1, generator=g)
+
+
+def statistics(model):
+    """A network's BN running statistics (ours, and the Keras-style ones written out in tests)."""
+    return [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var", "moving_mean",
+                                                                     "moving_var"))]
+
+
+def assert_trains_as_official(ours, official, x):
+    """One training-mode backward pass of the same loss in both: equal input and parameter
+    gradients, and equal BN statistics after it (float64)."""
+    grad = torch.randn(x.shape[0], 1000, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for model, xi in zip((ours, official), inputs):
+        (model(xi) * grad).sum().backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-9, atol=1e-12)
+    for mine, theirs in zip(ours.parameters(), official.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    for mine, theirs in zip(statistics(ours), statistics(official)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

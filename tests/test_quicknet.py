@@ -17,6 +17,7 @@ from bnntrain.nn import BinaryConv2d, binary_layers
 from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, build_quantizer
 from bnntrain.tools import export
 from bnntrain.tools.export.inference import InferenceBinaryLayer
+from official_nets import assert_trains_as_official, statistics
 from conftest import assert_onnx_matches, need, results, run_cli
 from test_config import make
 
@@ -104,10 +105,6 @@ class OfficialQuickNet(nn.Module):
         return self.dense(F.relu(x).mean((2, 3)))
 
 
-def statistics(model):
-    return [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var", "moving_mean",
-                                                                     "moving_var"))]
-
 
 def twins():
     """QuickNetSmall as the preset builds it, random weights and BN statistics, and the
@@ -141,16 +138,8 @@ def test_logits_are_the_official_networks_in_float64(size):
 def test_gradients_and_bn_statistics_are_the_official_networks_in_training():
     ours, official = twins()
     x = torch.randn(2, 3, 72, 72, dtype=torch.float64)
-    grad = torch.randn(2, 1000, dtype=torch.float64)
-    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    for model, xi in zip((ours, official), inputs):
-        (model(xi) * grad).sum().backward()
-    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-9, atol=1e-12)
-    for mine, theirs in zip(ours.parameters(), official.parameters()):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    assert_trains_as_official(ours, official, x)  # Keras's BN momentum too
     assert ours.stages[1][1].conv.weight.grad.view(-1)[:3].tolist()[1:] == [0.0, 0.0]  # |w| > 1.25
-    for mine, theirs in zip(statistics(ours), statistics(official)):  # Keras's momentum 0.99 and 0.9
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", SPEC)
