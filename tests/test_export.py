@@ -48,8 +48,9 @@ def randomize_batchnorms(model):
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            for t in (m.weight.data, m.bias.data, m.running_mean):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+            for t in (m.weight, m.bias, m.running_mean):
+                if t is not None:  # an unscaled BN (QuickNet's) has no weight
+                    t.data.copy_(torch.randn(t.shape, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
@@ -135,10 +136,10 @@ VARIANTS = {
 }
 
 
-def export_variant(extra, folder):
-    """A 1/8-width model of a variant at 16 px with trained-looking BNs, exported to
-    folder/m.bnn from a checkpoint; returns the model and its config."""
-    cfg = make("stage='2'", "data=synthetic", "data.image_size=16", "model.width=0.125", *extra)
+def export_variant(extra, folder, image_size=16):
+    """A 1/8-width model of a variant at 16 px (or `image_size`) with trained-looking BNs,
+    exported to folder/m.bnn from a checkpoint; returns the model and its config."""
+    cfg = make("stage='2'", "data=synthetic", f"data.image_size={image_size}", "model.width=0.125", *extra)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, in_channels=3)
     randomize_batchnorms(model)

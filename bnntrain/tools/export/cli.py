@@ -1,5 +1,6 @@
-"""`python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE]`: a checkpoint's packed
-1-bit file (packed.py), and optionally its ONNX model (onnx.py)."""
+"""`python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE] [openvino=DIR]`: a checkpoint's
+packed 1-bit file (packed.py), and optionally its ONNX model (onnx.py) and its OpenVINO model
+(openvino.py)."""
 from __future__ import annotations
 
 import io
@@ -12,14 +13,15 @@ import torch
 
 from ...engine import load_checkpoint
 from ...errors import ConfigError
-from ...files import refuse_overwrite, save_tensors
+from ...files import refuse_overwrite, same_file, save_tensors
 from ...models import model_from_checkpoint
 from ...run.config import run_tool, split_args
 from ...run.folders import check_writable
 from .onnx import export_onnx, require_onnx
+from .openvino import export_openvino, require_openvino
 from .packed import export_model
 
-USAGE = "usage: python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE.onnx]"
+USAGE = "usage: python -m bnntrain.tools.export ckpt=PATH out=FILE [onnx=FILE.onnx] [openvino=DIR]"
 
 
 def _nbytes(obj: Any) -> int:
@@ -70,6 +72,21 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
             "scales": sum(v.numel() * 4 for k, v in blob["tensors"].items() if k.endswith(".scale"))}
 
 
+def _openvino_folder(value: str, out: Path) -> Path:
+    """Where the OpenVINO model goes, checked before any work: a folder (made if missing, in an
+    existing one) that holds no model yet."""
+    folder = Path(value).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"openvino={folder} is a file; give a folder (the model is written as model.xml and model.bin)")
+    if not folder.parent.is_dir():
+        raise ConfigError(f"openvino={folder}: the folder {folder.parent} does not exist")
+    if (folder / "model.xml").exists():
+        raise ConfigError(f"openvino={folder} holds a model already ({folder / 'model.xml'}); give another folder")
+    if same_file(folder / "model.bin", out) or same_file(folder / "model.xml", out):
+        raise ConfigError(f"openvino={folder} would write over out={out}; give another folder")
+    return folder
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3f} MB"
 
@@ -78,22 +95,26 @@ def run(argv: list[str]) -> None:
     """The command: write the packed file (and the ONNX model), and print their sizes.
 
     Args:
-        argv: `ckpt=PATH out=FILE [onnx=FILE]`.
+        argv: `ckpt=PATH out=FILE [onnx=FILE] [openvino=DIR]`.
 
     Raises:
         UserError: a missing or unknown argument, an output that is an input or cannot be
-            written, `onnx=` without the optional packages, or what `export_checkpoint` raises.
+            written, `onnx=` or `openvino=` without the optional packages, or what
+            `export_checkpoint` raises.
     """
-    own, rest = split_args(argv, ("ckpt", "out", "onnx"))
+    own, rest = split_args(argv, ("ckpt", "out", "onnx", "openvino"))
     if rest or "ckpt" not in own or "out" not in own:
         unknown = f"unknown argument(s): {' '.join(rest)}; " if rest else ""
-        raise ConfigError(f"{unknown}expected ckpt=PATH out=FILE [onnx=FILE]")
+        raise ConfigError(f"{unknown}expected ckpt=PATH out=FILE [onnx=FILE] [openvino=DIR]")
     ckpt = Path(own["ckpt"]).expanduser()
     out = _output(own["out"], ckpt, "out")
     onnx_path = _output(own["onnx"], ckpt, "onnx") if "onnx" in own else None
     if onnx_path is not None:  # before the work, not after it
         refuse_overwrite(onnx_path, "onnx", {"out": out})
         require_onnx()
+    openvino = _openvino_folder(own["openvino"], out) if "openvino" in own else None
+    if openvino is not None:
+        require_openvino()
     sizes = export_checkpoint(own["ckpt"], own["out"])
     file = sizes["file"]
     print(f"wrote {own['out']}: {_mb(file)}\n"
@@ -106,6 +127,12 @@ def run(argv: list[str]) -> None:
     if onnx_path is not None:
         export_onnx(own["out"], onnx_path)
         print(f"wrote {onnx_path}: {_mb(onnx_path.stat().st_size)}")
+    if openvino is not None:
+        layers = export_openvino(own["out"], openvino)
+        left = "".join(f"; {n} stay float ({why})" for why, n in layers["left"].items())
+        print(f"wrote {openvino / 'model.xml'}: {_mb((openvino / 'model.bin').stat().st_size)} of weights; "
+              f"{layers['binarized']} of {layers['binary_layers']} binary layers run as OpenVINO's BinaryConvolution"
+              f"{left}")
 
 
 def main(argv: list[str] | None = None) -> None:
