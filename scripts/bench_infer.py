@@ -18,12 +18,17 @@ classes) and `data=cifar100` (32 px, 100 classes). Reported:
   pre-scaled), each on the input it gets in its own network; the binary MACs per second and
   their fraction of the peak;
 - end to end: the packed model (`bnntrain.infer.load`) against the float model (weights
-  pre-scaled, NCHW as `bnntrain.tools.export.load` runs it; channels_last shown beside it) and
-  against `bnntrain.tools.export.load` itself.
+  pre-scaled, NCHW as `bnntrain.tools.export.load` runs it; channels_last shown beside it),
+  against `bnntrain.tools.export.load` itself and, where `openvino` is installed, against
+  OpenVINO running the same file's IR (`python -m bnntrain.tools.export ... openvino=DIR`,
+  every binary conv a BinaryConvolution) on the same threads, float32, latency mode.
+
+    python scripts/bench_infer.py --models birealnet18,reactnet18,reactnet_a --data imagenet --json FILE
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -116,7 +122,24 @@ def layer_inputs(model: nn.Module, kind: type, images: torch.Tensor) -> dict[str
     return seen
 
 
-def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -> dict:
+def openvino_arm(path: Path, batch: int, threads: int) -> tuple[Callable[[torch.Tensor], object], dict] | None:
+    """OpenVINO on the file's IR at this batch size: (run images, facts), or None without openvino."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    from bnntrain.tools.export.openvino import compile_openvino, export_openvino, runtime_layer_types
+
+    folder = path.with_suffix(".openvino")
+    layers = export_openvino(path, folder) if not (folder / "model.xml").exists() else None
+    compiled = compile_openvino(folder / "model.xml", batch, threads)
+    request = compiled.create_infer_request()
+    kinds = runtime_layer_types(compiled)
+    facts = {"binary_convolutions": kinds.count("BinaryConvolution"), "float_convolutions": kinds.count("Convolution")}
+    if layers is not None:
+        facts["export"] = layers
+    return (lambda images: request.infer({0: images.numpy()})), facts
+
+
+def bench_network(path: Path, batches: list[int], seconds: float, peak: float, threads: int) -> dict:
     packed = infer.load(path)
     config = packed.export_config
     baseline = infer.float_model(path)
@@ -153,10 +176,19 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -
                                "speedup": speedup(times, "float"),
                                "binary_macs_per_s": macs / t_ours, "fraction_of_peak": macs / t_ours / peak})
         # End to end.
+        arms = {"packed": lambda: packed(images), "float": lambda: baseline(images),
+                "float_channels_last": lambda: channels_last(images_cl), "export_load": lambda: exported(images)}
+        openvino = openvino_arm(path, batch, threads)
+        if openvino is not None:
+            run_openvino, openvino_facts = openvino
+            with torch.inference_mode():
+                reference = exported(images)
+            openvino_logits = torch.from_numpy(run_openvino(images)[0].copy())
+            openvino_facts["max_abs_logit_difference_vs_export_load"] = (openvino_logits - reference).abs().max().item()
+            openvino_facts["same_prediction_as_export_load"] = int((openvino_logits.argmax(1) == reference.argmax(1)).sum())
+            arms["openvino"] = lambda: run_openvino(images)
         with torch.inference_mode():
-            times = interleaved({"packed": lambda: packed(images), "float": lambda: baseline(images),
-                                 "float_channels_last": lambda: channels_last(images_cl),
-                                 "export_load": lambda: exported(images)}, 7, seconds=seconds)
+            times = interleaved(arms, 7, seconds=seconds)
         total_macs = sum(layer["macs"] for layer in layers)
         t_packed = statistics.median(times["packed"])
         result["batches"][batch] = {
@@ -171,6 +203,10 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float) -
             "binary_layers_ms": {"packed": sum(x["packed_ms"] for x in layers), "float": sum(x["float_ms"] for x in layers)},
             "binary_macs_per_s_in_network": total_macs / t_packed,
         }
+        if openvino is not None:
+            # Below 1: bnntrain.infer takes less time than OpenVINO (the issue's target is <= 0.8).
+            result["batches"][batch]["time_vs_openvino"] = paired_ratio(times["openvino"], times["packed"])
+            result["batches"][batch]["openvino"] = openvino_facts
     return result
 
 
@@ -199,6 +235,12 @@ def report(results: dict) -> str:
                          f"({r['speedup_vs_float_channels_last']:.2f}x), export.load {e2e['export_load']:.2f} ms "
                          f"({r['speedup_vs_export_load']:.2f}x); medians of {r['rounds']} rounds; binary MACs in the "
                          f"network {r['binary_macs_per_s_in_network'] / 1e9:.0f} G/s")
+            if "openvino" in r:
+                o = r["openvino"]
+                lines.append(f"OpenVINO: {e2e['openvino']:.2f} ms ({o['binary_convolutions']} BinaryConvolution, "
+                             f"{o['float_convolutions']} float Convolution); bnntrain.infer takes "
+                             f"{r['time_vs_openvino']:.2f}x OpenVINO's time; max |logit difference| from export.load "
+                             f"{o['max_abs_logit_difference_vs_export_load']:.1e}")
             lines.append("")
     return "\n".join(lines)
 
@@ -206,7 +248,7 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="imagenet,cifar100", help="data presets, comma-separated")
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--models", default="resnet18", help="model presets, comma-separated")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seconds", type=float, default=8.0, help="end-to-end timing per network and batch")
@@ -221,11 +263,12 @@ def main() -> None:
         pass
     results = {"cpu": cpu, "threads": args.threads, "peak": peak, "networks": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for data in args.data.split(","):
-            path = export_network(data, Path(tmp), args.model)
-            results["networks"].append(bench_network(path, [int(b) for b in args.batches.split(",")], args.seconds,
-                                                     peak["binary_macs_per_s"]))
-            print(report({**results, "networks": results["networks"][-1:]}), flush=True)
+        for model in args.models.split(","):
+            for data in args.data.split(","):
+                path = export_network(data, Path(tmp), model)
+                results["networks"].append(bench_network(path, [int(b) for b in args.batches.split(",")],
+                                                         args.seconds, peak["binary_macs_per_s"], args.threads))
+                print(report({**results, "networks": results["networks"][-1:]}), flush=True)
     if args.json:
         write_text(args.json, json.dumps(results, indent=1))
 

@@ -16,6 +16,7 @@ ov = need("openvino", extra="openvino")
 ops = need("openvino.opset13", extra="openvino")
 
 from bnntrain.engine import load_checkpoint  # noqa: E402
+from bnntrain.infer.cli import main as infer_main  # noqa: E402
 from bnntrain.tools import export  # noqa: E402
 from bnntrain.tools.export.openvino import (compile_openvino, export_openvino, runtime_layer_types,  # noqa: E402
                                             to_openvino)
@@ -131,6 +132,11 @@ def test_trained_model_on_real_digits(digits, tmp_path, capsys):  # noqa: F811
     # Float rounding: the stem and BN sum in another order than PyTorch's (measured 1.9e-6 at logits of 4 to 8).
     assert worst <= 8e-6, worst
 
+    # The benchmark command times the IR beside bnntrain.infer's kernels.
+    infer_main([f"model={tmp_path / 'm.bnn'}", "--bench", "batch=2", f"openvino={tmp_path / 'ov'}"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("batch   2:") and "OpenVINO" in line and "(16 BinaryConvolution)" in line, line
+
 
 OPENVINO_VARIANTS = {**VARIANTS, "quicknet (signs padded with +1)": ["model=quicknet_small"]}
 
@@ -191,6 +197,16 @@ def test_openvino_errors_are_one_line_and_write_nothing(args, words, trained, tm
     assert all(word in err for word in words), err
     assert not (tmp_path / "m.bnn").exists()
     assert (tmp_path / "file.txt").read_text() == (tmp_path / "full" / "model.xml").read_text() == "keep"
+
+
+def test_bench_openvino_errors_are_one_line(tmp_path, capsys):
+    export_variant([], tmp_path)
+    for args, words in ([f"openvino={tmp_path}"], "no model.xml there"), ([f"openvino={tmp_path}", f"images={tmp_path}"],
+                                                                          "goes with --bench"):
+        with pytest.raises(SystemExit) as exit_:
+            infer_main([f"model={tmp_path / 'm.bnn'}", *args] + (["--bench"] if "images" not in args[-1] else []))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 
 
 def test_without_openvino_one_line_names_the_extra(trained, tmp_path):  # noqa: F811

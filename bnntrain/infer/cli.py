@@ -18,7 +18,7 @@ from ..registry import UnknownChoice, choose
 from .runtime import PackedBinaryConv2d, float_model, load, require_numba, set_threads
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]
-       python -m bnntrain.infer model=FILE --bench [batch=1,16] [threads=N] [strict=false]"""
+       python -m bnntrain.infer model=FILE --bench [batch=1,16] [threads=N] [strict=false] [openvino=DIR]"""
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -170,8 +170,28 @@ def time_models(models: dict[str, nn.Module], images: Tensor, seconds: float = 2
                 return times
 
 
+def openvino_runner(folder: str, batch: int) -> nn.Module:
+    """The OpenVINO IR that `python -m bnntrain.tools.export ... openvino=DIR` wrote, compiled for
+    this batch size on the same threads, as a callable on a batch of images."""
+    from ..tools.export.openvino import compile_openvino, runtime_layer_types
+
+    xml = Path(folder).expanduser() / "model.xml"
+    if not xml.is_file():
+        raise ConfigError(f"openvino={folder}: no model.xml there (python -m bnntrain.tools.export ... openvino=DIR "
+                          f"writes one)")
+    compiled = compile_openvino(xml, batch, torch.get_num_threads())
+    request = compiled.create_infer_request()
+    runner = nn.Module()
+    runner.forward = lambda images: request.infer({0: images.numpy()})
+    runner.binary = runtime_layer_types(compiled).count("BinaryConvolution")
+    return runner
+
+
 def bench(own: dict[str, str]) -> None:
     batches = [_int(b, "batch") for b in own.get("batch", "1,16").split(",")]
+    if "openvino" in own:
+        from ..tools.export.openvino import require_openvino
+        require_openvino()
     packed = load_noting(own)
     config = packed.export_config
     baseline = float_model(own["model"])
@@ -182,16 +202,25 @@ def bench(own: dict[str, str]) -> None:
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
         images = torch.randn(batch, *shape, generator=generator)
-        times = time_models({"packed": packed, "float": baseline}, images)
+        models = {"packed": packed, "float": baseline}
+        if "openvino" in own:
+            models["openvino"] = openvino_runner(own["openvino"], batch)
+        times = time_models(models, images)
         ours, theirs = statistics.median(times["packed"]), statistics.median(times["float"])
-        print(f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
-              f"{theirs / ours:.2f}x; medians of {len(times['packed'])} interleaved runs")
+        line = (f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
+                f"{theirs / ours:.2f}x")
+        if "openvino" in own:
+            other = statistics.median(times["openvino"])
+            line += (f"; OpenVINO {other * 1e3:.2f} ms ({models['openvino'].binary} BinaryConvolution): "
+                     f"{ours / other:.2f}x its time")
+        print(f"{line}; medians of {len(times['packed'])} interleaved runs")
 
 
 def run(argv: list[str]) -> None:
     flags = [a for a in argv if a.startswith("--")]
     own, rest = split_args([a for a in argv if not a.startswith("--")],
-                           ("model", "images", "batch", "threads", "strict", "data", "mean", "std", "resize"))
+                           ("model", "images", "batch", "threads", "strict", "data", "mean", "std", "resize",
+                            "openvino"))
     unknown = [f for f in flags if f != "--bench"] + rest
     if unknown:
         raise ConfigError(f"unknown argument(s): {' '.join(unknown)}; expected model=FILE images=FOLDER or "
@@ -200,6 +229,8 @@ def run(argv: list[str]) -> None:
         raise ConfigError("expected model=FILE (a bnntrain.tools.export file) and images=FOLDER or --bench")
     if ("images" in own) == ("--bench" in flags):
         raise ConfigError("give images=FOLDER (predictions) or --bench (latency), one of them")
+    if "openvino" in own and "--bench" not in flags:
+        raise ConfigError("openvino=DIR goes with --bench (OpenVINO's latency beside bnntrain.infer's)")
     if not Path(own["model"]).expanduser().is_file():
         raise ConfigError(f"model={own['model']}: no such file")
     require_numba()
