@@ -62,7 +62,8 @@ def test_the_feature_tables_figures_are_the_benchmarks():
     (memory,) = re.fullmatch(r"([\d.]+)x the straight-through sign's", rows["memory saved for backward"]).groups()
     assert agrees(memory, cpu["memory saved for backward, resnet18 batch 32"]["ratio"])
     smaller, faster = re.fullmatch(r"packed export ([\d.]+)x smaller than fp32 \(ResNet-18, 1000 classes\); "
-                                   r"XNOR-popcount CPU runtime ([\d.]+)x faster than float PyTorch \(224 px, batch 1\)",
+                                   r"XNOR-popcount CPU runtime ([\d.]+)x faster than float PyTorch \(224 px, batch 1\); "
+                                       r"OpenVINO export, binary convs as its BinaryConvolution",
                                    rows["1-bit deployment"]).groups()
     # the export table's row, itself checked against a real export in test_export.py
     export = next(r for r in table_rows("export.md", "| model | export | fp32 weights |")
