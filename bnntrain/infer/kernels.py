@@ -36,6 +36,19 @@ def popcount(typingctx, x):
     return x(x), codegen
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """LLVM's fused multiply-add on float32, a x b + c rounded once: the arithmetic of
+    PyTorch's CPU batch norm (its vectorized kernels use fmadd), reproduced bit for bit."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, b, c), codegen
+
+
 @njit(cache=True)
 def _ceil_div(a, b):
     return -((-a) // b)
@@ -132,11 +145,32 @@ def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_
                     out[n, oy, ox, base + o] = scale[base + o] * mac + bias[base + o]
 
 
+@njit(cache=True, inline="always")
+def _epilogue(value, o, post, residual, n, oy, ox, mode):
+    # What follows the conv in its block, where fused (runtime's fused.py): mode 0 nothing;
+    # 1 the block's BN and shortcut addition, BN(value) + residual, as PyTorch computes them
+    # (BN as fma(value, alpha, beta)); 2 then ReActNet's RPReLU, prelu(y + shift_in) + shift_out.
+    # post: float32 [5, O], rows alpha, beta, shift_in, slope, shift_out.
+    if mode == 0:
+        return value
+    y = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o]
+    if mode == 2:
+        y = y + post[2, o]
+        if not y > np.float32(0):
+            y = post[3, o] * y
+        y = y + post[4, o]
+    return y
+
+
 @njit(cache=True, parallel=True)
-def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out):
+def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out,
+                      post, residual, mode):
     """binary_conv for the common case, one group and no dilation, faster: a tap row's words
     (kx x CW) are contiguous in `a` and in `w`, so each row of taps is one flat loop, and
     interior output positions go four at a time, each weight word loaded once for the four.
+    With `mode` 1 or 2, each output then passes through its block's BN, shortcut addition
+    (and RPReLU) in the same pass (`_epilogue`; residual: float32 NHWC like out); with mode 0
+    `post` and `residual` are unused (pass empty arrays).
 
     a: uint64 [N, H, W, CW]; w: uint64 [KH, KW * CW, O]; out: float32 [N, OH, OW, O]."""
     n_, h_, w_, cw = a.shape
@@ -182,7 +216,8 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                             acc[3, o] += popcount(a3 ^ wv)
                 for p in range(4):
                     for o in range(og):
-                        out[n, oy, ox + p, o] = scale[o] * np.float32(k - 2 * np.int64(acc[p, o])) + bias[o]
+                        value = scale[o] * np.float32(k - 2 * np.int64(acc[p, o])) + bias[o]
+                        out[n, oy, ox + p, o] = _epilogue(value, o, post, residual, n, oy, ox + p, mode)
                 ox += 4
             else:
                 for o in range(og):
@@ -194,7 +229,8 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                         for o in range(og):
                             acc[0, o] += popcount(a0 ^ w[ky, t, o])
                 for o in range(og):
-                    out[n, oy, ox, o] = scale[o] * np.float32(k - 2 * np.int64(acc[0, o])) + bias[o]
+                    value = scale[o] * np.float32(k - 2 * np.int64(acc[0, o])) + bias[o]
+                    out[n, oy, ox, o] = _epilogue(value, o, post, residual, n, oy, ox, mode)
                 ox += 1
 
 

@@ -38,6 +38,8 @@ from ..tools.export import inference, packed
 from ..errors import ConfigError, UserError
 
 WORD = 64  # bits per packed word
+# binary_conv_dense's epilogue arguments when nothing is fused (post, residual, mode).
+NOT_FUSED = (np.empty((0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32), 0)
 
 
 def require_numba():
@@ -177,7 +179,9 @@ class PackedBinaryConv2d(nn.Module):
             self.kernels.pack_nchw(x.contiguous().numpy(), self.threshold, self.groups, self.words_per_group, words)
         return words
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, epilogue: tuple[np.ndarray, np.ndarray, int] | None = None) -> Tensor:
+        """The layer on x; `epilogue` (post, residual NHWC, mode), for a dense conv only: what
+        follows the conv in its block, run in the kernel's pass (fused.py, kernels._epilogue)."""
         if x.device.type != "cpu":
             raise UserError(f"bnntrain.infer runs on the CPU; the input is on {x.device}")
         x = x.detach()
@@ -199,7 +203,7 @@ class PackedBinaryConv2d(nn.Module):
         out = np.empty((n, oh, ow, self.out_channels), np.float32)
         if self.dense:
             self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
-                                           self.in_channels, out)
+                                           self.in_channels, out, *(epilogue or NOT_FUSED))
         else:
             self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
                                      self.in_per_group, out)
@@ -255,7 +259,7 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> nn.Module:
+def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse: bool = True) -> nn.Module:
     """The inference model of a packed file with its binary layers run by the XNOR-popcount
     kernels; in eval mode, its outputs those of `bnntrain.tools.export.load(path)` to float
     rounding. `model.export_config` holds the file's config.
@@ -267,10 +271,15 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
     `channels_last` (default): the real-valued layers run on channels-last tensors, the
     layout the kernels write and read fastest (the input is converted on the way in).
 
+    `fuse` (default, with `channels_last`): blocks of binary conv, BN and shortcut addition
+    run their BN and addition in the kernel's output pass, where that gives the block's own
+    outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them.
+
     Args:
         path: the packed file.
         channels_last: run the real-valued layers on channels-last tensors.
         strict: refuse a binary layer the kernels cannot run, rather than leave it to PyTorch.
+        fuse: fuse BN and shortcut additions into the kernels where exact (channels-last only).
 
     Returns:
         The model, in eval mode, on the CPU.
@@ -289,9 +298,16 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True) -> n
                           f"activations and binary weights (a stage-2 export); strict=false runs such layers "
                           f"as float convs")
     model.fallbacks = left  # model.export_config: set by packed.load, which read (and checked) the file once
+    model.fused_blocks = 0
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.register_forward_pre_hook(_to_channels_last)
+        if fuse:
+            from .fused import fuse_blocks  # it imports this module
+            config = model.export_config
+            probe = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],
+                                generator=torch.Generator().manual_seed(0))
+            model.fused_blocks = fuse_blocks(model, probe)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
     return model

@@ -1,0 +1,114 @@
+"""Binary blocks whose BN, shortcut addition and activation run in the XNOR-popcount kernel's
+output pass.
+
+A block `out = act(BN(binary_conv(x)) + shortcut(x))` (Bi-Real Net's and ReActNet's basic
+blocks) costs, run module by module, more passes over its output after the conv writes it:
+the BN reads and writes it, the addition reads it and the shortcut and writes it again, and
+ReActNet's RPReLU three times more. `FusedBinaryBlock` computes the shortcut first and has the
+kernel write `act(fma(conv, alpha, beta) + shortcut)` directly (act: none, or RPReLU as
+prelu(y + shift_in) + shift_out): PyTorch's CPU batch norm in eval mode is
+`fma(x, alpha, beta)` with alpha = rsqrt(var + eps) x gamma and beta = fma(-mean, alpha,
+bias), so the result is the same float32 bit for bit. That depends on how the installed
+PyTorch computes BN, so `fuse_blocks` checks each fused block against the block itself on a
+probe batch and keeps the block as it was wherever they differ in any bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..nn.blocks import BinaryBlock, RPReLU
+from .runtime import PackedBinaryConv2d
+
+
+def batchnorm_terms(norm: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    """alpha and beta of an eval-mode BN computed as PyTorch's CPU kernel does: float32
+    alpha = rsqrt(var + eps) x gamma, beta = bias - mean x alpha rounded once."""
+    invstd = torch.rsqrt(norm.running_var.float() + norm.eps)
+    alpha = invstd * norm.weight.float() if norm.weight is not None else invstd
+    bias = norm.bias.double() if norm.bias is not None else torch.zeros_like(alpha, dtype=torch.float64)
+    beta = (bias - norm.running_mean.double() * alpha.double()).float()  # the product exact in float64
+    return alpha.detach().numpy().copy(), beta.detach().numpy().copy()
+
+
+def activation_mode(act: nn.Module) -> int | None:
+    """The kernel epilogue's mode for a block's activation (None: it cannot run it)."""
+    if isinstance(act, nn.Identity):
+        return 1
+    if isinstance(act, RPReLU):
+        return 2
+    return None
+
+
+def fusable(block: nn.Module) -> bool:
+    """A one-conv block with its BN after a dense packed conv, no attention branch, and an
+    activation the kernel runs."""
+    return (isinstance(block, BinaryBlock) and len(block.convs) == 1 and not block.norm_first
+            and activation_mode(block.act) is not None
+            and block.attention is None and isinstance(block.convs[0], PackedBinaryConv2d)
+            and block.convs[0].dense and not block.convs[0].linear and type(block.norms[0]) is nn.BatchNorm2d
+            and block.norms[0].running_mean is not None)
+
+
+class FusedBinaryBlock(nn.Module):
+    """A `fusable` BinaryBlock with its BN and shortcut addition in the kernel's output pass;
+    an input that is not channels-last (NHWC, the kernel's layout) runs the block as it was.
+
+    Args:
+        block: the block, its conv packed; kept for that fallback.
+    """
+
+    def __init__(self, block: BinaryBlock) -> None:
+        super().__init__()
+        self.block = block
+        self.mode = activation_mode(block.act)
+        channels = block.convs[0].out_channels
+        post = np.zeros((5, channels), np.float32)
+        post[0], post[1] = batchnorm_terms(block.norms[0])
+        if self.mode == 2:  # RPReLU: shift_in, the PReLU's slope (one or one per channel), shift_out
+            act = block.act
+            post[2] = act.shift_in.detach().float().reshape(-1).numpy()
+            post[3] = act.prelu.weight.detach().float().reshape(-1).expand(channels).numpy()
+            post[4] = act.shift_out.detach().float().reshape(-1).numpy()
+        self.post = post
+
+    def forward(self, x: Tensor) -> Tensor:
+        block = self.block
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32:
+            return block(x)
+        residual = block.shortcut(x).contiguous(memory_format=torch.channels_last)
+        return block.convs[0](x, epilogue=(self.post, residual.permute(0, 2, 3, 1).numpy(), self.mode))
+
+
+def fuse_blocks(model: nn.Module, probe: Tensor) -> int:
+    """Swap, in place, each `fusable` block of a packed channels-last model for a
+    FusedBinaryBlock whose output on the probe batch is the block's own bit for bit; returns
+    how many were swapped.
+
+    Args:
+        model: a model after `pack_model`, in eval mode.
+        probe: an input batch for the whole model (random images will do).
+
+    Returns:
+        The number of blocks fused.
+    """
+    blocks = {name: m for name, m in model.named_modules() if fusable(m)}
+    inputs: dict[str, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+             for name, m in blocks.items()]
+    with torch.inference_mode():
+        model(probe)
+    for hook in hooks:
+        hook.remove()
+    fused = 0
+    with torch.inference_mode():
+        for name, block in blocks.items():
+            candidate = FusedBinaryBlock(block)
+            x = inputs.get(name)
+            if x is None or not torch.equal(candidate(x), block(x)):
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, candidate)
+            fused += 1
+    return fused
