@@ -1,0 +1,87 @@
+"""bnntrain.infer's fused blocks (infer/fused.py): the BN, shortcut addition and RPReLU run in
+the kernel's output pass give the blocks' own outputs bit for bit, with every parameter
+trained-looking (not the zeros and ones of a fresh model), and a fusion that would not is
+refused at load."""
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bnntrain.engine import save_checkpoint
+from bnntrain.models import build_model
+from bnntrain.nn.blocks import RPReLU
+from bnntrain.tools import export
+from conftest import need
+from test_config import make
+from test_export import randomize_batchnorms
+
+numba = need("numba", extra="infer")
+from bnntrain import infer  # noqa: E402  (needs numba)
+from bnntrain.infer import fused  # noqa: E402
+
+numba.set_num_threads(1)  # the suite's two workers share two cores
+
+
+def exported(tmp_path, model_name: str, image_size: int = 32):
+    """A 1/4-width stage-2 model with random BN statistics, RPReLU shifts and slopes and RSign
+    thresholds, exported to tmp_path/m.bnn."""
+    cfg = make("stage='2'", "data=synthetic", f"data.image_size={image_size}", "model.width=0.25", f"model={model_name}")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=10, in_channels=3)
+    randomize_batchnorms(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("threshold", "shift_in", "shift_out")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith("prelu.weight"):
+                p.copy_(torch.rand(p.shape, generator=g))
+    save_checkpoint({"model": model.state_dict(), "num_classes": 10, "in_channels": 3, "epoch": 1, "stage": cfg.stage.name,
+                     "config": OmegaConf.to_container(cfg, resolve=True)}, tmp_path / "c.pt")
+    export.export_checkpoint(tmp_path / "c.pt", tmp_path / "m.bnn")
+    return tmp_path / "m.bnn"
+
+
+@pytest.mark.parametrize("model_name, blocks, rprelu", [("birealnet18", 16, False), ("reactnet18", 16, True),
+                                                          ("reactnet_a", 26, True), ("resnet18", 0, False)])
+def test_fused_blocks_give_the_blocks_outputs_bit_for_bit(model_name, blocks, rprelu, tmp_path):
+    """Bi-Real's and ReActNet's blocks fuse; the default ResNet-18's (BN before the sign) do not."""
+    path = exported(tmp_path, model_name)
+    model, unfused = infer.load(path), infer.load(path, fuse=False)
+    assert model.fused_blocks == blocks and unfused.fused_blocks == 0
+    kinds = [m for m in model.modules() if isinstance(m, fused.FusedBinaryBlock)]
+    assert len(kinds) == blocks and all((m.mode == 2) == rprelu for m in kinds)
+    if rprelu:  # the parameters really are not a fresh model's
+        act = kinds[0].block.act
+        assert isinstance(act, RPReLU) and act.shift_in.abs().sum() > 0 and not torch.all(act.prelu.weight == 0.25)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = model(x)
+        assert torch.equal(got, unfused(x))
+        assert torch.equal(got, export.load(path).to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_a_fusion_that_is_not_bit_exact_is_refused(tmp_path, monkeypatch):
+    """BN terms one float32 step off: the probe at load sees it and leaves every block as it was."""
+    path = exported(tmp_path, "reactnet18")
+
+    def off_by_one_step(norm):
+        alpha, beta = fused_terms(norm)
+        return alpha, np.nextafter(beta, np.float32(np.inf))
+
+    fused_terms = fused.batchnorm_terms
+    monkeypatch.setattr(fused, "batchnorm_terms", off_by_one_step)
+    model = infer.load(path)
+    assert model.fused_blocks == 0 and not any(isinstance(m, fused.FusedBinaryBlock) for m in model.modules())
+    monkeypatch.undo()
+    assert infer.load(path).fused_blocks == 16
+
+
+def test_nchw_runs_unfused(tmp_path):
+    path = exported(tmp_path, "birealnet18")
+    model = infer.load(path, channels_last=False)
+    assert model.fused_blocks == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), export.load(path)(x))
