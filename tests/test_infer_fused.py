@@ -51,6 +51,9 @@ def test_fused_blocks_give_the_blocks_outputs_bit_for_bit(model_name, blocks, rp
     assert model.fused_blocks == blocks and unfused.fused_blocks == 0
     kinds = [m for m in model.modules() if isinstance(m, fused.FusedBinaryBlock)]
     assert len(kinds) == blocks and all((m.mode == 2) == rprelu for m in kinds)
+    # Each block but the last packs the next one's signs in its output pass.
+    assert [m.next_layer is not None for m in kinds] == [True] * (blocks - 1) + [False] * (blocks > 0)
+    assert all(m.next_layer is n.block.convs[0] for m, n in zip(kinds, kinds[1:]))
     if rprelu:  # the parameters really are not a fresh model's
         act = kinds[0].block.act
         assert isinstance(act, RPReLU) and act.shift_in.abs().sum() > 0 and not torch.all(act.prelu.weight == 0.25)

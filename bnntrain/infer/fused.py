@@ -72,13 +72,25 @@ class FusedBinaryBlock(nn.Module):
             post[3] = act.prelu.weight.detach().float().reshape(-1).expand(channels).numpy()
             post[4] = act.shift_out.detach().float().reshape(-1).numpy()
         self.post = post
+        self.next_layer = None  # the next block's conv, where this block packs its input (chain_blocks)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "next_layer":  # a reference, not a submodule: the next block owns that conv
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         block = self.block
         if not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32:
             return block(x)
         residual = block.shortcut(x).contiguous(memory_format=torch.channels_last)
-        return block.convs[0](x, epilogue=(self.post, residual.permute(0, 2, 3, 1).numpy(), self.mode))
+        conv = block.convs[0]
+        # x's signs, where the block before packed them for this conv in its own output pass.
+        handed = getattr(x, "packed_signs", None)
+        signs = handed[1] if handed is not None and handed[0] is conv else None
+        return conv(x, epilogue=(self.post, residual.permute(0, 2, 3, 1).numpy(), self.mode), signs=signs,
+                    next_layer=self.next_layer)
 
 
 def fuse_blocks(model: nn.Module, probe: Tensor) -> int:
@@ -111,4 +123,35 @@ def fuse_blocks(model: nn.Module, probe: Tensor) -> int:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, candidate)
             fused += 1
+    chain_blocks(model, probe)
     return fused
+
+
+def chain_blocks(model: nn.Module, probe: Tensor) -> int:
+    """Have each fused block pack, in its output pass, the signs the next fused block's conv
+    needs (which then skips its own packing pass), where the next block follows directly in
+    the model's order and takes the output as it is; kept only if the model's output on the
+    probe stays the same bit for bit. Returns how many blocks hand their signs on.
+
+    Args:
+        model: a model after the blocks' fusion, in eval mode.
+        probe: an input batch for the whole model.
+
+    Returns:
+        The number of blocks that pack the next block's signs.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, FusedBinaryBlock)]
+    pairs = []
+    for before, after in zip(blocks, blocks[1:]):
+        conv, out = after.block.convs[0], before.block.convs[0]
+        if conv.groups == 1 and conv.sign_padding == (0, 0) and conv.in_channels == out.out_channels:
+            pairs.append((before, conv))
+    with torch.inference_mode():
+        reference = model(probe)
+        for before, conv in pairs:
+            before.next_layer = conv
+        if torch.equal(model(probe), reference):
+            return len(pairs)
+    for before, _ in pairs:
+        before.next_layer = None
+    return 0

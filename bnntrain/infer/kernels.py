@@ -162,15 +162,30 @@ def _epilogue(value, o, post, residual, n, oy, ox, mode):
     return y
 
 
+@njit(cache=True, inline="always")
+def _pack_position(out, threshold, signs, n, y, x):
+    # pack_nhwc for one output position (one group), from the values just written.
+    c_ = out.shape[3]
+    for k in range(signs.shape[3]):
+        first = 64 * k
+        count = min(64, c_ - first)
+        word = np.uint64(0)
+        for b in range(count):
+            word |= np.uint64(out[n, y, x, first + b] + threshold[first + b] >= np.float32(0)) << np.uint64(b)
+        signs[n, y, x, k] = word
+
+
 @njit(cache=True, parallel=True)
 def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out,
-                      post, residual, mode):
+                      post, residual, mode, next_threshold, signs):
     """binary_conv for the common case, one group and no dilation, faster: a tap row's words
     (kx x CW) are contiguous in `a` and in `w`, so each row of taps is one flat loop, and
     interior output positions go four at a time, each weight word loaded once for the four.
     With `mode` 1 or 2, each output then passes through its block's BN, shortcut addition
     (and RPReLU) in the same pass (`_epilogue`; residual: float32 NHWC like out); with mode 0
-    `post` and `residual` are unused (pass empty arrays).
+    `post` and `residual` are unused (pass empty arrays). With a non-empty `next_threshold`
+    (float32 [O]), the signs of out + next_threshold are packed into `signs` (uint64
+    [N, OH, OW, ceil(O / 64)]) as pack_nhwc would pack them for the next binary layer.
 
     a: uint64 [N, H, W, CW]; w: uint64 [KH, KW * CW, O]; out: float32 [N, OH, OW, O]."""
     n_, h_, w_, cw = a.shape
@@ -178,6 +193,7 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
     kw = run // cw
     oh, ow = out.shape[1], out.shape[2]
     rows = a.reshape(n_, h_, w_ * cw)
+    pack_next = next_threshold.shape[0] > 0
     step = stride_w * cw  # words between the inputs of neighbouring output positions
     for row in prange(n_ * oh):
         n = row // oh
@@ -218,6 +234,8 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                     for o in range(og):
                         value = scale[o] * np.float32(k - 2 * np.int64(acc[p, o])) + bias[o]
                         out[n, oy, ox + p, o] = _epilogue(value, o, post, residual, n, oy, ox + p, mode)
+                    if pack_next:
+                        _pack_position(out, next_threshold, signs, n, oy, ox + p)
                 ox += 4
             else:
                 for o in range(og):
@@ -231,6 +249,8 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                 for o in range(og):
                     value = scale[o] * np.float32(k - 2 * np.int64(acc[0, o])) + bias[o]
                     out[n, oy, ox, o] = _epilogue(value, o, post, residual, n, oy, ox, mode)
+                if pack_next:
+                    _pack_position(out, next_threshold, signs, n, oy, ox)
                 ox += 1
 
 

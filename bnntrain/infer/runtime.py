@@ -38,8 +38,10 @@ from ..tools.export import inference, packed
 from ..errors import ConfigError, UserError
 
 WORD = 64  # bits per packed word
-# binary_conv_dense's epilogue arguments when nothing is fused (post, residual, mode).
+# binary_conv_dense's epilogue arguments when nothing is fused (post, residual, mode), and
+# when it packs no signs for the next layer (next_threshold, signs).
 NOT_FUSED = (np.empty((0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32), 0)
+NO_SIGNS = (np.empty(0, np.float32), np.empty((0, 0, 0, 0), np.uint64))
 
 
 def require_numba():
@@ -179,9 +181,12 @@ class PackedBinaryConv2d(nn.Module):
             self.kernels.pack_nchw(x.contiguous().numpy(), self.threshold, self.groups, self.words_per_group, words)
         return words
 
-    def forward(self, x: Tensor, epilogue: tuple[np.ndarray, np.ndarray, int] | None = None) -> Tensor:
-        """The layer on x; `epilogue` (post, residual NHWC, mode), for a dense conv only: what
-        follows the conv in its block, run in the kernel's pass (fused.py, kernels._epilogue)."""
+    def forward(self, x: Tensor, epilogue: tuple[np.ndarray, np.ndarray, int] | None = None,
+                signs: np.ndarray | None = None, next_layer: PackedBinaryConv2d | None = None) -> Tensor:
+        """The layer on x. For a dense conv only (fused.py): `epilogue` (post, residual NHWC,
+        mode), what follows the conv in its block, run in the kernel's pass
+        (kernels._epilogue); `signs`, x already packed (by the layer before); `next_layer`,
+        pack the output's signs for it, returned as the output's `packed_signs` attribute."""
         if x.device.type != "cpu":
             raise UserError(f"bnntrain.infer runs on the CPU; the input is on {x.device}")
         x = x.detach()
@@ -196,14 +201,17 @@ class PackedBinaryConv2d(nn.Module):
             ph, pw = self.sign_padding
             x = F.pad(x, (pw, pw, ph, ph), value=self.pad_fill)
         n, _, h, w = x.shape
-        words = self.pack(x)
+        words = self.pack(x) if signs is None else signs
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
         out = np.empty((n, oh, ow, self.out_channels), np.float32)
         if self.dense:
+            packed_next = NO_SIGNS
+            if next_layer is not None:
+                packed_next = (next_layer.threshold, np.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
             self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
-                                           self.in_channels, out, *(epilogue or NOT_FUSED))
+                                           self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next)
         else:
             self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
                                      self.in_per_group, out)
@@ -213,7 +221,11 @@ class PackedBinaryConv2d(nn.Module):
         # The layout it came in: PyTorch's real-valued layers round differently on the two
         # layouts, and this keeps the model's outputs those of packed.load's in that layout.
         result = result.permute(0, 3, 1, 2)
-        return result if channels_last else result.contiguous()
+        result = result if channels_last else result.contiguous()
+        if next_layer is not None:
+            # The next layer's input, packed: it is this very tensor, so the words go with it.
+            result.packed_signs = (next_layer, packed_next[1])
+        return result
 
 
 def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer], nn.Module | None]) -> None:
