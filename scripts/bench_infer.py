@@ -188,8 +188,11 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float, t
         ins_float = layer_inputs(baseline, infer.FloatBinaryConv2d, images)
         layers = []
         with torch.inference_mode():
-            for name, x in ins_packed.items():
-                ours, theirs = packed.get_submodule(name), baseline.get_submodule(name)
+            for fused_name, x in ins_packed.items():
+                # A fused block (bnntrain.infer.fused) holds the block it runs as `block`; the
+                # layer alone is timed here, packing its input and writing its output.
+                name = fused_name.replace(".block.", ".")
+                ours, theirs = packed.get_submodule(fused_name), baseline.get_submodule(name)
                 xf = ins_float[name]
                 times = interleaved({"packed": lambda: ours(x), "float": lambda: theirs(xf)}, 7, seconds=seconds / 8)
                 out = theirs(xf)

@@ -129,17 +129,20 @@ def test_openvino_table_agrees_with_the_json(name):
         assert agrees(exported, b["time_vs_openvino"]) and agrees(values, b["time_vs_openvino_values"])
         assert b["openvino"]["binary_convolutions"] == (26 if net == "ReActNet-A" else 16)
         assert b["same_prediction"] == b["openvino"]["same_prediction_as_export_load"] == int(batch)
-    # The sentences: the aim (at most 0.8x OpenVINO's time) is not reached, and OpenVINO is the
-    # faster except on Bi-Real-18 at batch 1.
-    assert max(b["time_vs_openvino_values"] for _, _, b in runs) > 0.8
-    assert [f"{n}, {batch}" for n, batch, b in runs if min(b["time_vs_openvino"], b["time_vs_openvino_values"]) < 1] \
-        == ["Bi-Real-18, 1"]
+    # The sentences: less time than OpenVINO at batch 1, about as much at batch 16 (each form),
+    # and the aim (at most 0.8x OpenVINO's time) not reached.
+    def span(batch):
+        ratios = [r for _, b_, b in runs if b_ == batch for r in (b["time_vs_openvino"], b["time_vs_openvino_values"])]
+        return min(ratios), max(ratios)
+    assert span("1")[1] < 1 and 0.85 < span("16")[0] and span("16")[1] < 1.2
+    assert max(span("1")[1], span("16")[1]) > 0.8
+    text = flat(name)
+    assert "takes less time than OpenVINO at batch 1" in text and "about as much at batch 16" in text
     if name == "inference.md":
-        assert "the aim of at most 0.8x OpenVINO's time is not reached" in flat(name)
+        assert "({:.2f}x to {:.2f}x)".format(*span("1")) in text and "({:.2f}x to {:.2f}x)".format(*span("16")) in text
+        assert "the aim of at most 0.8x OpenVINO's time is not reached" in text
         bireal = runs[1][2]
-        assert f"take {bireal['binary_layers_ms']['packed']:.1f} of its {bireal['end_to_end_ms']['packed']:.1f} ms" in flat(name)
-    else:
-        assert "OpenVINO is the faster runtime here except on Bi-Real-18 at batch 1" in flat(name)
+        assert f"take {bireal['binary_layers_ms']['packed']:.1f} of its {bireal['end_to_end_ms']['packed']:.1f} ms" in text
 
 
 def test_worker_cost_table_agrees_with_the_json():
