@@ -183,10 +183,23 @@ class PackedBinaryConv2d(nn.Module):
 
     def forward(self, x: Tensor, epilogue: tuple[np.ndarray, np.ndarray, int] | None = None,
                 signs: np.ndarray | None = None, next_layer: PackedBinaryConv2d | None = None) -> Tensor:
-        """The layer on x. For a dense conv only (fused.py): `epilogue` (post, residual NHWC,
-        mode), what follows the conv in its block, run in the kernel's pass
-        (kernels._epilogue); `signs`, x already packed (by the layer before); `next_layer`,
-        pack the output's signs for it, returned as the output's `packed_signs` attribute."""
+        """The layer on a batch; the last three arguments are for a dense conv in a fused block
+        (`bnntrain.infer.fused`) and left out otherwise.
+
+        Args:
+            x: a float32 (N, C, H, W) batch on the CPU (or (N, C) for a linear layer).
+            epilogue: (post, residual NHWC, mode): what follows the conv in its block, run in
+                the kernel's output pass (`kernels._epilogue`).
+            signs: x already packed, by the layer before, for this layer.
+            next_layer: pack the output's signs for this layer too, handed on as the output's
+                `packed_signs` attribute.
+
+        Returns:
+            The output, in x's memory layout.
+
+        Raises:
+            UserError: x is not on the CPU or has the wrong number of channels.
+        """
         if x.device.type != "cpu":
             raise UserError(f"bnntrain.infer runs on the CPU; the input is on {x.device}")
         x = x.detach()

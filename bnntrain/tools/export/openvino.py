@@ -176,8 +176,8 @@ def export_openvino(packed: str | Path, folder: str | Path) -> dict[str, int]:
 
     Returns:
         {"binary_layers": the number of +-1 x +-1 layers of the network, "binarized": of
-        those written as FakeQuantize + Convolution, "left": {why not: how many} for the
-        others (`why_not_binary`), which stay float convolutions (or MatMuls) of the signs}.
+            those written as FakeQuantize + Convolution, "left": {why not: how many} for the
+            others (`why_not_binary`), which stay float convolutions (or MatMuls) of the signs}.
 
     Raises:
         UserError: openvino is not installed, or the folder holds a model already.
