@@ -11,6 +11,12 @@ prelu(y + shift_in) + shift_out): PyTorch's CPU batch norm in eval mode is
 bias), so the result is the same float32 bit for bit. That depends on how the installed
 PyTorch computes BN, so `fuse_blocks` checks each fused block against the block itself on a
 probe batch and keeps the block as it was wherever they differ in any bit.
+
+`chain_blocks` then has each fused block also pack, in the same pass, the signs the next
+block's conv needs (its threshold added, as `pack_nhwc` does): they travel with the output
+tensor as its `packed_signs` attribute, and the next block uses them only if the tensor it
+gets is that very one, so that anything in between that makes a new tensor falls back to
+packing. This too is kept only if the model's output on the probe stays the same.
 """
 from __future__ import annotations
 
@@ -52,8 +58,9 @@ def fusable(block: nn.Module) -> bool:
 
 
 class FusedBinaryBlock(nn.Module):
-    """A `fusable` BinaryBlock with its BN and shortcut addition in the kernel's output pass;
-    an input that is not channels-last (NHWC, the kernel's layout) runs the block as it was.
+    """A `fusable` BinaryBlock with its BN, shortcut addition and activation in the kernel's
+    output pass; an input that is not channels-last (NHWC, the kernel's layout) runs the block
+    as it was.
 
     Args:
         block: the block, its conv packed; kept for that fallback.
