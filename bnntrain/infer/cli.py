@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ..run.config import run_tool, split_args
 from ..errors import ConfigError, DataError
 from ..registry import UnknownChoice, choose
-from .runtime import PackedBinaryConv2d, float_model, load, require_numba, set_threads
+from .baseline import float_model
+from .runtime import PackedBinaryConv2d, load, require_numba, set_threads
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]
        python -m bnntrain.infer model=FILE --bench [batch=1,16] [threads=N] [strict=false] [openvino=DIR]"""

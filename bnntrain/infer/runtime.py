@@ -9,9 +9,10 @@ input's signs packed along the channels into uint64 words (NHWC), the weights pa
 load time, and the conv computed as K - 2 x popcount(a xor w) over the valid taps of each
 output position by numba-compiled kernels (`kernels.py`; numba is the optional extra
 `infer`: `pip install 'bnntrain[infer]'`). Everything else (the real-valued stem, shortcuts,
-BN, activations, pooling, the classifier) stays the PyTorch module it was, so the outputs are
-those of `bnntrain.tools.export.load` to float rounding: the binary sums are integers, and a tap in
-the zero padding counts for nothing, as in PyTorch. A layer that pads its signs with +-1
+BN, activations, pooling, the classifier) stays the PyTorch module it was, except where a
+block's BN, shortcut addition and activation run in the kernel's output pass (`fused.py`,
+checked bit for bit at load), so the outputs are those of `bnntrain.tools.export.load`: the
+binary sums are integers, and a tap in the zero padding counts for nothing, as in PyTorch. A layer that pads its signs with +-1
 (larq's `pad_values`, QuickNet's +1) has its input padded with +-inf before packing, whose
 sign that is whatever the threshold, and the kernels then pad nothing.
 
@@ -335,46 +336,4 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
             model.fused_blocks = fuse_blocks(model, probe)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
-    return model
-
-
-class FloatBinaryConv2d(nn.Module):
-    """The baseline: an InferenceBinaryLayer as float convolution with its weight x scale
-    computed once (the export's module multiplies them on every call).
-
-    Args:
-        layer: the inference layer to run.
-    """
-
-    def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
-        super().__init__()
-        self.layer = layer
-        weight = layer.weight if layer.scale is None else layer.weight * layer.scale
-        self.register_buffer("weight", weight.contiguous())
-
-    def forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
-        if layer.threshold is not None:
-            x = x + layer.threshold
-        x = inference.INPUT_FUNCTIONS[layer.activations](x)
-        if layer.conv is None:
-            return F.linear(x, self.weight, layer.bias)
-        return F.conv2d(x, self.weight, layer.bias, **layer.conv)
-
-
-def float_model(path: str | Path) -> nn.Module:
-    """The packed file's model with every binary layer a float convolution in PyTorch
-    (oneDNN), weights pre-scaled: the baseline the benchmarks compare with.
-
-    Args:
-        path: the packed file.
-
-    Returns:
-        The model, in eval mode.
-
-    Raises:
-        CheckpointError: the file is not a readable packed file.
-    """
-    model = packed.load(path)
-    _swap(model, lambda name, layer: FloatBinaryConv2d(layer))
     return model
