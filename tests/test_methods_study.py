@@ -108,14 +108,30 @@ def test_the_study_writes_the_runs_own_numbers(tmp_path):
     assert again["bnn"]["top1"] == bnn["top1"] and again["bnn"]["resumed"] == [False]
 
 
-def test_the_methods_page_shows_the_committed_study():
-    """docs/methods.md's measured table is the committed JSON, line for line, as the script
-    writes it, and says how many seeds and epochs it rests on."""
+@pytest.mark.parametrize("data", ["cifar10", "imagenette"])
+def test_the_methods_page_shows_the_committed_study(data):
+    """docs/methods.md's measured tables are the committed JSON, line for line, as the script
+    writes them, and say how many seeds and epochs they rest on."""
     from docs_pages import flat, page
 
-    written = json.loads((ROOT / "scripts" / "results_methods_study_cifar10.json").read_text())
+    written = json.loads((ROOT / "scripts" / f"results_methods_study_{data}.json").read_text())
+    assert written["imagenette"] == (data == "imagenette")
     assert written["noise_rule"] == study.NOISE_RULE and list(written["arms"]) == list(study.ARMS)
     for line in study.markdown(written["arms"]).splitlines():
         assert line in page("methods.md"), line
     seeds = ", ".join(str(s) for s in written["seeds"])
     assert f"seeds {seeds}, {written['epochs']} epochs" in flat("methods.md")
+
+
+def test_the_methods_page_compares_the_two_studies_as_measured():
+    """The sentence on which verdicts hold from CIFAR-10 to Imagenette is the two JSONs'."""
+    from docs_pages import flat
+
+    verdicts = {data: {name: arm["verdict"] for name, arm in json.loads(
+        (ROOT / "scripts" / f"results_methods_study_{data}.json").read_text())["arms"].items()}
+        for data in ("cifar10", "imagenette")}
+    both = {name for name in verdicts["cifar10"] if verdicts["cifar10"][name] == verdicts["imagenette"][name]}
+    assert both == {"bnn", "xnor", "dorefa", "bireal", "bnnplus", "xnorpp", "recu", "fda", "adabin", "bop"}
+    assert (verdicts["cifar10"]["irnet"], verdicts["imagenette"]["irnet"]) == ("below BNN", "within the noise")
+    assert (verdicts["cifar10"]["heaviside"], verdicts["imagenette"]["heaviside"]) == ("above BNN", "within the noise")
+    assert "Two change: IR-Net, below BNN on CIFAR-10, and SteHeaviside, above it there" in flat("methods.md")
