@@ -326,3 +326,21 @@ def test_record_networks_imagenette_table_is_the_runs():
         assert row[1] == " ".join(f"`{o}`" for o in net["overrides"])
         assert row[2] == ", ".join(f"{t:.1f}" for t in net["curve"])
         assert agrees(row[3], net["top1"]) and agrees(row[4], net["best_top1"]) and agrees(row[5], net["seconds"])
+
+
+def test_method_cost_table_is_the_json():
+    """The Benchmarks page's per-method binarization cost is bench.py --only methods' JSON,
+    every method of scripts/methods_study.py in both settings."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("methods_study_arms", ROOT / "scripts" / "methods_study.py")
+    study = importlib.util.module_from_spec(spec)
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec.loader.exec_module(study)
+    by = {r["benchmark"]: r for r in bench("bench_results_methods_cpu.json")}
+    rows = table_rows("benchmarks.md", "| method | CIFAR stem, 32 px, batch 32 | ImageNet stem, 224 px, batch 8 |")
+    assert [row[0] for row in rows] == [arm.title for arm in study.ARMS.values()]
+    for row, arm in zip(rows, study.ARMS.values()):
+        assert agrees(row[1], by[f"binarization cost, {arm.title}, cifar100 stem 32px"]["ratio"])
+        assert agrees(row[2], by[f"binarization cost, {arm.title}, imagenet stem 224px"]["ratio"])
+    assert len(by) == 2 * len(study.ARMS)

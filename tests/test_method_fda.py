@@ -121,9 +121,8 @@ def test_n_and_alpha_follow_the_codes_schedule_through_the_training_loop():
     for epoch, n in [(0, 9), (epochs // 2, 13), (epochs - 1, 17)]:
         hook.before_epoch(run, epoch)
         assert q_x.n == q_w.n == n == code_schedule(epoch, epochs)[1]
-        # the loop gives the epoch's start; BiBench reads the cosine at its end: one epoch later
-        previous = code_schedule(epoch - 1, epochs)[0] if epoch else 0.1
-        assert q_x.alpha == q_w.alpha == pytest.approx(previous, rel=1e-6, abs=1e-8)
+        # BiBench's hook, before each epoch, reads n at the epoch's start and alpha at its end
+        assert q_x.alpha == q_w.alpha == pytest.approx(code_schedule(epoch, epochs)[0], rel=1e-6, abs=1e-8)
         assert noise_alpha((epoch + 1) / epochs) == pytest.approx(code_schedule(epoch, epochs)[0], rel=1e-6, abs=1e-8)
     assert noise_alpha(0.5) == pytest.approx(0.05) and noise_alpha(1.0) == pytest.approx(0.0, abs=1e-17)
 

@@ -184,7 +184,9 @@ class PrecisionSwitch(Hook):
 
 class QuantizerSchedule(Hook):
     """Quantizers whose behaviour changes over the stage (a `set_progress(fraction)` method)
-    learn at each epoch's start how far the stage has come: epoch / epochs, 0 at its start.
+    learn at each epoch's start how far the stage has come: epoch / epochs, 0 at its start
+    (one with `set_progress_span(start, end)` gets where the epoch ends too, (epoch + 1) /
+    epochs).
     Modules with a `set_epoch(epoch)` method (a schedule by epoch, not by fraction: BNext's
     temperature) learn the epoch itself, counted from 0."""
     name = "quantizer_schedule"
@@ -198,7 +200,11 @@ class QuantizerSchedule(Hook):
 
     def before_epoch(self, run: StageRun, epoch: int) -> None:
         for module in self.scheduled:
-            module.set_progress(epoch / run.epochs)
+            span = getattr(module, "set_progress_span", None)
+            if callable(span):  # a schedule that also reads where the epoch ends (FDA's noise weight)
+                span(epoch / run.epochs, (epoch + 1) / run.epochs)
+            else:
+                module.set_progress(epoch / run.epochs)
         for module in self.by_epoch:
             module.set_epoch(epoch)
 

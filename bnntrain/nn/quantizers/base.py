@@ -55,6 +55,8 @@ class Quantizer(nn.Module):
     - `arguments()`: its constructor's arguments, so `config()` gives back what built it;
     - `set_progress(progress)`: a schedule over the stage's epochs (0 at the first, towards
       1 at the last), which the training loop calls at each epoch's start; none by default.
+      A quantizer that also reads where the epoch ends defines `set_progress_span(start,
+      end)`, which the loop then calls instead (FDA's).
     """
 
     name: ClassVar[str]

@@ -137,6 +137,18 @@ class FourierQuantizer(Quantizer):
         self.n = fourier_terms(progress, self.n_min, self.n_max)
         self.alpha = noise_alpha(progress, self.alpha_max)
 
+    def set_progress_span(self, start: float, end: float) -> None:
+        """The schedule for an epoch that runs from `start` to `end` of the stage, read as
+        BiBench's hook reads it before each epoch: the Fourier terms n at the epoch's start
+        (epoch / epochs), the noise's weight alpha at its end ((epoch + 1) / epochs).
+
+        Args:
+            start: epoch / epochs.
+            end: (epoch + 1) / epochs.
+        """
+        self.n = fourier_terms(start, self.n_min, self.n_max)
+        self.alpha = noise_alpha(end, self.alpha_max)
+
     def sign_gradient(self, x: Tensor, grad: Tensor, signs: Tensor | None = None) -> Tensor:
         """`fourier_sign_gradient` with the current n.
 
