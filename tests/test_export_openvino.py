@@ -174,18 +174,24 @@ def test_every_variant_runs_binary_convolutions(variant, tmp_path):
     (["openvino={tmp}/file.txt"], ["is a file"]),
     (["openvino={tmp}/no/such/ov"], ["does not exist"]),
     (["openvino={tmp}/full"], ["holds a model already"]),
+    (["ckpt={tmp}/ckdir/model.bin", "openvino={tmp}/ckdir"], ["would write over ckpt="]),
 ])
 def test_openvino_errors_are_one_line_and_write_nothing(args, words, trained, tmp_path, capsys):  # noqa: F811
     (tmp_path / "file.txt").write_text("keep")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "model.xml").write_text("keep")
+    (tmp_path / "ckdir").mkdir()
+    (tmp_path / "ckdir" / "model.bin").write_bytes(trained.read_bytes())  # a checkpoint named as the IR's weights
+    args = [a.format(tmp=tmp_path) for a in args]
+    ckpt = [] if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained}"]
     with pytest.raises(SystemExit) as exit_:
-        export.main([f"ckpt={trained}", f"out={tmp_path / 'm.bnn'}", *(a.format(tmp=tmp_path) for a in args)])
+        export.main([*ckpt, f"out={tmp_path / 'm.bnn'}", *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert all(word in err for word in words), err
     assert not (tmp_path / "m.bnn").exists()
     assert (tmp_path / "file.txt").read_text() == (tmp_path / "full" / "model.xml").read_text() == "keep"
+    assert (tmp_path / "ckdir" / "model.bin").read_bytes() == trained.read_bytes()
 
 
 def test_bench_openvino_errors_are_one_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +151,7 @@ def predict(own: dict[str, str]) -> None:
                 print(f"{path.relative_to(root)}\t{index}")
 
 
-def time_models(models: dict[str, nn.Module], images: Tensor, seconds: float = 2.0,
+def time_models(models: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float = 2.0,
                 min_reps: int = 5, max_reps: int = 200) -> dict[str, list[float]]:
     """Latencies in seconds of each model on `images`, interleaved (one run of each per round,
     after two warm-up runs each), until `seconds` have passed and at least `min_reps` rounds."""
@@ -171,9 +171,9 @@ def time_models(models: dict[str, nn.Module], images: Tensor, seconds: float = 2
                 return times
 
 
-def openvino_runner(folder: str, batch: int) -> nn.Module:
+def openvino_runner(folder: str, batch: int) -> tuple[Callable[[Tensor], object], int]:
     """The OpenVINO IR that `python -m bnntrain.tools.export ... openvino=DIR` wrote, compiled for
-    this batch size on the same threads, as a callable on a batch of images."""
+    this batch size on the same threads: (run a batch of images, its BinaryConvolution count)."""
     from ..tools.export.openvino import compile_openvino, runtime_layer_types
 
     xml = Path(folder).expanduser() / "model.xml"
@@ -182,10 +182,7 @@ def openvino_runner(folder: str, batch: int) -> nn.Module:
                           f"writes one)")
     compiled = compile_openvino(xml, batch, torch.get_num_threads())
     request = compiled.create_infer_request()
-    runner = nn.Module()
-    runner.forward = lambda images: request.infer({0: images.numpy()})
-    runner.binary = runtime_layer_types(compiled).count("BinaryConvolution")
-    return runner
+    return (lambda images: request.infer({0: images.numpy()})), runtime_layer_types(compiled).count("BinaryConvolution")
 
 
 def bench(own: dict[str, str]) -> None:
@@ -203,16 +200,16 @@ def bench(own: dict[str, str]) -> None:
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
         images = torch.randn(batch, *shape, generator=generator)
-        models = {"packed": packed, "float": baseline}
+        models: dict[str, Callable[[Tensor], object]] = {"packed": packed, "float": baseline}
         if "openvino" in own:
-            models["openvino"] = openvino_runner(own["openvino"], batch)
+            models["openvino"], binary = openvino_runner(own["openvino"], batch)
         times = time_models(models, images)
         ours, theirs = statistics.median(times["packed"]), statistics.median(times["float"])
         line = (f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
                 f"{theirs / ours:.2f}x")
         if "openvino" in own:
             other = statistics.median(times["openvino"])
-            line += (f"; OpenVINO {other * 1e3:.2f} ms ({models['openvino'].binary} BinaryConvolution): "
+            line += (f"; OpenVINO {other * 1e3:.2f} ms ({binary} BinaryConvolution): "
                      f"{ours / other:.2f}x its time")
         print(f"{line}; medians of {len(times['packed'])} interleaved runs")
 

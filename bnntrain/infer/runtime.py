@@ -220,12 +220,14 @@ class PackedBinaryConv2d(nn.Module):
         oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
         out = np.empty((n, oh, ow, self.out_channels), np.float32)
+        packed_next = NO_SIGNS
         if self.dense:
-            packed_next = NO_SIGNS
             if next_layer is not None:
                 packed_next = (next_layer.threshold, np.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
             self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
                                            self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next)
+        elif epilogue is not None or next_layer is not None:
+            raise UserError("a fused epilogue or a sign hand-over needs a dense conv (one group, no dilation)")
         else:
             self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
                                      self.in_per_group, out)

@@ -72,7 +72,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, int]:
             "scales": sum(v.numel() * 4 for k, v in blob["tensors"].items() if k.endswith(".scale"))}
 
 
-def _openvino_folder(value: str, out: Path) -> Path:
+def _openvino_folder(value: str, out: Path, ckpt: Path) -> Path:
     """Where the OpenVINO model goes, checked before any work: a folder (made if missing, in an
     existing one) that holds no model yet."""
     folder = Path(value).expanduser()
@@ -82,8 +82,9 @@ def _openvino_folder(value: str, out: Path) -> Path:
         raise ConfigError(f"openvino={folder}: the folder {folder.parent} does not exist")
     if (folder / "model.xml").exists():
         raise ConfigError(f"openvino={folder} holds a model already ({folder / 'model.xml'}); give another folder")
-    if same_file(folder / "model.bin", out) or same_file(folder / "model.xml", out):
-        raise ConfigError(f"openvino={folder} would write over out={out}; give another folder")
+    for name, path in (("out", out), ("ckpt", ckpt)):
+        if same_file(folder / "model.bin", path) or same_file(folder / "model.xml", path):
+            raise ConfigError(f"openvino={folder} would write over {name}={path}; give another folder")
     return folder
 
 
@@ -112,7 +113,7 @@ def run(argv: list[str]) -> None:
     if onnx_path is not None:  # before the work, not after it
         refuse_overwrite(onnx_path, "onnx", {"out": out})
         require_onnx()
-    openvino = _openvino_folder(own["openvino"], out) if "openvino" in own else None
+    openvino = _openvino_folder(own["openvino"], out, ckpt) if "openvino" in own else None
     if openvino is not None:
         require_openvino()
     sizes = export_checkpoint(own["ckpt"], own["out"])

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from ...files import refuse_overwrite
 from .inference import InferenceBinaryLayer
 from .packed import load
 
@@ -188,6 +189,7 @@ def export_openvino(packed: str | Path, folder: str | Path) -> dict[str, int]:
     xml = folder / "model.xml"
     if xml.exists():
         raise UserError(f"openvino={folder} holds a model already ({xml}); give another folder")
+    refuse_overwrite(xml.with_suffix(".bin"), "openvino", {"out": packed})  # the file this reads
     model = load(packed)
     config = model.export_config
     example = torch.zeros(2, config["in_channels"], config["image_size"], config["image_size"])
