@@ -4,7 +4,8 @@ A conv or linear layer whose inputs and weights are both binary contributes its
 multiply-accumulates to BOPs; every other conv and linear layer (real-valued, or with
 one binary and one real operand) contributes its multiply-accumulates to FLOPs.
 BN, activations, pooling, additions and scaling factors are not counted, and
-OPs = FLOPs + BOPs / 64. The counts come from forward hooks on a dummy input, so every
+OPs = FLOPs + BOPs / 64. Real-to-Binary Net counted those too, by pytorch-estimate-flops's
+rules: the report gives that count beside ours (`bnntrain.elementwise_flops`). The counts come from forward hooks on a dummy input, so every
 model and option is covered without per-layer tables kept by hand.
 
 Model size counts parameters: as trained, all of them at 32 bits (the latent weights);
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .elementwise_flops import count_elementwise_flops
 from .files import write_text
 from .nn.layers import BinaryMixin, binary_layers
 
@@ -72,12 +74,15 @@ class CostReport:
         binary_params: the model's parameters counted at 1 bit when deployed.
         real_params: all its other parameters (BN, activations, ... included).
         input_shape: the sample's shape (C, H, W).
+        pthflops: FLOPs by pytorch-estimate-flops's rules (BN, ReLU, pooling, additions and
+            products counted too; Real-to-Binary Net's convention).
     """
 
     layers: list[LayerCost]
     binary_params: int  # of the whole model, counted at 1 bit when deployed
     real_params: int    # of the whole model (BN, activations, ... included)
     input_shape: tuple[int, ...]
+    pthflops: int = 0
 
     @property
     def bops(self) -> int:
@@ -118,7 +123,8 @@ class CostReport:
         return {"binary_params": self.binary_params, "real_params": self.real_params,
                 "trained_bits": self.trained_bits, "deployed_bits": self.deployed_bits,
                 "trained_bytes": self.trained_bits // 8, "deployed_bytes": math.ceil(self.deployed_bits / 8),
-                "compression": self.compression, "bops": self.bops, "flops": self.flops, "ops": self.ops}
+                "compression": self.compression, "bops": self.bops, "flops": self.flops, "ops": self.ops,
+                "pthflops": self.pthflops, "pthflops_ops": self.pthflops + self.bops / BOPS_PER_OP}
 
     def to_dict(self) -> dict:
         """Everything in the report, as cost.json holds it.
@@ -225,7 +231,7 @@ def count_costs(model: nn.Module, input_shape: tuple[int, ...]) -> CostReport:
     params = {id(p): p for p in model.parameters()}  # each shared parameter once
     binary = sum(entry.binary_params for entry in entries.values())
     return CostReport(list(entries.values()), binary, sum(p.numel() for p in params.values()) - binary,
-                      tuple(input_shape))
+                      tuple(input_shape), count_elementwise_flops(model, input_shape).flops)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -273,4 +279,6 @@ def format_totals(report: CostReport) -> list[str]:
         f"model size as deployed (1-bit binary weights): {t['deployed_bits']:,} bits = "
         f"{t['deployed_bytes'] / 1e6:.3f} MB  (compression {report.compression:.2f}x)",
         f"BOPs {report.bops:.4g}  FLOPs {report.flops:.4g}  OPs {report.ops:.4g}  (OPs = FLOPs + BOPs / 64)",
+        f"with BN, ReLU, pooling, additions and products (pytorch-estimate-flops's rules, Real-to-Binary "
+        f"Net's count): FLOPs {report.pthflops:.4g}  OPs {t['pthflops_ops']:.4g}",
     ]

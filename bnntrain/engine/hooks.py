@@ -292,7 +292,7 @@ class EpochLog(Hook):
                 report = count_costs(run.parts.model, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
             report.save(run.stage_dir)
             run.logger.text("cost", report.table())
-            log.info(f"{run.name}: " + format_totals(report)[-1])
+            log.info(f"{run.name}: " + format_totals(report)[-2])  # BOPs, FLOPs, OPs
 
     def after_epoch(self, run: StageRun, epoch: int) -> None:
         run.logger.epoch(epoch, run.lr, run.train, run.metrics, time.time() - run.epoch_started)
