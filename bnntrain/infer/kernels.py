@@ -141,25 +141,33 @@ def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_
                                 acc[o] += popcount(word ^ w[g, ky, kx, j, o])
                 base = g * og
                 for o in range(og):
-                    mac = np.float32(k - 2 * np.int64(acc[o]))
+                    mac = np.float32(np.float64(k) - 2.0 * np.float64(acc[o]))
                     out[n, oy, ox, base + o] = scale[base + o] * mac + bias[base + o]
 
 
 @njit(cache=True, inline="always")
-def _epilogue(value, o, post, residual, n, oy, ox, mode):
-    # What follows the conv in its block, where fused (runtime's fused.py): mode 0 nothing;
+def _finish(acc, k, scale, bias, post, residual, mode, out, n, oy, ox):
+    # One output position's values from its popcounts: scale x (k - 2 x popcount) + bias, then
+    # what follows the conv in its block, where fused (runtime's fused.py): mode 0 nothing;
     # 1 the block's BN and shortcut addition, BN(value) + residual, as PyTorch computes them
     # (BN as fma(value, alpha, beta)); 2 then ReActNet's RPReLU, prelu(y + shift_in) + shift_out.
-    # post: float32 [5, O], rows alpha, beta, shift_in, slope, shift_out.
+    # post: float32 [5, O], rows alpha, beta, shift_in, slope, shift_out. The mode is tested
+    # outside the channel loops, and the integers go through float64 (exact below 2^53; AVX2
+    # converts uint64 to float64 in vectors, not int64 to float32), so that each loop vectorizes.
+    kf = np.float64(k)
     if mode == 0:
-        return value
-    y = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o]
-    if mode == 2:
-        y = y + post[2, o]
-        if not y > np.float32(0):
-            y = post[3, o] * y
-        y = y + post[4, o]
-    return y
+        for o in range(acc.shape[0]):
+            out[n, oy, ox, o] = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+    elif mode == 1:
+        for o in range(acc.shape[0]):
+            value = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+            out[n, oy, ox, o] = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o]
+    else:
+        for o in range(acc.shape[0]):
+            value = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+            y = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o] + post[2, o]
+            slope = post[3, o]
+            out[n, oy, ox, o] = (y if y > np.float32(0) else slope * y) + post[4, o]
 
 
 @njit(cache=True, inline="always")
@@ -182,7 +190,7 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
     (kx x CW) are contiguous in `a` and in `w`, so each row of taps is one flat loop, and
     interior output positions go four at a time, each weight word loaded once for the four.
     With `mode` 1 or 2, each output then passes through its block's BN, shortcut addition
-    (and RPReLU) in the same pass (`_epilogue`; residual: float32 NHWC like out); with mode 0
+    (and RPReLU) in the same pass (`_finish`; residual: float32 NHWC like out); with mode 0
     `post` and `residual` are unused (pass empty arrays). With a non-empty `next_threshold`
     (float32 [O]), the signs of out + next_threshold are packed into `signs` (uint64
     [N, OH, OW, ceil(O / 64)]) as pack_nhwc would pack them for the next binary layer.
@@ -231,9 +239,7 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                             acc[2, o] += popcount(a2 ^ wv)
                             acc[3, o] += popcount(a3 ^ wv)
                 for p in range(4):
-                    for o in range(og):
-                        value = scale[o] * np.float32(k - 2 * np.int64(acc[p, o])) + bias[o]
-                        out[n, oy, ox + p, o] = _epilogue(value, o, post, residual, n, oy, ox + p, mode)
+                    _finish(acc[p], k, scale, bias, post, residual, mode, out, n, oy, ox + p)
                     if pack_next:
                         _pack_position(out, next_threshold, signs, n, oy, ox + p)
                 ox += 4
@@ -246,9 +252,7 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                         a0 = rows[n, iy, first + t]
                         for o in range(og):
                             acc[0, o] += popcount(a0 ^ w[ky, t, o])
-                for o in range(og):
-                    value = scale[o] * np.float32(k - 2 * np.int64(acc[0, o])) + bias[o]
-                    out[n, oy, ox, o] = _epilogue(value, o, post, residual, n, oy, ox, mode)
+                _finish(acc[0], k, scale, bias, post, residual, mode, out, n, oy, ox)
                 if pack_next:
                     _pack_position(out, next_threshold, signs, n, oy, ox)
                 ox += 1

@@ -190,7 +190,7 @@ class PackedBinaryConv2d(nn.Module):
         Args:
             x: a float32 (N, C, H, W) batch on the CPU (or (N, C) for a linear layer).
             epilogue: (post, residual NHWC, mode): what follows the conv in its block, run in
-                the kernel's output pass (`kernels._epilogue`).
+                the kernel's output pass (`kernels._finish`).
             signs: x already packed, by the layer before, for this layer.
             next_layer: pack the output's signs for this layer too, handed on as the output's
                 `packed_signs` attribute.
