@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tools.export import inference, packed
+from .buffers import POOL
 from ..errors import ConfigError, UserError
 
 WORD = 64  # bits per packed word
@@ -172,7 +173,7 @@ class PackedBinaryConv2d(nn.Module):
                 channel c of x + threshold is >= 0.
         """
         n, _, h, w = x.shape
-        words = np.empty((n, h, w, self.groups * self.words_per_group), np.uint64)
+        words = POOL.empty((n, h, w, self.groups * self.words_per_group), np.uint64)
         if x.is_contiguous():
             self.kernels.pack_nchw(x.numpy(), self.threshold, self.groups, self.words_per_group, words)
         elif x.is_contiguous(memory_format=torch.channels_last):
@@ -219,11 +220,11 @@ class PackedBinaryConv2d(nn.Module):
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
-        out = np.empty((n, oh, ow, self.out_channels), np.float32)
+        out = POOL.empty((n, oh, ow, self.out_channels), np.float32)  # reused once no one holds it
         packed_next = NO_SIGNS
         if self.dense:
             if next_layer is not None:
-                packed_next = (next_layer.threshold, np.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
+                packed_next = (next_layer.threshold, POOL.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
             self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
                                            self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next)
         elif epilogue is not None or next_layer is not None:
