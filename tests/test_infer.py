@@ -226,3 +226,29 @@ def test_without_numba_one_line_names_the_extra(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip() == "error: bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)"
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 1), (200, 1), (256, 2), (70, 1)])
+def test_sign_packing_matches_numpy_on_edge_values(channels, groups):
+    """pack_nhwc (a full word one vector compare, a part word bit by bit) and the hand-over
+    packing in the conv's output pass set bit c where x + threshold >= 0 in float32, as numpy
+    says, on zeros of both signs, infinities, NaN and values a rounding away from the threshold."""
+    from bnntrain.infer import kernels
+    rng = np.random.default_rng(channels)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 0.5], np.float32)
+    x = rng.standard_normal((2, 3, 5, channels)).astype(np.float32)
+    x.reshape(-1)[::3] = rng.choice(special, x.size // 3 + 1)[: len(x.reshape(-1)[::3])]
+    threshold = rng.standard_normal(channels).astype(np.float32)
+    threshold[::4] = 0.0
+    x[0, 0, 0] = -threshold  # exactly on the threshold: +1
+    x[0, 0, 1] = np.nextafter(-threshold, np.float32(-np.inf))  # just below it: -1
+    per_group = channels // groups
+    words = -(-per_group // 64)
+    packed = np.empty((2, 3, 5, groups * words), np.uint64)
+    kernels.pack_nhwc(x, threshold, groups, words, packed)
+    bits = (x + threshold >= 0).reshape(2, 3, 5, groups, per_group)
+    padded = np.zeros((2, 3, 5, groups, words * 64), bool)
+    padded[..., :per_group] = bits
+    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
+    want = (padded.reshape(2, 3, 5, groups, words, 64) * weights).sum(-1, dtype=np.uint64).reshape(2, 3, 5, -1)
+    assert np.array_equal(packed, want)

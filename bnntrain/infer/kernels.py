@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange, types
+from llvmlite import ir
 from numba.extending import intrinsic
 
 
@@ -47,6 +48,29 @@ def fma(typingctx, a, b, c):
         return builder.fma(*args)
 
     return a(a, b, c), codegen
+
+
+@intrinsic
+def sign_bits64(typingctx, values, thresholds, first):
+    """The 64 sign bits of values[first:first + 64] + thresholds[:64] (bit b set where
+    value + threshold >= 0), as one uint64: a vector compare whose 64 results are the word's
+    bits (LLVM: vcmpps and vmovmskps on AVX2, NEON compares and narrowing on ARM64). Both
+    arrays float32 and contiguous; values[first:first + 64] and thresholds[:64] must exist."""
+    if not (isinstance(values, types.Array) and isinstance(thresholds, types.Array)
+            and values.dtype == types.float32 and thresholds.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vec = ir.VectorType(ir.FloatType(), 64)
+        vals = context.make_array(signature.args[0])(context, builder, args[0])
+        thrs = context.make_array(signature.args[1])(context, builder, args[1])
+        start = builder.gep(vals.data, [args[2]])
+        v = builder.load(builder.bitcast(start, vec.as_pointer()), align=4)
+        t = builder.load(builder.bitcast(thrs.data, vec.as_pointer()), align=4)
+        bits = builder.fcmp_ordered(">=", builder.fadd(v, t), ir.Constant(vec, None))
+        return builder.bitcast(bits, ir.IntType(64))
+
+    return types.uint64(values, thresholds, types.intp), codegen
 
 
 @njit(cache=True)
@@ -80,8 +104,7 @@ def pack_nchw(x, threshold, groups, words_per_group, out):
 @njit(cache=True, parallel=True)
 def pack_nhwc(x, threshold, groups, words_per_group, out):
     """x: float32 [N, H, W, C] (C-contiguous: a channels-last tensor); otherwise as pack_nchw.
-    (The slices keep every index non-negative, so that LLVM vectorizes the 64 compares of a
-    word instead of gathering.)"""
+    A full word is one vector compare (`sign_bits64`); a part word bit by bit."""
     n_, h_, w_, c_ = x.shape
     per_group = c_ // groups
     for row in prange(n_ * h_):
@@ -95,11 +118,10 @@ def pack_nhwc(x, threshold, groups, words_per_group, out):
                     count = min(64, (g + 1) * per_group - first)
                     xs = pixel[first:first + count]
                     ts = threshold[first:first + count]
-                    word = np.uint64(0)
                     if count == 64:
-                        for b in range(64):
-                            word |= np.uint64(xs[b] + ts[b] >= np.float32(0)) << np.uint64(b)
+                        word = sign_bits64(pixel, threshold[first:], first)
                     else:
+                        word = np.uint64(0)
                         for b in range(count):
                             word |= np.uint64(xs[b] + ts[b] >= np.float32(0)) << np.uint64(b)
                     out[n, y, i, g * words_per_group + k] = word
@@ -177,10 +199,13 @@ def _pack_position(out, threshold, signs, n, y, x):
     for k in range(signs.shape[3]):
         first = 64 * k
         count = min(64, c_ - first)
-        word = np.uint64(0)
-        for b in range(count):
-            word |= np.uint64(out[n, y, x, first + b] + threshold[first + b] >= np.float32(0)) << np.uint64(b)
-        signs[n, y, x, k] = word
+        if count == 64:
+            signs[n, y, x, k] = sign_bits64(out[n, y, x], threshold[first:], first)
+        else:
+            word = np.uint64(0)
+            for b in range(count):
+                word |= np.uint64(out[n, y, x, first + b] + threshold[first + b] >= np.float32(0)) << np.uint64(b)
+            signs[n, y, x, k] = word
 
 
 @njit(cache=True, parallel=True)
