@@ -20,13 +20,13 @@ MAX_PER_SHAPE = 4           # arrays kept of one shape and type
 MAX_POOLED_BYTES = 1 << 30  # beyond this, arrays no one holds are let go
 
 
-def _counts(arrays: list[np.ndarray]) -> list[int]:
-    return [sys.getrefcount(arrays[i]) for i in range(len(arrays))]
+def _references(arrays: list[np.ndarray], i: int) -> int:
+    return sys.getrefcount(arrays[i])
 
 
 # The count of an array only its list refers to, measured here, so that how this interpreter
 # counts the call's own references cannot make a held array look free.
-_FREE = _counts([np.empty(0)])[0]
+_FREE = _references([np.empty(0)], 0)
 
 
 class BufferPool:
@@ -40,17 +40,19 @@ class BufferPool:
         """An array of `shape` and `dtype`, its contents undefined, as `np.empty` would give.
 
         Args:
-            shape: the array's shape.
-            dtype: its element type.
+            shape: the array's shape, a tuple.
+            dtype: its element type (np.float32, ...).
 
         Returns:
             A pooled array no one else refers to, or a new one (pooled from then on).
         """
-        key = (tuple(shape), np.dtype(dtype).str)
+        key = (shape, dtype)
         with self._lock:
-            arrays = self._arrays.setdefault(key, [])
-            for i, count in enumerate(_counts(arrays)):
-                if count == _FREE:
+            arrays = self._arrays.get(key)
+            if arrays is None:
+                arrays = self._arrays[key] = []
+            for i in range(len(arrays)):
+                if _references(arrays, i) == _FREE:
                     return arrays[i]
             array = np.empty(shape, dtype)
             if len(arrays) < MAX_PER_SHAPE:
@@ -65,7 +67,7 @@ class BufferPool:
 
     def _release_free(self) -> None:
         for key, arrays in list(self._arrays.items()):
-            kept = [a for a, count in zip(arrays, _counts(arrays)) if count > _FREE]
+            kept = [arrays[i] for i in range(len(arrays)) if _references(arrays, i) > _FREE]
             if kept:
                 self._arrays[key] = kept
             else:

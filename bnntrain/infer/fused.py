@@ -80,9 +80,12 @@ class FusedBinaryBlock(nn.Module):
             post[4] = act.shift_out.detach().float().reshape(-1).numpy()
         self.post = post
         self.next_layer = None  # the next block's conv, where this block packs its input (chain_blocks)
+        # Looked up once: at batch 1 a block's Python work is a fifth of its time.
+        self.conv = block.convs[0]
+        self.identity_shortcut = isinstance(block.shortcut, nn.Identity)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name == "next_layer":  # a reference, not a submodule: the next block owns that conv
+        if name in ("next_layer", "conv"):  # references, not submodules: `block` and the next block own them
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -91,12 +94,12 @@ class FusedBinaryBlock(nn.Module):
         block = self.block
         if not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32:
             return block(x)
-        residual = block.shortcut(x).contiguous(memory_format=torch.channels_last)
-        conv = block.convs[0]
+        residual = x if self.identity_shortcut else block.shortcut(x).contiguous(memory_format=torch.channels_last)
+        conv = self.conv
         # x's signs, where the block before packed them for this conv in its own output pass.
         handed = getattr(x, "packed_signs", None)
         signs = handed[1] if handed is not None and handed[0] is conv else None
-        return conv(x, epilogue=(self.post, residual.permute(0, 2, 3, 1).numpy(), self.mode), signs=signs,
+        return conv(x, epilogue=(self.post, residual.detach().permute(0, 2, 3, 1).numpy(), self.mode), signs=signs,
                     next_layer=self.next_layer)
 
 
