@@ -302,7 +302,9 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
 
     `fuse` (default, with `channels_last`): blocks of binary conv, BN and shortcut addition
     run their BN and addition in the kernel's output pass, where that gives the block's own
-    outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them.
+    outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them. The
+    real-valued stem runs a few samples at a time where that gives the batched stem's outputs
+    bit for bit (`bnntrain.infer.stem`), so that its large output stays in reused memory.
 
     Args:
         path: the packed file.
@@ -333,10 +335,12 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
         model.register_forward_pre_hook(_to_channels_last)
         if fuse:
             from .fused import fuse_blocks  # it imports this module
+            from .stem import chunk_stem
             config = model.export_config
             probe = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],
                                 generator=torch.Generator().manual_seed(0))
             model.fused_blocks = fuse_blocks(model, probe)
+            chunk_stem(model)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
     return model

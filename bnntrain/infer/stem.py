@@ -1,0 +1,73 @@
+"""The real-valued stem run a few samples at a time.
+
+A ResNet stem at 224 px writes 64 x 112 x 112 floats per image before its max-pool shrinks them
+4x: 51 MB at batch 16. An array that large comes fresh from the operating system on every call
+(the allocator maps it anew), page by page, and is read back by the pool from main memory.
+Run a sample or two at a time, the conv's output stays a few megabytes (reused memory, in cache
+when the pool reads it); the pooled chunks are then joined. The result is the batched stem's
+bit for bit where the conv computes each sample as it does in a batch, which `ChunkedStem`
+checks on the first batch of each size, keeping the batched stem for a size where any bit differs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..tools.export.inference import InferenceBinaryLayer
+from .runtime import PackedBinaryConv2d
+
+CHUNK_BYTES = 8 << 20  # the largest intermediate output a chunk may write
+
+
+class ChunkedStem(nn.Module):
+    """A stem (an nn.Sequential of real-valued layers) run on chunks of the batch.
+
+    Args:
+        stem: the stem; its outputs are those of this module, bit for bit (checked per batch size).
+    """
+
+    def __init__(self, stem: nn.Sequential) -> None:
+        super().__init__()
+        self.stem = stem
+        self.chunk: dict[int, int] = {}  # batch size -> samples per chunk (the batch: not chunked)
+
+    def _chunked(self, x: Tensor, size: int) -> Tensor:
+        return torch.cat([self.stem(x[i:i + size]) for i in range(0, x.shape[0], size)])
+
+    def _choose(self, x: Tensor) -> Tensor:
+        # The first batch of this size: how large each layer's output is per sample, and whether
+        # the chunks give the batched outputs exactly.
+        n, largest, y = x.shape[0], 0, x
+        for layer in self.stem:
+            y = layer(y)
+            largest = max(largest, y[:1].numel() * y.element_size())
+        size = max(1, CHUNK_BYTES // max(largest, 1))
+        if size < n and torch.equal(self._chunked(x, size), y):
+            self.chunk[n] = size
+        else:
+            self.chunk[n] = n
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        size = self.chunk.get(n)
+        if size is None:
+            return self._choose(x)
+        return self.stem(x) if size >= n else self._chunked(x, size)
+
+
+def chunk_stem(model: nn.Module) -> bool:
+    """Run the model's `stem` (an nn.Sequential with no binary layer) as a ChunkedStem, in place.
+
+    Args:
+        model: a packed inference model.
+
+    Returns:
+        Whether it has such a stem.
+    """
+    stem = getattr(model, "stem", None)
+    if not isinstance(stem, nn.Sequential) or any(
+            isinstance(m, (PackedBinaryConv2d, InferenceBinaryLayer)) for m in stem.modules()):
+        return False
+    model.stem = ChunkedStem(stem)
+    return True
