@@ -23,7 +23,7 @@ classes) and `data=cifar100` (32 px, 100 classes). Reported:
   OpenVINO running the same file's IR (`python -m bnntrain.tools.export ... openvino=DIR`,
   every binary conv a BinaryConvolution) on the same threads, float32, latency mode.
 
-    python scripts/bench_infer.py --models birealnet18,reactnet18,reactnet_a --data imagenet --json FILE
+    python scripts/bench_infer.py --models birealnet18,reactnet18,reactnet_a --data imagenet --seconds 20 --json FILE
 """
 from __future__ import annotations
 

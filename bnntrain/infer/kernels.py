@@ -56,9 +56,9 @@ def sign_bits64(typingctx, values, thresholds, first):
     value + threshold >= 0), as one uint64: a vector compare whose 64 results are the word's
     bits (LLVM: vcmpps and vmovmskps on AVX2, NEON compares and narrowing on ARM64). Both
     arrays float32 and contiguous; values[first:first + 64] and thresholds[:64] must exist."""
-    if not (isinstance(values, types.Array) and isinstance(thresholds, types.Array)
-            and values.dtype == types.float32 and thresholds.dtype == types.float32):
-        return None
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+               for a in (values, thresholds)):
+        return None  # a strided or other array would be read wrongly: not typed, so not compiled
 
     def codegen(context, builder, signature, args):
         vec = ir.VectorType(ir.FloatType(), 64)

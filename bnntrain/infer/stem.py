@@ -30,9 +30,12 @@ class ChunkedStem(nn.Module):
         super().__init__()
         self.stem = stem
         self.chunk: dict[int, int] = {}  # batch size -> samples per chunk (the batch: not chunked)
+        self.channels_last: dict[int, bool] = {}  # batch size -> the batched output's layout
 
     def _chunked(self, x: Tensor, size: int) -> Tensor:
-        return torch.cat([self.stem(x[i:i + size]) for i in range(0, x.shape[0], size)])
+        out = torch.cat([self.stem(x[i:i + size]) for i in range(0, x.shape[0], size)])
+        # In the batched stem's layout: the layers after it round differently by layout.
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last[x.shape[0]] else out.contiguous()
 
     def _choose(self, x: Tensor) -> Tensor:
         # The first batch of this size: how large each layer's output is per sample, and whether
@@ -42,6 +45,7 @@ class ChunkedStem(nn.Module):
             y = layer(y)
             largest = max(largest, y[:1].numel() * y.element_size())
         size = max(1, CHUNK_BYTES // max(largest, 1))
+        self.channels_last[n] = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
         if size < n and torch.equal(self._chunked(x, size), y):
             self.chunk[n] = size
         else:
