@@ -8,7 +8,8 @@ rules of pthflops's public counter (`pthflops/ops_fx.py`), per operation of one 
 
 - a real conv or linear layer: its multiply-accumulates, plus one per output for a bias;
 - BN: 2 per element; ReLU: 2 per element (the comparison counts);
-- max pooling: k - 1 per output; average pooling: k per output (a mean: one per input);
+- max pooling: k - 1 per output; average pooling: k per output (a mean: one per input; an
+  adaptive one: the input's H x W per output); a matmul: its MACs;
 - an element-wise addition or product: its output's elements x its operands.
 
 Binary convs are BOPs, as in `count_costs`. PReLU, sigmoid, the sign and the other functions
@@ -17,8 +18,9 @@ module as one op, and the additions and products in the code of the modules that
 (blocks, gates). So do we: the arithmetic inside a module without submodules (a PReLU written
 out, a quantizer) or inside a binary layer is that layer's own, not counted again. Unlike fx we
 count an operation however it is spelled (`x.mean((2, 3))` is a global average pool, `+=` an
-addition); the functions seen in blocks with no rule are listed, so that nothing is left out
-unseen.
+addition). Listed in `uncounted`, so that nothing is left out unseen: the functions seen in
+blocks with no rule, and the additions and products inside layers of ours without submodules
+(fx would trace into those and charge them; a torch.nn layer's are its own).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ ADD = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 RELU = {"relu", "relu_"}
 MEAN = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"}
+MATMUL = {"matmul", "__matmul__"}
 FREE = {"__get__", "size", "dim", "numel", "__getitem__", "view", "reshape", "flatten", "contiguous"}
 
 
@@ -77,8 +80,8 @@ def _module_flops(module: nn.Module, inputs: tuple, out: Tensor) -> tuple[str, i
         return "max_pool", (_window(module.kernel_size, out) - 1) * out.numel()
     if isinstance(module, nn.modules.pooling._AvgPoolNd):
         return "avg_pool", _window(module.kernel_size, out) * out.numel()
-    if isinstance(module, nn.modules.pooling._AdaptiveAvgPoolNd):
-        return "avg_pool", inputs[0].numel()
+    if isinstance(module, nn.modules.pooling._AdaptiveAvgPoolNd):  # pthflops: the input's H x W per output
+        return "avg_pool", inputs[0].shape[-2] * inputs[0].shape[-1] * out.numel()
     return None
 
 
@@ -96,8 +99,16 @@ class _BlockArithmetic(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", str(func))
-        if self.stack and self._in_block() and isinstance(out, Tensor):
-            if name in ADD or name in MUL:  # pthflops: elements x operands
+        if self.stack and not self._in_block() and isinstance(out, Tensor) and (name in ADD or name in MUL):
+            inner = self.stack[-1]
+            if not type(inner).__module__.startswith("torch.nn") and not self._in_binary():
+                # A layer of ours without submodules (a PReLU written out): fx would trace into it and
+                # charge this; listed, so that the count's rule for it is seen.
+                self.count.uncounted.add(f"{type(inner).__name__}.{'add' if name in ADD else 'mul'}")
+        elif self.stack and self._in_block() and isinstance(out, Tensor):
+            if name in MATMUL:
+                self.count.by_kind["conv/linear"] += args[0].numel() * out.shape[-1]
+            elif name in ADD or name in MUL:  # pthflops: elements x operands
                 self.count.by_kind["add" if name in ADD else "mul"] += out.numel() * len(args)
             elif name in RELU:
                 self.count.by_kind["relu"] += 2 * out.numel()
@@ -109,8 +120,10 @@ class _BlockArithmetic(TorchFunctionMode):
 
     def _in_block(self) -> bool:
         # Inside a layer's own forward (no submodules) or a binary layer, the arithmetic is the layer's.
-        inner = self.stack[-1]
-        return next(inner.children(), None) is not None and not any(isinstance(m, BinaryMixin) for m in self.stack)
+        return next(self.stack[-1].children(), None) is not None and not self._in_binary()
+
+    def _in_binary(self) -> bool:
+        return any(isinstance(m, BinaryMixin) for m in self.stack)
 
 
 def count_elementwise_flops(model: nn.Module, input_shape: tuple[int, ...]) -> ElementwiseCount:

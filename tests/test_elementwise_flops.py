@@ -74,7 +74,9 @@ def test_real_to_binary_at_224_is_within_3_percent_of_its_published_flops():
     assert count.by_kind["add"] == count.by_kind["mul"] == 2 * outs       # + shortcut; x gate
     assert count.by_kind["max_pool"] == 8 * stem // 4
     assert count.by_kind["avg_pool"] == ins + 2 * shortcuts + 512 * 49   # gates' means, 2x2 pools (k x c/2), global
-    assert count.uncounted == {"sigmoid"}
+    # Keras's PReLU, written out (relu(x) - slope x relu(-x)): its product is listed, not charged,
+    # as torch.nn's PReLU would be free.
+    assert count.uncounted == {"sigmoid", "KerasPReLU.mul"}
     report = count_costs(model, (3, 224, 224))
     assert count.by_kind["conv/linear"] == report.flops + 1000            # the classifier's bias too
     assert report.pthflops == count.flops
@@ -93,3 +95,18 @@ def test_the_networks_page_quotes_the_count():
     quoted = f"{report.pthflops / 1e8:.3f}e8 FLOPs / {(report.pthflops + report.bops / 64) / 1e8:.3f}e8 OPs"
     assert quoted in published, (quoted, published)
     assert format_totals(report)[-1].endswith(f"FLOPs {report.pthflops:.4g}  OPs {report.pthflops + report.bops / 64:.4g}")
+
+
+class Doubling(nn.Module):
+    """A layer of ours without submodules: its arithmetic is listed, not charged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2 + 1
+
+
+def test_a_leaf_of_ours_is_listed_and_pools_and_matmuls_follow_pthflops():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), Doubling(), nn.AdaptiveAvgPool2d(2))
+    count = count_elementwise_flops(model, (3, 4, 4))
+    assert count.uncounted == {"Doubling.mul", "Doubling.add"}
+    # The 1x1 conv's MACs; the adaptive pool charges the input's H x W per output, as pthflops does.
+    assert dict(count.by_kind) == {"conv/linear": 4 * 16 * 3, "avg_pool": 16 * 4 * 4}

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bnntrain.engine import save_checkpoint
+from bnntrain.errors import UserError
 from bnntrain.models import build_model
 from bnntrain.nn.blocks import RPReLU
 from bnntrain.tools import export
@@ -88,3 +89,38 @@ def test_nchw_runs_unfused(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(model(x), export.load(path)(x))
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_a_hook_that_changes_a_block_output_in_place_is_seen(tmp_path, mode):
+    """The signs a fused block packs for the next one are of its output as it wrote it: a forward
+    hook that changes the output in place (or a pre-hook on the next block) must not leave the
+    next block with the old signs. The hooked fused model equals the hooked unfused one."""
+    path = exported(tmp_path, "reactnet18")
+    model, unfused = infer.load(path), infer.load(path, fuse=False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    for kind in ("forward hook on the first block", "pre-hook on the second"):
+        hooks = []
+        for m in (model, unfused):
+            first, second = m.get_submodule("stages.0.0"), m.get_submodule("stages.0.1")
+            if kind.startswith("forward"):
+                hooks.append(first.register_forward_hook(lambda mod, args, out: out.mul_(-1)))
+            else:
+                hooks.append(second.register_forward_pre_hook(lambda mod, args: args[0].mul_(-1)))
+        with context():
+            assert torch.equal(model(x), unfused(x)), kind
+        for hook in hooks:
+            hook.remove()
+    with context():  # and the hand-over is back once the hooks are gone
+        assert torch.equal(model(x), unfused(x))
+
+
+def test_a_shortcut_of_the_wrong_shape_is_an_error(tmp_path):
+    path = exported(tmp_path, "birealnet18")
+    model = infer.load(path)
+    block = model.get_submodule("stages.0.1")
+    x = torch.randn(2, block.conv.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    wrong = np.zeros((2, 7, 8, block.conv.out_channels), np.float32)
+    with torch.inference_mode(), pytest.raises(UserError, match="shortcut gave shape"):
+        block.conv(x, epilogue=(block.post, wrong, block.mode))

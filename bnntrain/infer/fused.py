@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
 from ..nn.blocks import BinaryBlock, RPReLU
-from .runtime import PackedBinaryConv2d
+from .runtime import PackedBinaryConv2d, _version
 
 
 def batchnorm_terms(norm: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
@@ -96,11 +98,15 @@ class FusedBinaryBlock(nn.Module):
             return block(x)
         residual = x if self.identity_shortcut else block.shortcut(x).contiguous(memory_format=torch.channels_last)
         conv = self.conv
-        # x's signs, where the block before packed them for this conv in its own output pass.
-        handed = getattr(x, "packed_signs", None)
-        signs = handed[1] if handed is not None and handed[0] is conv else None
+        # x's signs, where the block before packed them for this conv in its own output pass:
+        # not if a hook could have changed x in place since (a forward hook on that block, a
+        # pre-hook on this one), nor if x's version says it was changed.
+        hooked = _global_forward_hooks or _global_forward_pre_hooks
+        handed = None if hooked or self._forward_pre_hooks else getattr(x, "packed_signs", None)
+        signs = handed[1] if handed is not None and handed[0] is conv and handed[2] == _version(x) else None
+        hand_on = None if hooked or self._forward_hooks else self.next_layer
         return conv(x, epilogue=(self.post, residual.detach().permute(0, 2, 3, 1).numpy(), self.mode), signs=signs,
-                    next_layer=self.next_layer)
+                    next_layer=hand_on)
 
 
 def fuse_blocks(model: nn.Module, probe: Tensor) -> int:

@@ -19,6 +19,8 @@ differ). The integer is exact; the output is `scale * integer + bias` in float32
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit, prange, types
 from llvmlite import ir
@@ -59,6 +61,8 @@ def sign_bits64(typingctx, values, thresholds, first):
     if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
                for a in (values, thresholds)):
         return None  # a strided or other array would be read wrongly: not typed, so not compiled
+    if sys.byteorder != "little":  # bit b of the bitcast is element b on little-endian targets only
+        return None
 
     def codegen(context, builder, signature, args):
         vec = ir.VectorType(ir.FloatType(), 64)

@@ -221,6 +221,8 @@ class PackedBinaryConv2d(nn.Module):
         oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
         out = POOL.empty((n, oh, ow, self.out_channels), np.float32)  # reused once no one holds it
+        if epilogue is not None and epilogue[1].shape != out.shape:  # the kernel reads it unchecked
+            raise UserError(f"a fused block's shortcut gave shape {epilogue[1].shape} (NHWC) for an output of {out.shape}")
         packed_next = NO_SIGNS
         if self.dense:
             if next_layer is not None:
@@ -240,9 +242,15 @@ class PackedBinaryConv2d(nn.Module):
         result = result.permute(0, 3, 1, 2)
         result = result if channels_last else result.contiguous()
         if next_layer is not None:
-            # The next layer's input, packed: it is this very tensor, so the words go with it.
-            result.packed_signs = (next_layer, packed_next[1])
+            # The next layer's input, packed: it is this very tensor, so the words go with it,
+            # with its version (changed in place, outside inference mode, it no longer matches).
+            result.packed_signs = (next_layer, packed_next[1], _version(result))
         return result
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version, or -1 for an inference-mode tensor (which has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer], nn.Module | None]) -> None:

@@ -29,35 +29,40 @@ class ChunkedStem(nn.Module):
     def __init__(self, stem: nn.Sequential) -> None:
         super().__init__()
         self.stem = stem
-        self.chunk: dict[int, int] = {}  # batch size -> samples per chunk (the batch: not chunked)
-        self.channels_last: dict[int, bool] = {}  # batch size -> the batched output's layout
+        self.train(stem.training)
+        # By the input's shape and type: samples per chunk (the batch: not chunked), and the
+        # batched output's layout.
+        self.chunk: dict[tuple, int] = {}
+        self.channels_last: dict[tuple, bool] = {}
 
     def _chunked(self, x: Tensor, size: int) -> Tensor:
         out = torch.cat([self.stem(x[i:i + size]) for i in range(0, x.shape[0], size)])
         # In the batched stem's layout: the layers after it round differently by layout.
-        return out.contiguous(memory_format=torch.channels_last) if self.channels_last[x.shape[0]] else out.contiguous()
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last[_key(x)] else out.contiguous()
 
     def _choose(self, x: Tensor) -> Tensor:
         # The first batch of this size: how large each layer's output is per sample, and whether
         # the chunks give the batched outputs exactly.
-        n, largest, y = x.shape[0], 0, x
+        n, key, largest, y = x.shape[0], _key(x), 0, x
         for layer in self.stem:
             y = layer(y)
             largest = max(largest, y[:1].numel() * y.element_size())
         size = max(1, CHUNK_BYTES // max(largest, 1))
-        self.channels_last[n] = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
-        if size < n and torch.equal(self._chunked(x, size), y):
-            self.chunk[n] = size
-        else:
-            self.chunk[n] = n
+        self.channels_last[key] = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
+        self.chunk[key] = size if size < n and torch.equal(self._chunked(x, size), y) else n
         return y
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        size = self.chunk.get(n)
+        if self.training:  # batch statistics: the batch whole
+            return self.stem(x)
+        size = self.chunk.get(_key(x))
         if size is None:
             return self._choose(x)
-        return self.stem(x) if size >= n else self._chunked(x, size)
+        return self.stem(x) if size >= x.shape[0] else self._chunked(x, size)
+
+
+def _key(x: Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last))
 
 
 def chunk_stem(model: nn.Module) -> bool:
