@@ -110,3 +110,20 @@ def test_a_leaf_of_ours_is_listed_and_pools_and_matmuls_follow_pthflops():
     assert count.uncounted == {"Doubling.mul", "Doubling.add"}
     # The 1x1 conv's MACs; the adaptive pool charges the input's H x W per output, as pthflops does.
     assert dict(count.by_kind) == {"conv/linear": 4 * 16 * 3, "avg_pool": 16 * 4 * 4}
+
+
+class Attention(nn.Module):
+    """A block of ours with a matmul in its code (q k^T over 4 positions of 3 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.proj(x.flatten(2).transpose(1, 2))  # (N, 4, 3)
+        return q @ q.transpose(1, 2)                 # (N, 4, 4)
+
+
+def test_a_matmul_in_a_block_counts_its_macs():
+    count = count_elementwise_flops(Attention(), (3, 2, 2))
+    assert dict(count.by_kind) == {"conv/linear": 4 * 3 * 3 + 4 * 3 * 4}  # the projection; 4x3 @ 3x4
