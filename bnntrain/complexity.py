@@ -5,8 +5,9 @@ multiply-accumulates to BOPs; every other conv and linear layer (real-valued, or
 one binary and one real operand) contributes its multiply-accumulates to FLOPs.
 BN, activations, pooling, additions and scaling factors are not counted, and
 OPs = FLOPs + BOPs / 64. Real-to-Binary Net counted those too, by pytorch-estimate-flops's
-rules: the report gives that count beside ours (`bnntrain.elementwise_flops`). The counts come from forward hooks on a dummy input, so every
-model and option is covered without per-layer tables kept by hand.
+rules: the report gives that count beside ours (`bnntrain.elementwise_flops`). The counts
+come from forward hooks on a dummy input, so every model and option is covered without
+per-layer tables kept by hand.
 
 Model size counts parameters: as trained, all of them at 32 bits (the latent weights);
 as deployed, the weights of binary-weight layers at 1 bit and everything else at 32.

@@ -98,32 +98,31 @@ class _BlockArithmetic(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if not self.stack or _inside_binary(self.stack) or not isinstance(out, Tensor):
+            return out  # outside the model, or a binary layer's own (its BOPs cover it)
         name = getattr(func, "__name__", str(func))
-        if self.stack and not self._in_block() and isinstance(out, Tensor) and (name in ADD or name in MUL):
-            inner = self.stack[-1]
-            if not type(inner).__module__.startswith("torch.nn") and not self._in_binary():
-                # A layer of ours without submodules (a PReLU written out): fx would trace into it and
-                # charge this; listed, so that the count's rule for it is seen.
+        inner = self.stack[-1]
+        if next(inner.children(), None) is None:
+            # A layer's own forward (no submodules): its arithmetic is the layer's. One of ours
+            # (a PReLU written out) would be traced into by fx, which charges its additions and
+            # products: listed, so that the count's rule for it is seen.
+            if (name in ADD or name in MUL) and not type(inner).__module__.startswith("torch.nn"):
                 self.count.uncounted.add(f"{type(inner).__name__}.{'add' if name in ADD else 'mul'}")
-        elif self.stack and self._in_block() and isinstance(out, Tensor):
-            if name in MATMUL:
-                self.count.by_kind["conv/linear"] += args[0].numel() * out.shape[-1]
-            elif name in ADD or name in MUL:  # pthflops: elements x operands
-                self.count.by_kind["add" if name in ADD else "mul"] += out.numel() * len(args)
-            elif name in RELU:
-                self.count.by_kind["relu"] += 2 * out.numel()
-            elif name in MEAN:
-                self.count.by_kind["avg_pool"] += args[0].numel()
-            elif name not in FREE:
-                self.count.uncounted.add(name)
+        elif name in MATMUL:
+            self.count.by_kind["conv/linear"] += args[0].numel() * out.shape[-1]
+        elif name in ADD or name in MUL:  # pthflops: elements x operands
+            self.count.by_kind["add" if name in ADD else "mul"] += out.numel() * len(args)
+        elif name in RELU:
+            self.count.by_kind["relu"] += 2 * out.numel()
+        elif name in MEAN:
+            self.count.by_kind["avg_pool"] += args[0].numel()
+        elif name not in FREE:
+            self.count.uncounted.add(name)
         return out
 
-    def _in_block(self) -> bool:
-        # Inside a layer's own forward (no submodules) or a binary layer, the arithmetic is the layer's.
-        return next(self.stack[-1].children(), None) is not None and not self._in_binary()
 
-    def _in_binary(self) -> bool:
-        return any(isinstance(m, BinaryMixin) for m in self.stack)
+def _inside_binary(stack: list[nn.Module]) -> bool:
+    return any(isinstance(m, BinaryMixin) for m in stack)
 
 
 def count_elementwise_flops(model: nn.Module, input_shape: tuple[int, ...]) -> ElementwiseCount:
@@ -144,7 +143,7 @@ def count_elementwise_flops(model: nn.Module, input_shape: tuple[int, ...]) -> E
 
     def leave(module: nn.Module, inputs: tuple, out: Tensor) -> None:
         stack.pop()
-        if any(isinstance(m, BinaryMixin) for m in stack):
+        if _inside_binary(stack):
             return  # a binary layer's quantizers and parts: its BOPs cover them
         charged = _module_flops(module, inputs, out)
         if charged is not None:

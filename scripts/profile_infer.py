@@ -92,8 +92,9 @@ def profile_openvino(path: Path, batch: int, rounds: int, threads: int) -> dict[
     import openvino
     from bnntrain.tools.export.openvino import export_openvino
 
-    folder = Path(tempfile.mkdtemp()) / "openvino"
-    export_openvino(path, folder)
+    folder = path.with_suffix(".openvino")  # beside the packed file, in main's temporary folder
+    if not (folder / "model.xml").exists():  # exported once, for every batch size
+        export_openvino(path, folder)
     core = openvino.Core()
     model = core.read_model(str(folder / "model.xml"))
     model.reshape([batch, 3, 224, 224])

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, nn
-
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..nn.blocks import BinaryBlock, RPReLU
@@ -159,7 +158,7 @@ def chain_blocks(model: nn.Module, probe: Tensor) -> int:
     blocks = [m for m in model.modules() if isinstance(m, FusedBinaryBlock)]
     pairs = []
     for before, after in zip(blocks, blocks[1:]):
-        conv, out = after.block.convs[0], before.block.convs[0]
+        conv, out = after.conv, before.conv
         if conv.groups == 1 and conv.sign_padding == (0, 0) and conv.in_channels == out.out_channels:
             pairs.append((before, conv))
     with torch.inference_mode():

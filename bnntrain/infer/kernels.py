@@ -120,11 +120,11 @@ def pack_nhwc(x, threshold, groups, words_per_group, out):
                 for k in range(words_per_group):
                     first = g * per_group + 64 * k
                     count = min(64, (g + 1) * per_group - first)
-                    xs = pixel[first:first + count]
-                    ts = threshold[first:first + count]
                     if count == 64:
                         word = sign_bits64(pixel, threshold[first:], first)
                     else:
+                        xs = pixel[first:first + count]
+                        ts = threshold[first:first + count]
                         word = np.uint64(0)
                         for b in range(count):
                             word |= np.uint64(xs[b] + ts[b] >= np.float32(0)) << np.uint64(b)

@@ -12,9 +12,10 @@ output position by numba-compiled kernels (`kernels.py`; numba is the optional e
 BN, activations, pooling, the classifier) stays the PyTorch module it was, except where a
 block's BN, shortcut addition and activation run in the kernel's output pass (`fused.py`,
 checked bit for bit at load), so the outputs are those of `bnntrain.tools.export.load`: the
-binary sums are integers, and a tap in the zero padding counts for nothing, as in PyTorch. A layer that pads its signs with +-1
-(larq's `pad_values`, QuickNet's +1) has its input padded with +-inf before packing, whose
-sign that is whatever the threshold, and the kernels then pad nothing.
+binary sums are integers, and a tap in the zero padding counts for nothing, as in PyTorch. A
+layer that pads its signs with +-1 (larq's `pad_values`, QuickNet's +1) has its input padded
+with +-inf before packing, whose sign that is whatever the threshold, and the kernels then
+pad nothing.
 
 A binary layer the kernels cannot run (a stage-1 checkpoint's layers: binary activations,
 real weights; a stage-0 one's: real activations; padding given as a string) stops `load`
@@ -35,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError, UserError
 from ..tools.export import inference, packed
 from .buffers import POOL
-from ..errors import ConfigError, UserError
 
 WORD = 64  # bits per packed word
 # binary_conv_dense's epilogue arguments when nothing is fused (post, residual, mode), and
@@ -298,8 +299,8 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse: bool = True) -> nn.Module:
     """The inference model of a packed file with its binary layers run by the XNOR-popcount
-    kernels; in eval mode, its outputs those of `bnntrain.tools.export.load(path)` to float
-    rounding. `model.export_config` holds the file's config.
+    kernels; in eval mode, its outputs those of `bnntrain.tools.export.load(path)` bit for bit
+    in the same memory layout. `model.export_config` holds the file's config.
 
     `strict` (default): a binary layer the kernels cannot run is an error (ConfigError, one
     line). `strict=False` leaves such layers to PyTorch, lists them in `model.fallbacks`
