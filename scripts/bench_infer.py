@@ -1,7 +1,10 @@
 """bnntrain.infer's XNOR-popcount runtime against the same exported network run as float
-convolutions in PyTorch (oneDNN), with the same threads, in the same process: baseline and
-candidate interleaved round by round, ratios the median over rounds of the paired ratio (see
-bench.py's interleaved, run for a time budget), so that they hold on a noisy machine.
+convolutions in PyTorch (oneDNN), with the same threads, in the same process: ratios the
+median over rounds of the paired ratio, so that they hold on a noisy machine. Layers are
+interleaved call by call (bench.py's interleaved); whole networks run in alternating blocks
+of back-to-back calls, each after an idle pause (bench.py's alternating_blocks), because
+OpenVINO's threads and PyTorch's (which numba's kernels share) keep spinning after a call,
+and called one after another each runtime would take cores from the next.
 
     python scripts/bench_infer.py                                  # resnet18 at 224 px and 32 px, batch 1 and 16
     python scripts/bench_infer.py --data imagenet --batches 1 --seconds 2 --json FILE
@@ -21,7 +24,8 @@ classes) and `data=cifar100` (32 px, 100 classes). Reported:
   pre-scaled, NCHW as `bnntrain.tools.export.load` runs it; channels_last shown beside it),
   against `bnntrain.tools.export.load` itself and, where `openvino` is installed, against
   OpenVINO running the same file's IR (`python -m bnntrain.tools.export ... openvino=DIR`,
-  every binary conv a BinaryConvolution) on the same threads, float32, latency mode.
+  every binary conv a BinaryConvolution) on the same threads, float32, latency mode; each
+  a median of block medians (`rounds`: the blocks per runtime).
 
     python scripts/bench_infer.py --models birealnet18,reactnet18,reactnet_a --data imagenet --seconds 20 --json FILE
 """
@@ -44,7 +48,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import interleaved, paired_ratio  # noqa: E402
+from bench import alternating_blocks, interleaved, paired_ratio  # noqa: E402
 
 from bnntrain import infer  # noqa: E402
 from bnntrain.tools import export  # noqa: E402
@@ -216,7 +220,7 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float, t
             facts["same_prediction_as_export_load"] = int((openvino_logits.argmax(1) == reference.argmax(1)).sum())
             arms[arm] = lambda run_openvino=run_openvino: run_openvino(images)
         with torch.inference_mode():
-            times = interleaved(arms, 7, seconds=seconds)
+            times = alternating_blocks(arms, seconds)
         total_macs = sum(layer["macs"] for layer in layers)
         t_packed = statistics.median(times["packed"])
         result["batches"][batch] = {
@@ -262,7 +266,7 @@ def report(results: dict) -> str:
             lines.append(f"end to end: packed {e2e['packed']:.2f} ms, float {e2e['float']:.2f} ms "
                          f"({r['speedup_vs_float']:.2f}x), float channels_last {e2e['float_channels_last']:.2f} ms "
                          f"({r['speedup_vs_float_channels_last']:.2f}x), export.load {e2e['export_load']:.2f} ms "
-                         f"({r['speedup_vs_export_load']:.2f}x); medians of {r['rounds']} rounds; binary MACs in the "
+                         f"({r['speedup_vs_export_load']:.2f}x); medians of {r['rounds']} blocks; binary MACs in the "
                          f"network {r['binary_macs_per_s_in_network'] / 1e9:.0f} G/s")
             for arm, form in (("openvino", "as exported"), ("openvino_values", "FakeQuantize on the values")):
                 if arm in r:

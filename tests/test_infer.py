@@ -252,3 +252,48 @@ def test_sign_packing_matches_numpy_on_edge_values(channels, groups):
     weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
     want = (padded.reshape(2, 3, 5, groups, words, 64) * weights).sum(-1, dtype=np.uint64).reshape(2, 3, 5, -1)
     assert np.array_equal(packed, want)
+
+
+def test_channel_blocks_give_the_same_outputs():
+    """binary_conv_dense shares rows of output positions and, in blocks of a multiple of 64
+    channels, the channels among the threads: every split gives the same bits (the sums, the
+    fused epilogue and the next layer's signs, a part word among them), and the blocks are
+    chosen only where rows alone would share the threads unevenly."""
+    from bnntrain.infer import kernels
+    from bnntrain.infer.runtime import channel_block
+    rng = np.random.default_rng(0)
+    n, h, w, cw, out_channels = 1, 7, 7, 3, 300
+    words = rng.integers(0, 2**63, (n, h, w, cw), dtype=np.uint64)
+    weights = rng.integers(0, 2**63, (3, 3 * cw, out_channels), dtype=np.uint64)
+    scale, bias = (rng.standard_normal(out_channels).astype(np.float32) for _ in range(2))
+    post = rng.standard_normal((5, out_channels)).astype(np.float32)
+    residual = rng.standard_normal((n, h, w, out_channels)).astype(np.float32)
+    threshold = rng.standard_normal(out_channels).astype(np.float32)
+    results = []
+    for block in (out_channels, 128, 64):
+        out = np.empty((n, h, w, out_channels), np.float32)
+        signs = np.empty((n, h, w, 5), np.uint64)
+        kernels.binary_conv_dense(words, weights, scale, bias, 1, 1, 1, 1, 3 * 64, out, post, residual, 2,
+                                  threshold, signs, block)
+        results.append((out, signs))
+    for out, signs in results[1:]:
+        assert np.array_equal(out.view(np.uint32), results[0][0].view(np.uint32))
+        assert np.array_equal(signs, results[0][1])
+    assert channel_block(7, 512, 2) == 256 and channel_block(7, 1024, 2) == 512  # 7 rows: 4 against 3
+    assert channel_block(14, 512, 2) == 512 and channel_block(56, 64, 2) == 64 and channel_block(7, 512, 1) == 512
+    assert channel_block(1, 1000, 2) == 512  # a linear layer at batch 1: both threads
+
+
+def test_small_integers_convert_to_float64_exactly():
+    from bnntrain.infer.kernels import small_to_float64
+
+    @numba.njit
+    def convert(values):
+        out = np.empty(values.shape[0], np.float64)
+        for i in range(values.shape[0]):
+            out[i] = small_to_float64(values[i])
+        return out
+
+    values = np.concatenate([np.array([0, 1, 2, 3, 2**31, 2**32 + 1, 2**52 - 1], np.uint64),
+                             np.random.default_rng(0).integers(0, 2**52, 1000, dtype=np.uint64)])
+    assert np.array_equal(convert(values), values.astype(np.float64))

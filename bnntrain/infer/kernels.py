@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types  # get_num_threads: for runtime.py
 from llvmlite import ir
 from numba.extending import intrinsic
 
@@ -75,6 +75,22 @@ def sign_bits64(typingctx, values, thresholds, first):
         return builder.bitcast(bits, ir.IntType(64))
 
     return types.uint64(values, thresholds, types.intp), codegen
+
+
+@intrinsic
+def small_to_float64(typingctx, x):
+    """A uint64 below 2^52 as float64, exactly, in two vector instructions: its bits under
+    the exponent of 2^52, read as a float64, minus 2^52. (AVX2 has no uint64-to-float
+    conversion: LLVM's general one splits the word in halves, three times the work.)"""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        magic = ir.Constant(ir.IntType(64), 0x4330000000000000)  # the bits of 2.0 ** 52
+        shifted = builder.bitcast(builder.or_(args[0], magic), ir.DoubleType())
+        return builder.fsub(shifted, ir.Constant(ir.DoubleType(), 2.0 ** 52))
+
+    return types.float64(x), codegen
 
 
 @njit(cache=True)
@@ -172,37 +188,41 @@ def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_
 
 
 @njit(cache=True, inline="always")
-def _finish(acc, k, scale, bias, post, residual, mode, out, n, oy, ox):
-    # One output position's values from its popcounts: scale x (k - 2 x popcount) + bias, then
-    # what follows the conv in its block, where fused (runtime's fused.py): mode 0 nothing;
-    # 1 the block's BN and shortcut addition, BN(value) + residual, as PyTorch computes them
-    # (BN as fma(value, alpha, beta)); 2 then ReActNet's RPReLU, prelu(y + shift_in) + shift_out.
-    # post: float32 [5, O], rows alpha, beta, shift_in, slope, shift_out. The mode is tested
-    # outside the channel loops, and the integers go through float64 (exact below 2^53; AVX2
-    # converts uint64 to float64 in vectors, not int64 to float32), so that each loop vectorizes.
+def _finish(acc, k, scale, bias, post, residual, mode, out, n, oy, ox, o0):
+    # One output position's values, channels o0 (unsigned) to o0 + len(acc), from their popcounts:
+    # scale x (k - 2 x popcount) + bias, then what follows the conv in its block, where fused
+    # (runtime's fused.py): mode 0 nothing; 1 the block's BN and shortcut addition,
+    # BN(value) + residual, as PyTorch computes them (BN as fma(value, alpha, beta)); 2 then
+    # ReActNet's RPReLU, prelu(y + shift_in) + shift_out. post: float32 [5, O], rows alpha,
+    # beta, shift_in, slope, shift_out. The mode is tested outside the channel loops, and the
+    # integers go through float64 (exact: popcounts are far below 2^52), so that each loop
+    # vectorizes.
     kf = np.float64(k)
     if mode == 0:
-        for o in range(acc.shape[0]):
-            out[n, oy, ox, o] = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+        for i in range(np.uintp(acc.shape[0])):
+            o = o0 + i
+            out[n, oy, ox, o] = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
     elif mode == 1:
-        for o in range(acc.shape[0]):
-            value = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+        for i in range(np.uintp(acc.shape[0])):
+            o = o0 + i
+            value = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
             out[n, oy, ox, o] = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o]
     else:
-        for o in range(acc.shape[0]):
-            value = scale[o] * np.float32(kf - 2.0 * np.float64(acc[o])) + bias[o]
+        for i in range(np.uintp(acc.shape[0])):
+            o = o0 + i
+            value = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
             y = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o] + post[2, o]
             slope = post[3, o]
             out[n, oy, ox, o] = (y if y > np.float32(0) else slope * y) + post[4, o]
 
 
 @njit(cache=True, inline="always")
-def _pack_position(out, threshold, signs, n, y, x):
-    # pack_nhwc for one output position (one group), from the values just written.
-    c_ = out.shape[3]
-    for k in range(signs.shape[3]):
+def _pack_position(out, threshold, signs, n, y, x, o0, o1):
+    # pack_nhwc for one output position's channels o0 to o1 (one group, o0 a multiple of 64),
+    # from the values just written.
+    for k in range(o0 // 64, _ceil_div(o1, 64)):
         first = 64 * k
-        count = min(64, c_ - first)
+        count = min(64, o1 - first)
         if count == 64:
             signs[n, y, x, k] = sign_bits64(out[n, y, x], threshold[first:], first)
         else:
@@ -214,7 +234,7 @@ def _pack_position(out, threshold, signs, n, y, x):
 
 @njit(cache=True, parallel=True)
 def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out,
-                      post, residual, mode, next_threshold, signs):
+                      post, residual, mode, next_threshold, signs, block):
     """binary_conv for the common case, one group and no dilation, faster: a tap row's words
     (kx x CW) are contiguous in `a` and in `w`, so each row of taps is one flat loop, and
     interior output positions go four at a time, each weight word loaded once for the four.
@@ -223,6 +243,9 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
     `post` and `residual` are unused (pass empty arrays). With a non-empty `next_threshold`
     (float32 [O]), the signs of out + next_threshold are packed into `signs` (uint64
     [N, OH, OW, ceil(O / 64)]) as pack_nhwc would pack them for the next binary layer.
+    The threads share out rows of output positions and, in `block`s of output channels (a
+    multiple of 64, or O), the channels: a 7 x 7 map at batch 1 has too few rows for an even
+    share.
 
     a: uint64 [N, H, W, CW]; w: uint64 [KH, KW * CW, O]; out: float32 [N, OH, OW, O]."""
     n_, h_, w_, cw = a.shape
@@ -232,10 +255,18 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
     rows = a.reshape(n_, h_, w_ * cw)
     pack_next = next_threshold.shape[0] > 0
     step = stride_w * cw  # words between the inputs of neighbouring output positions
-    for row in prange(n_ * oh):
+    blocks = _ceil_div(og, block)
+    for unit in prange(n_ * oh * blocks):
+        row = unit // blocks
+        o0 = (unit - row * blocks) * block
+        o1 = min(og, o0 + block)
+        # Unsigned, so that w's index needs no negative-index wrap-around (which would keep the
+        # inner loop from vectorizing).
+        wo = np.uintp(o0)
+        width = np.uintp(o1 - o0)
         n = row // oh
         oy = row - n * oh
-        acc = np.empty((4, og), np.uint64)
+        acc = np.empty((4, o1 - o0), np.uint64)
         y0 = oy * stride_h - pad_h
         ky0 = max(0, -y0)
         ky1 = min(kh, h_ - y0)
@@ -249,11 +280,11 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
             t1 = kx1 * cw
             first = (x0 + kx0) * cw - t0  # rows[n, iy, first + t] meets w[ky, t]
             if ox + 3 < ow and kx0 == 0 and kx1 == kw and x0 + 3 * stride_w + kw <= w_:
-                for o in range(og):
-                    acc[0, o] = 0
-                    acc[1, o] = 0
-                    acc[2, o] = 0
-                    acc[3, o] = 0
+                for i in range(o1 - o0):
+                    acc[0, i] = 0
+                    acc[1, i] = 0
+                    acc[2, i] = 0
+                    acc[3, i] = 0
                 for ky in range(ky0, ky1):
                     iy = y0 + ky
                     for t in range(t0, t1):
@@ -261,29 +292,29 @@ def binary_conv_dense(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, in_ch
                         a1 = rows[n, iy, first + step + t]
                         a2 = rows[n, iy, first + 2 * step + t]
                         a3 = rows[n, iy, first + 3 * step + t]
-                        for o in range(og):
-                            wv = w[ky, t, o]
-                            acc[0, o] += popcount(a0 ^ wv)
-                            acc[1, o] += popcount(a1 ^ wv)
-                            acc[2, o] += popcount(a2 ^ wv)
-                            acc[3, o] += popcount(a3 ^ wv)
+                        for i in range(width):
+                            wv = w[ky, t, wo + i]
+                            acc[0, i] += popcount(a0 ^ wv)
+                            acc[1, i] += popcount(a1 ^ wv)
+                            acc[2, i] += popcount(a2 ^ wv)
+                            acc[3, i] += popcount(a3 ^ wv)
                 for p in range(4):
-                    _finish(acc[p], k, scale, bias, post, residual, mode, out, n, oy, ox + p)
+                    _finish(acc[p], k, scale, bias, post, residual, mode, out, n, oy, ox + p, wo)
                     if pack_next:
-                        _pack_position(out, next_threshold, signs, n, oy, ox + p)
+                        _pack_position(out, next_threshold, signs, n, oy, ox + p, o0, o1)
                 ox += 4
             else:
-                for o in range(og):
-                    acc[0, o] = 0
+                for i in range(o1 - o0):
+                    acc[0, i] = 0
                 for ky in range(ky0, ky1):
                     iy = y0 + ky
                     for t in range(t0, t1):
                         a0 = rows[n, iy, first + t]
-                        for o in range(og):
-                            acc[0, o] += popcount(a0 ^ w[ky, t, o])
-                _finish(acc[0], k, scale, bias, post, residual, mode, out, n, oy, ox)
+                        for i in range(width):
+                            acc[0, i] += popcount(a0 ^ w[ky, t, wo + i])
+                _finish(acc[0], k, scale, bias, post, residual, mode, out, n, oy, ox, wo)
                 if pack_next:
-                    _pack_position(out, next_threshold, signs, n, oy, ox)
+                    _pack_position(out, next_threshold, signs, n, oy, ox, o0, o1)
                 ox += 1
 
 
