@@ -22,9 +22,14 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types  # get_num_threads: for runtime.py
+from numba import get_num_threads, njit, prange, types
 from llvmlite import ir
 from numba.extending import intrinsic
+
+
+def threads() -> int:
+    """The threads the kernels run on (numba's setting for the calling thread)."""
+    return get_num_threads()
 
 
 @intrinsic

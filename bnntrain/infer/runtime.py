@@ -256,7 +256,7 @@ class PackedBinaryConv2d(nn.Module):
         if self.dense:
             if next_layer is not None:
                 packed_next = (next_layer.threshold, POOL.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
-            block = channel_block(n * oh, self.out_channels, self.kernels.get_num_threads())
+            block = channel_block(n * oh, self.out_channels, self.kernels.threads())
             self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
                                            self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next, block)
         elif epilogue is not None or next_layer is not None:
