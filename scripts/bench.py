@@ -32,6 +32,7 @@ from bnntrain.data import build_loaders
 from bnntrain.engine import StageLogger, Trainer
 from bnntrain.engine.build import build_stage
 from bnntrain.engine.malloc import tune_glibc_malloc
+from bnntrain.infer.timing import paired_ratio
 from bnntrain.losses import build_objective
 from bnntrain.models import build_model
 from bnntrain.nn import binary_layers, set_precision
@@ -69,49 +70,6 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
         if rounds >= repeats and (seconds is None or time.perf_counter() - begin > seconds):
             break
     return times
-
-
-def alternating_blocks(fns: dict[str, Callable[[], object]], seconds: float, block_seconds: float = 0.1,
-                       idle: float = 0.05, min_rounds: int = 5, max_rounds: int = 400) -> dict[str, list[float]]:
-    """Seconds per call of each function, one median per block of back-to-back calls. Each
-    round runs every function in a block of its own, in an order drawn anew each round, after
-    `idle` seconds with nothing running; the block's first call is untimed (its threads wake)
-    and the rest last about `block_seconds` (at least two calls). Rounds go on until `seconds`
-    have passed (at least `min_rounds`).
-
-    For runtimes with thread pools of their own (PyTorch's and numba's OpenMP, OpenVINO's):
-    a pool's threads spin for a while after a call returns, and one runtime's spinning threads
-    take cores from another's call that follows at once (while a runtime sharing the pool finds
-    its threads awake). Called one after another as `interleaved` does, the runtimes would be
-    timed on unequal terms; here each is timed in its own steady state, as a process serving
-    with it alone would see it, and drift still hits all alike."""
-    calls = {}
-    for name, fn in fns.items():  # warm-up, and how many calls fill a block
-        fn()
-        start = time.perf_counter()
-        fn()
-        calls[name] = max(2, round(block_seconds / max(time.perf_counter() - start, 1e-6)))
-    medians: dict[str, list[float]] = {name: [] for name in fns}
-    order = random.Random(0)
-    begin = time.perf_counter()
-    for rounds in range(1, max_rounds + 1):
-        for name in order.sample(list(fns), len(fns)):
-            time.sleep(idle)
-            fns[name]()
-            times = []
-            for _ in range(calls[name]):
-                start = time.perf_counter()
-                fns[name]()
-                times.append(time.perf_counter() - start)
-            medians[name].append(statistics.median(times))
-        if rounds >= min_rounds and time.perf_counter() - begin > seconds:
-            break
-    return medians
-
-
-def paired_ratio(base: list[float], ours: list[float]) -> float:
-    """Median over rounds of ours / base: a round's two timings share the machine's state."""
-    return statistics.median(o / b for o, b in zip(ours, base))
 
 
 def row(name: str, baseline: str, base: float, ours: float, unit: str, target: str, ratio: float | None = None) -> dict:

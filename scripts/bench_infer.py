@@ -2,7 +2,7 @@
 convolutions in PyTorch (oneDNN), with the same threads, in the same process: ratios the
 median over rounds of the paired ratio, so that they hold on a noisy machine. Layers are
 interleaved call by call (bench.py's interleaved); whole networks run in alternating blocks
-of back-to-back calls, each after an idle pause (bench.py's alternating_blocks), because
+of back-to-back calls, each after an idle pause (bnntrain.infer.timing), because
 OpenVINO's threads and PyTorch's (which numba's kernels share) keep spinning after a call,
 and called one after another each runtime would take cores from the next.
 
@@ -48,9 +48,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import alternating_blocks, interleaved, paired_ratio  # noqa: E402
+from bench import interleaved, paired_ratio  # noqa: E402
 
 from bnntrain import infer  # noqa: E402
+from bnntrain.infer.timing import alternating_blocks  # noqa: E402
 from bnntrain.tools import export  # noqa: E402
 from bnntrain.run.config import last_stage  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402

@@ -1,6 +1,6 @@
 """The XNOR-popcount CPU runtime for packed files (runtime.py, numba kernels in kernels.py,
-fused blocks in fused.py, the float baseline in baseline.py), and its command
-(`python -m bnntrain.infer`, cli.py)."""
+fused blocks in fused.py, the float baseline in baseline.py, timing against other runtimes in
+timing.py), and its command (`python -m bnntrain.infer`, cli.py)."""
 from .baseline import FloatBinaryConv2d, float_model
 from .runtime import PackedBinaryConv2d, load, pack_model, require_numba, set_threads
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..registry import UnknownChoice, choose
 from .baseline import float_model
 from .runtime import PackedBinaryConv2d, load, require_numba, set_threads
+from .timing import alternating_blocks, paired_ratio
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]
        python -m bnntrain.infer model=FILE --bench [batch=1,16] [threads=N] [strict=false] [openvino=DIR]"""
@@ -151,24 +151,13 @@ def predict(own: dict[str, str]) -> None:
                 print(f"{path.relative_to(root)}\t{index}")
 
 
-def time_models(models: dict[str, Callable[[Tensor], object]], images: Tensor, seconds: float = 2.0,
-                min_reps: int = 5, max_reps: int = 200) -> dict[str, list[float]]:
-    """Latencies in seconds of each model on `images`, interleaved (one run of each per round,
-    after two warm-up runs each), until `seconds` have passed and at least `min_reps` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+def time_models(models: dict[str, Callable[[Tensor], object]], images: Tensor,
+                seconds: float = 2.0) -> dict[str, list[float]]:
+    """Seconds per call of each model on `images`, one median per block of back-to-back calls,
+    each model in its own steady state (`timing.alternating_blocks`)."""
     with torch.inference_mode():
-        for model in models.values():
-            model(images)
-            model(images)
-        start = time.perf_counter()
-        while True:
-            for name, model in models.items():
-                t = time.perf_counter()
-                model(images)
-                times[name].append(time.perf_counter() - t)
-            rounds = len(next(iter(times.values())))
-            if rounds >= max_reps or (rounds >= min_reps and time.perf_counter() - start > seconds):
-                return times
+        return alternating_blocks({name: (lambda model=model: model(images)) for name, model in models.items()},
+                                  seconds)
 
 
 def openvino_runner(folder: str, batch: int) -> tuple[Callable[[Tensor], object], int]:
@@ -206,12 +195,12 @@ def bench(own: dict[str, str]) -> None:
         times = time_models(models, images)
         ours, theirs = statistics.median(times["packed"]), statistics.median(times["float"])
         line = (f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
-                f"{theirs / ours:.2f}x")
+                f"{paired_ratio(times['packed'], times['float']):.2f}x")
         if "openvino" in own:
             other = statistics.median(times["openvino"])
             line += (f"; OpenVINO {other * 1e3:.2f} ms ({binary} BinaryConvolution): "
-                     f"{ours / other:.2f}x its time")
-        print(f"{line}; medians of {len(times['packed'])} interleaved runs")
+                     f"{paired_ratio(times['openvino'], times['packed']):.2f}x its time")
+        print(f"{line}; medians of {len(times['packed'])} blocks, each runtime timed alone")
 
 
 def run(argv: list[str]) -> None:
