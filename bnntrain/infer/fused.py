@@ -92,20 +92,29 @@ class FusedBinaryBlock(nn.Module):
             super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
-        block = self.block
-        if not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32:
-            return block(x)
-        residual = x if self.identity_shortcut else block.shortcut(x).contiguous(memory_format=torch.channels_last)
+        if (not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32
+                or x.device.type != "cpu"):
+            return self.block(x)  # its packed conv says so where the device is wrong
         conv = self.conv
-        # x's signs, where the block before packed them for this conv in its own output pass:
-        # not if a hook could have changed x in place since (a forward hook on that block, a
-        # pre-hook on this one), nor if x's version says it was changed.
-        hooked = _global_forward_hooks or _global_forward_pre_hooks
+        # x's signs (and its NHWC array), where the block before packed them for this conv in
+        # its own output pass: not if a hook could have changed x in place since (a forward
+        # hook on that block, a pre-hook on this one), nor if x's version says it was changed.
+        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
         handed = None if hooked or self._forward_pre_hooks else getattr(x, "packed_signs", None)
-        signs = handed[1] if handed is not None and handed[0] is conv and handed[2] == _version(x) else None
+        if handed is not None and (handed[0] is not conv or handed[2] != _version(x)):
+            handed = None
+        if self.identity_shortcut:
+            residual = handed[3] if handed is not None else x.detach().permute(0, 2, 3, 1).numpy()
+        else:
+            residual = self.block.shortcut(x).contiguous(memory_format=torch.channels_last).detach().permute(
+                0, 2, 3, 1).numpy()
+        signs = None if handed is None else handed[1]
         hand_on = None if hooked or self._forward_hooks else self.next_layer
-        return conv(x, epilogue=(self.post, residual.detach().permute(0, 2, 3, 1).numpy(), self.mode), signs=signs,
-                    next_layer=hand_on)
+        epilogue = (self.post, residual, self.mode)
+        if (hooked or conv._forward_hooks or conv._forward_pre_hooks or x.shape[1] != conv.in_channels
+                or conv.sign_padding != (0, 0)):
+            return conv(x, epilogue=epilogue, signs=signs, next_layer=hand_on)  # its hooks, its checks
+        return conv.run_dense(x.detach(), signs, epilogue, hand_on)  # the same, less Python per call
 
 
 def fuse_blocks(model: nn.Module, probe: Tensor) -> int:

@@ -183,6 +183,7 @@ class PackedBinaryConv2d(nn.Module):
         self.bias = vector(layer.bias, self.out_channels, 0.0)
         # Adding a zero threshold changes no sign (-0.0 + 0.0 = +0.0, and x >= 0 holds for both).
         self.threshold = vector(layer.threshold, self.in_channels, 0.0)
+        self._shapes: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}  # output shape by input's
 
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"conv {self.kh}x{self.kw}"
@@ -244,37 +245,65 @@ class PackedBinaryConv2d(nn.Module):
         if self.sign_padding != (0, 0):
             ph, pw = self.sign_padding
             x = F.pad(x, (pw, pw, ph, ph), value=self.pad_fill)
-        n, _, h, w = x.shape
-        words = self.pack(x) if signs is None else signs
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
-        out = POOL.empty((n, oh, ow, self.out_channels), np.float32)  # reused once no one holds it
-        if epilogue is not None and epilogue[1].shape != out.shape:  # the kernel reads it unchecked
-            raise UserError(f"a fused block's shortcut gave shape {epilogue[1].shape} (NHWC) for an output of {out.shape}")
-        packed_next = NO_SIGNS
-        if self.dense:
-            if next_layer is not None:
-                packed_next = (next_layer.threshold, POOL.empty((n, oh, ow, next_layer.words_per_group), np.uint64))
-            block = channel_block(n * oh, self.out_channels, self.kernels.threads())
-            self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
-                                           self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next, block)
-        elif epilogue is not None or next_layer is not None:
-            raise UserError("a fused epilogue or a sign hand-over needs a dense conv (one group, no dilation)")
-        else:
+        if not self.dense:
+            if epilogue is not None or next_layer is not None:
+                raise UserError("a fused epilogue or a sign hand-over needs a dense conv (one group, no dilation)")
+            n, _, h, w = x.shape
+            words = self.pack(x) if signs is None else signs
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            out = POOL.empty(self._output_shape(n, h, w), np.float32)  # reused once no one holds it
             self.kernels.binary_conv(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw, dh, dw,
                                      self.in_per_group, out)
+            return self._result(out, channels_last)
+        return self.run_dense(x, signs, epilogue, next_layer, channels_last)
+
+    def _output_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        key = (n, h, w)
+        shape = self._shapes.get(key)
+        if shape is None:
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
+            ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
+            shape = self._shapes[key] = (n, oh, ow, self.out_channels)
+        return shape
+
+    def _result(self, out: np.ndarray, channels_last: bool) -> Tensor:
         result = torch.from_numpy(out)
         if self.linear:
-            return result.reshape(n, self.out_channels)
+            return result.reshape(out.shape[0], self.out_channels)
         # The layout it came in: PyTorch's real-valued layers round differently on the two
         # layouts, and this keeps the model's outputs those of packed.load's in that layout.
         result = result.permute(0, 3, 1, 2)
-        result = result if channels_last else result.contiguous()
+        return result if channels_last else result.contiguous()
+
+    def run_dense(self, x: Tensor, signs: np.ndarray | None, epilogue: tuple[np.ndarray, np.ndarray, int] | None,
+                  next_layer: PackedBinaryConv2d | None, channels_last: bool = True) -> Tensor:
+        """forward's dense path, for a caller that has checked x (float32 on the CPU, its
+        channel count, padded where the signs are) as forward does: a fused block, per call.
+
+        Returns:
+            The output (see forward); with next_layer, its `packed_signs` attribute holds
+            (next_layer, the words, the output's version, the output as an NHWC array).
+        """
+        n, _, h, w = x.shape
+        words = self.pack(x) if signs is None else signs
+        shape = self._output_shape(n, h, w)
+        out = POOL.empty(shape, np.float32)  # reused once no one holds it
+        if epilogue is not None and epilogue[1].shape != shape:  # the kernel reads it unchecked
+            raise UserError(f"a fused block's shortcut gave shape {epilogue[1].shape} (NHWC) for an output of {shape}")
+        packed_next = NO_SIGNS
+        if next_layer is not None:
+            packed_next = (next_layer.threshold, POOL.empty(shape[:3] + (next_layer.words_per_group,), np.uint64))
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        block = channel_block(n * shape[1], self.out_channels, self.kernels.threads())
+        self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
+                                       self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next, block)
+        result = self._result(out, channels_last)
         if next_layer is not None:
             # The next layer's input, packed: it is this very tensor, so the words go with it,
-            # with its version (changed in place, outside inference mode, it no longer matches).
-            result.packed_signs = (next_layer, packed_next[1], _version(result))
+            # with its version (changed in place, outside inference mode, it no longer matches)
+            # and its NHWC array (the next block's residual, without a new view).
+            result.packed_signs = (next_layer, packed_next[1], _version(result), out)
         return result
 
 
