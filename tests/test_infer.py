@@ -260,7 +260,7 @@ def test_channel_blocks_give_the_same_outputs():
     fused epilogue and the next layer's signs, a part word among them), and the blocks are
     chosen only where rows alone would share the threads unevenly."""
     from bnntrain.infer import kernels
-    from bnntrain.infer.runtime import channel_block
+    from bnntrain.infer.packed_conv import channel_block
     rng = np.random.default_rng(0)
     n, h, w, cw, out_channels = 1, 7, 7, 3, 300
     words = rng.integers(0, 2**63, (n, h, w, cw), dtype=np.uint64)

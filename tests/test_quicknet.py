@@ -11,7 +11,7 @@ from torch import nn
 
 from bnntrain.complexity import count_costs
 from bnntrain.engine import load_checkpoint
-from bnntrain.infer.runtime import why_not_packed
+from bnntrain.infer.packed_conv import why_not_packed
 from bnntrain.models import build_model, model_from_checkpoint
 from bnntrain.nn import BinaryConv2d, binary_layers
 from bnntrain.nn.quantizers import INPUT_QUANTIZERS, WEIGHT_QUANTIZERS, build_quantizer

@@ -13,7 +13,7 @@ from torch import nn
 
 from bnntrain.complexity import count_costs
 from bnntrain.engine import load_checkpoint
-from bnntrain.infer.runtime import why_not_packed
+from bnntrain.infer.packed_conv import why_not_packed
 from bnntrain.models import build_model, model_from_checkpoint
 from bnntrain.models.real_to_binary import SameBinaryConv2d, same_conv
 from bnntrain.nn import binary_layers, set_precision

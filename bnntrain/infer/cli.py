@@ -15,7 +15,8 @@ from ..run.config import run_tool, split_args
 from ..errors import ConfigError, DataError
 from ..registry import UnknownChoice, choose
 from .baseline import float_model
-from .runtime import PackedBinaryConv2d, load, require_numba, set_threads
+from .packed_conv import PackedBinaryConv2d, require_numba
+from .runtime import load, set_threads
 from .timing import alternating_blocks, paired_ratio
 
 USAGE = """usage: python -m bnntrain.infer model=FILE images=FOLDER [batch=16] [threads=N] [strict=false] [data=PRESET | mean=M,M,M std=S,S,S] [resize=N]

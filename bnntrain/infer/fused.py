@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..nn.blocks import BinaryBlock, RPReLU
-from .runtime import PackedBinaryConv2d, _version
+from .packed_conv import PackedBinaryConv2d, _version
 
 
 def batchnorm_terms(norm: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:

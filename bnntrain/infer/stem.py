@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tools.export.inference import InferenceBinaryLayer
-from .runtime import PackedBinaryConv2d
+from .packed_conv import PackedBinaryConv2d
 
 CHUNK_BYTES = 8 << 20  # the largest intermediate output a chunk may write
 
