@@ -116,6 +116,23 @@ def test_a_hook_that_changes_a_block_output_in_place_is_seen(tmp_path, mode):
         assert torch.equal(model(x), unfused(x))
 
 
+def test_an_output_changed_in_place_between_blocks_is_repacked(tmp_path):
+    """Blocks called one by one outside inference mode: an output changed in place before the
+    next block gets it has a new version, so the next block packs its signs (and reads its
+    residual) anew rather than take the ones handed on with it."""
+    path = exported(tmp_path, "reactnet18")
+    model, unfused = infer.load(path), infer.load(path, fuse=False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        outputs = []
+        for m in (model, unfused):
+            y = m.get_submodule("stages.0.0")(m.stem(x.contiguous(memory_format=torch.channels_last)))
+            y.mul_(-1)
+            outputs.append(m.get_submodule("stages.0.1")(y))
+    assert model.get_submodule("stages.0.0").next_layer is not None  # the fused model does hand signs on
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_a_shortcut_of_the_wrong_shape_is_an_error(tmp_path):
     path = exported(tmp_path, "birealnet18")
     model = infer.load(path)
