@@ -162,6 +162,18 @@ def test_profile_table_agrees_with_the_json():
             assert agrees(ms, groups[group]) and agrees(share, 100 * groups[group] / groups["sum"]), (cell, group)
         parts = {k: v for k, v in entry["openvino"].items() if k != "total"}
         assert entry["groups"]["openvino"]["sum"] == pytest.approx(sum(parts.values()))
+    # The batch-1 sentence on the real-valued layers (ReActNet-18), part by part.
+    entry = next(e for e in results if e["model"] == "reactnet18" and e["batch"] == 1)
+    ours, theirs = entry["bnntrain_infer"], entry["openvino"]
+    pairs = re.search(r"shortcuts \(PyTorch's average pool and 1x1 conv\) take ([\d.]+) ms against OpenVINO's ([\d.]+) "
+                      r"ms \(its AvgPool and 1x1 Convolution nodes\), the classifier and its pooling ([\d.]+) ms "
+                      r"against ([\d.]+) ms, the max-pool ([\d.]+) ms against ([\d.]+) ms",
+                      re.sub(r"\s+", " ", flat("inference.md"))).groups()
+    want = (ours["shortcut of a fused block: pooling, 1x1 conv, BN"],
+            theirs["AvgPool (jit_avx2_f32)"] + theirs["Convolution (brgconv_avx2_1x1_f32)"],
+            ours["Linear"] + ours["AdaptiveAvgPool2d"], theirs["FullyConnected (gemm_mlas_f32)"] + theirs["ReduceMean (jit_avx2_f32)"],
+            ours["MaxPool2d"], theirs["MaxPool (jit_avx2_f32)"])
+    assert all(agrees(cell, value) for cell, value in zip(pairs, want))
     around = [e["groups"]["openvino"]["around_binary"] / e["groups"]["openvino"]["sum"] for e in results]
     low, high = re.search(r"OpenVINO spends (\d+)-(\d+)% of its time", flat("inference.md")).groups()
     assert (int(low), int(high)) == (math.floor(100 * min(around)), math.ceil(100 * max(around)))

@@ -254,14 +254,13 @@ def test_sign_packing_matches_numpy_on_edge_values(channels, groups):
     assert np.array_equal(packed, want)
 
 
-def test_channel_blocks_give_the_same_outputs():
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_channel_blocks_give_the_same_outputs(mode):
     """binary_conv_dense shares rows of output positions and, in blocks of a multiple of 64
     channels, the channels among the threads: every split gives the same bits (the sums, the
-    fused epilogue and the next layer's signs, a part word among them), and the blocks are
-    chosen only where rows alone would share the threads unevenly."""
+    fused epilogue of each mode and the next layer's signs, a part word among them)."""
     from bnntrain.infer import kernels
-    from bnntrain.infer.packed_conv import channel_block
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(mode)
     n, h, w, cw, out_channels = 1, 7, 7, 3, 300
     words = rng.integers(0, 2**63, (n, h, w, cw), dtype=np.uint64)
     weights = rng.integers(0, 2**63, (3, 3 * cw, out_channels), dtype=np.uint64)
@@ -271,17 +270,51 @@ def test_channel_blocks_give_the_same_outputs():
     threshold = rng.standard_normal(out_channels).astype(np.float32)
     results = []
     for block in (out_channels, 128, 64):
-        out = np.empty((n, h, w, out_channels), np.float32)
-        signs = np.empty((n, h, w, 5), np.uint64)
-        kernels.binary_conv_dense(words, weights, scale, bias, 1, 1, 1, 1, 3 * 64, out, post, residual, 2,
+        out = np.full((n, h, w, out_channels), np.nan, np.float32)
+        signs = np.zeros((n, h, w, 5), np.uint64)
+        kernels.binary_conv_dense(words, weights, scale, bias, 1, 1, 1, 1, 3 * 64, out, post, residual, mode,
                                   threshold, signs, block)
         results.append((out, signs))
+    assert not np.isnan(results[0][0]).any()
     for out, signs in results[1:]:
         assert np.array_equal(out.view(np.uint32), results[0][0].view(np.uint32))
         assert np.array_equal(signs, results[0][1])
-    assert channel_block(7, 512, 2) == 256 and channel_block(7, 1024, 2) == 512  # 7 rows: 4 against 3
+
+
+def test_a_channel_block_packs_only_its_own_words():
+    """Each block packs the next layer's words of its own channels only: two threads packing
+    the same word from half-written channels would race."""
+    from bnntrain.infer.kernels import _pack_position
+
+    @numba.njit
+    def pack(out, threshold, signs, o0, o1):
+        _pack_position(out, threshold, signs, 0, 0, 0, o0, o1)
+
+    out = np.random.default_rng(0).standard_normal((1, 1, 1, 200)).astype(np.float32)
+    threshold = np.zeros(200, np.float32)
+    sentinel = np.uint64(0xDEADBEEF)
+    for o0, o1, written in ((0, 64, [0]), (64, 192, [1, 2]), (192, 200, [3])):
+        signs = np.full((1, 1, 1, 4), sentinel, np.uint64)
+        pack(out, threshold, signs, o0, o1)
+        assert [k for k in range(4) if signs[0, 0, 0, k] != sentinel] == written
+
+
+def test_a_layer_split_by_channels_on_two_threads_equals_the_float_conv():
+    """End to end on two threads, where the choice splits a layer's channels (3 output rows,
+    300 channels: 6 units rather than 3), and the choice itself."""
+    from bnntrain.infer.packed_conv import channel_block
+    assert channel_block(3, 300, 2) == 192 and channel_block(7, 512, 2) == 256 and channel_block(7, 1024, 2) == 512
     assert channel_block(14, 512, 2) == 512 and channel_block(56, 64, 2) == 64 and channel_block(7, 512, 1) == 512
     assert channel_block(1, 1000, 2) == 512  # a linear layer at batch 1: both threads
+    layer = binary_layer(130, 300, 3, 2, 1, 1, 1)
+    packed = infer.PackedBinaryConv2d(layer)
+    x = inputs(130, 6, 6)[:1].contiguous(memory_format=torch.channels_last)
+    numba.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            assert torch.equal(packed(x), layer(x))
+    finally:
+        numba.set_num_threads(1)
 
 
 def test_small_integers_convert_to_float64_exactly():

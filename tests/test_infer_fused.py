@@ -133,6 +133,23 @@ def test_an_output_changed_in_place_between_blocks_is_repacked(tmp_path):
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_hooks_on_a_fused_blocks_conv_still_fire(tmp_path):
+    """A fused block calls its packed conv's dense path directly, but not past a hook on that
+    conv: the hook sees the block's input, and the outputs stay the unfused model's."""
+    path = exported(tmp_path, "birealnet18")
+    model, unfused = infer.load(path), infer.load(path, fuse=False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    seen = []
+    conv = model.get_submodule("stages.0.1").conv
+    hook = conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    with torch.inference_mode():
+        assert torch.equal(model(x), unfused(x))
+        assert len(seen) == 1
+        hook.remove()
+        model(x)
+    assert len(seen) == 1
+
+
 def test_a_shortcut_of_the_wrong_shape_is_an_error(tmp_path):
     path = exported(tmp_path, "birealnet18")
     model = infer.load(path)

@@ -191,17 +191,24 @@ def bench(own: dict[str, str]) -> None:
     for batch in batches:
         images = torch.randn(batch, *shape, generator=generator)
         models: dict[str, Callable[[Tensor], object]] = {"packed": packed, "float": baseline}
+        binary = 0
         if "openvino" in own:
             models["openvino"], binary = openvino_runner(own["openvino"], batch)
-        times = time_models(models, images)
-        ours, theirs = statistics.median(times["packed"]), statistics.median(times["float"])
-        line = (f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
-                f"{paired_ratio(times['packed'], times['float']):.2f}x")
-        if "openvino" in own:
-            other = statistics.median(times["openvino"])
-            line += (f"; OpenVINO {other * 1e3:.2f} ms ({binary} BinaryConvolution): "
-                     f"{paired_ratio(times['openvino'], times['packed']):.2f}x its time")
-        print(f"{line}; medians of {len(times['packed'])} blocks, each runtime timed alone")
+        print(bench_line(batch, time_models(models, images), binary))
+
+
+def bench_line(batch: int, times: dict[str, list[float]], binary: int = 0) -> str:
+    """One batch size's line of --bench: medians, the speed-up over the float baseline
+    (float / packed) and, with an `openvino` arm, bnntrain.infer's time as a multiple of
+    OpenVINO's (packed / OpenVINO), each a median of the rounds' paired ratios."""
+    ours, theirs = statistics.median(times["packed"]), statistics.median(times["float"])
+    line = (f"batch {batch:>3}: {ours * 1e3:8.2f} ms (XNOR-popcount), {theirs * 1e3:8.2f} ms (PyTorch float convs), "
+            f"{paired_ratio(times['packed'], times['float']):.2f}x")
+    if "openvino" in times:
+        other = statistics.median(times["openvino"])
+        line += (f"; OpenVINO {other * 1e3:.2f} ms ({binary} BinaryConvolution): "
+                 f"{paired_ratio(times['openvino'], times['packed']):.2f}x its time")
+    return f"{line}; medians of {len(times['packed'])} blocks, each runtime timed alone"
 
 
 def run(argv: list[str]) -> None:

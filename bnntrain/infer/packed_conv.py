@@ -247,9 +247,16 @@ class PackedBinaryConv2d(nn.Module):
         """forward's dense path, for a caller that has checked x (float32 on the CPU, its
         channel count, padded where the signs are) as forward does: a fused block, per call.
 
+        Args:
+            x: the input batch (N, C, H, W), detached.
+            signs: x already packed for this layer, or None to pack it here.
+            epilogue: (post, residual NHWC, mode), or None (see forward).
+            next_layer: the layer to pack the output's signs for, or None.
+            channels_last: x's memory layout, which the output takes.
+
         Returns:
             The output (see forward); with next_layer, its `packed_signs` attribute holds
-            (next_layer, the words, the output's version, the output as an NHWC array).
+                (next_layer, the words, the output's version, the output as an NHWC array).
         """
         n, _, h, w = x.shape
         words = self.pack(x) if signs is None else signs

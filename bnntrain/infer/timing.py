@@ -1,11 +1,13 @@
 """Timing runtimes against each other on equal terms.
 
-PyTorch's OpenMP threads (which `bnntrain.infer`'s numba kernels share) and OpenVINO's keep
-spinning for a while after a call returns, waiting for the next one. Timed call by call, one
-runtime after another, the runtime that ran last takes cores from the next one's call, while a
-call of the runtime that ran last finds its threads awake: on 2 cores that moved OpenVINO's
-time at batch 1 by a fifth. `alternating_blocks` times each runtime in its own steady state,
-as a process serving with it alone would see it, and still lets drift hit all alike.
+PyTorch's OpenMP threads and OpenVINO's keep spinning for a while after a call returns,
+waiting for the next one; `bnntrain.infer`'s numba kernels run on PyTorch's threads (numba's
+OpenMP layer binds to PyTorch's libgomp, with PyTorch imported first). Timed call by call,
+one runtime after another, the runtime that ran last takes cores from the next one's call,
+while a call of the runtime that ran last finds its threads awake: on 2 cores that made
+OpenVINO's times at batch 1 up to a third longer. `alternating_blocks` times each runtime in
+its own steady state, as a process serving with it alone would see it, and still lets drift
+hit all alike.
 """
 from __future__ import annotations
 
@@ -60,5 +62,13 @@ def alternating_blocks(fns: dict[str, Callable[[], object]], seconds: float, blo
 
 
 def paired_ratio(base: list[float], ours: list[float]) -> float:
-    """The median over rounds of ours / base: a round's two timings share the machine's state."""
+    """The median over rounds of ours / base: a round's two timings share the machine's state.
+
+    Args:
+        base: the baseline's seconds per round.
+        ours: the candidate's seconds per round, the same rounds.
+
+    Returns:
+        The median of the rounds' ours / base (below 1: the candidate takes less time).
+    """
     return statistics.median(o / b for o, b in zip(ours, base))
