@@ -124,9 +124,9 @@ def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_
 
 @njit(cache=True, inline="always")
 def _finish(acc, k, scale, bias, post, residual, mode, out, n, oy, ox, o0):
-    # One output position's values, channels o0 (unsigned) to o0 + len(acc), from their popcounts:
-    # scale x (k - 2 x popcount) + bias, then what follows the conv in its block, where fused
-    # (fused.py): mode 0 nothing; 1 the block's BN and shortcut addition,
+    # One output position's values, channels o0 (unsigned) to o0 + len(acc), from their
+    # popcounts: scale x (k - 2 x popcount) + bias, then what follows the conv in its block,
+    # where fused (fused.py): mode 0 nothing; 1 the block's BN and shortcut addition,
     # BN(value) + residual, as PyTorch computes them (BN as fma(value, alpha, beta)); 2 then
     # ReActNet's RPReLU, prelu(y + shift_in) + shift_out. post: float32 [5, O], rows alpha,
     # beta, shift_in, slope, shift_out. The mode is tested outside the channel loops, and the

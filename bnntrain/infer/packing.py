@@ -37,7 +37,6 @@ def sign_bits64(typingctx, values, thresholds, first):
     return types.uint64(values, thresholds, types.intp), codegen
 
 
-
 @njit(cache=True, parallel=True)
 def pack_nchw(x, threshold, groups, words_per_group, out):
     """x: float32 [N, C, H, W] (C-contiguous); threshold: float32 [C], added before the sign;
