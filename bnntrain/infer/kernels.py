@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 from llvmlite import ir
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .packing import pack_nchw, pack_nhwc, sign_bits64
 
@@ -77,6 +77,22 @@ def small_to_float64(typingctx, x):
     return types.float64(x), codegen
 
 
+def binary_sum(k, count):
+    """K - 2 x popcount as float32, exactly: the value of a sum of K +-1 products."""
+    return np.float32(k - 2 * int(count))
+
+
+@overload(binary_sum, inline="always")
+def _binary_sum(k, count):
+    # Exact either way: k and count are whole numbers far below 2^24. A uint64 goes through
+    # float64 (AVX2 converts no uint64 to float32); an int32 converts in one instruction.
+    if count == types.uint64:
+        return lambda k, count: np.float32(np.float64(k) - 2.0 * small_to_float64(count))
+    if count == types.int32:
+        return lambda k, count: np.float32(k) - np.float32(2.0) * np.float32(count)
+    return None
+
+
 @njit(cache=True)
 def _ceil_div(a, b):
     return -((-a) // b)
@@ -129,23 +145,21 @@ def _finish(acc, k, scale, bias, post, residual, mode, out, n, oy, ox, o0):
     # where fused (fused.py): mode 0 nothing; 1 the block's BN and shortcut addition,
     # BN(value) + residual, as PyTorch computes them (BN as fma(value, alpha, beta)); 2 then
     # ReActNet's RPReLU, prelu(y + shift_in) + shift_out. post: float32 [5, O], rows alpha,
-    # beta, shift_in, slope, shift_out. The mode is tested outside the channel loops, and the
-    # integers go through float64 (exact: popcounts are far below 2^52), so that each loop
-    # vectorizes.
-    kf = np.float64(k)
+    # beta, shift_in, slope, shift_out. acc: uint64 or int32 popcounts (binary_sum). The mode
+    # is tested outside the channel loops, so that each loop vectorizes.
     if mode == 0:
         for i in range(np.uintp(acc.shape[0])):
             o = o0 + i
-            out[n, oy, ox, o] = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
+            out[n, oy, ox, o] = scale[o] * binary_sum(k, acc[i]) + bias[o]
     elif mode == 1:
         for i in range(np.uintp(acc.shape[0])):
             o = o0 + i
-            value = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
+            value = scale[o] * binary_sum(k, acc[i]) + bias[o]
             out[n, oy, ox, o] = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o]
     else:
         for i in range(np.uintp(acc.shape[0])):
             o = o0 + i
-            value = scale[o] * np.float32(kf - 2.0 * small_to_float64(acc[i])) + bias[o]
+            value = scale[o] * binary_sum(k, acc[i]) + bias[o]
             y = fma(value, post[0, o], post[1, o]) + residual[n, oy, ox, o] + post[2, o]
             slope = post[3, o]
             out[n, oy, ox, o] = (y if y > np.float32(0) else slope * y) + post[4, o]

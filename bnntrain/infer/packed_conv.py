@@ -28,6 +28,7 @@ WORD = 64  # bits per packed word
 # when it packs no signs for the next layer (next_threshold, signs).
 NOT_FUSED = (np.empty((0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32), 0)
 NO_SIGNS = (np.empty(0, np.float32), np.empty((0, 0, 0, 0), np.uint64))
+NO_NIBBLES = np.empty((0, 0, 0, 0), np.uint8)  # nibbles.binary_conv_nibbles' next_nib when unused
 
 
 def require_numba():
@@ -140,6 +141,12 @@ class PackedBinaryConv2d(nn.Module):
         if self.dense:
             self.weight_words = np.ascontiguousarray(self.weight_words.reshape(
                 self.kh, self.kw * self.words_per_group, self.out_channels))
+        # On x86 with AVX2, a dense layer runs the nibble kernel (nibbles.py; the same outputs,
+        # about 1.4x faster): its weights (nibbles, each tap's popcounts). None: the word kernel.
+        from . import nibbles  # numba's, so imported once require_numba has found it
+        self.nibble_kernels, self.nibbles = nibbles, None
+        if self.dense and nibbles.available() and nibbles.fits(self.kh, self.kw, self.words_per_group):
+            self.nibbles = nibbles.nibble_weights(self.weight_words, self.kh, self.kw, self.in_channels)
 
         def vector(t: Tensor | None, n: int, fill: float) -> np.ndarray:
             v = np.full(n, fill, np.float32) if t is None else t.detach().float().cpu().reshape(-1).numpy()
@@ -242,6 +249,11 @@ class PackedBinaryConv2d(nn.Module):
         result = result.permute(0, 3, 1, 2)
         return result if channels_last else result.contiguous()
 
+    def _nibble_input(self, n: int, h: int, w: int) -> np.ndarray:
+        # The nibble kernel's input buffer for an (n, h, w) input: padded, a byte per nibble.
+        ph, pw = self.padding
+        return POOL.empty((n, h + 2 * ph, w + 2 * pw, self.nibbles[0].shape[2] // self.kw), np.uint8)
+
     def run_dense(self, x: Tensor, signs: np.ndarray | None, epilogue: tuple[np.ndarray, np.ndarray, int] | None,
                   next_layer: PackedBinaryConv2d | None, channels_last: bool = True) -> Tensor:
         """forward's dense path, for a caller that has checked x (float32 on the CPU, its
@@ -249,34 +261,48 @@ class PackedBinaryConv2d(nn.Module):
 
         Args:
             x: the input batch (N, C, H, W), detached.
-            signs: x already packed for this layer, or None to pack it here.
+            signs: x already packed for this layer (words, or this layer's nibble input), or
+                None to pack it here.
             epilogue: (post, residual NHWC, mode), or None (see forward).
             next_layer: the layer to pack the output's signs for, or None.
             channels_last: x's memory layout, which the output takes.
 
         Returns:
             The output (see forward); with next_layer, its `packed_signs` attribute holds
-                (next_layer, the words, the output's version, the output as an NHWC array).
+                (next_layer, its packed input (words or nibbles), the output's version, the
+                output as an NHWC array).
         """
         n, _, h, w = x.shape
-        words = self.pack(x) if signs is None else signs
+        signs = self.pack(x) if signs is None else signs
         shape = self._output_shape(n, h, w)
         out = POOL.empty(shape, np.float32)  # reused once no one holds it
         if epilogue is not None and epilogue[1].shape != shape:  # the kernel reads it unchecked
             raise UserError(f"a fused block's shortcut gave shape {epilogue[1].shape} (NHWC) for an output of {shape}")
-        packed_next = NO_SIGNS
-        if next_layer is not None:
-            packed_next = (next_layer.threshold, POOL.empty(shape[:3] + (next_layer.words_per_group,), np.uint64))
+        threshold, next_signs = NO_SIGNS
+        if next_layer is not None:  # nibbles from nibble layer to nibble layer, words otherwise
+            threshold = next_layer.threshold
+            next_signs = (next_layer._nibble_input(*shape[:3]) if self.nibbles is not None and next_layer.nibbles is not None
+                          else POOL.empty(shape[:3] + (next_layer.words_per_group,), np.uint64))
         (sh, sw), (ph, pw) = self.stride, self.padding
-        block = channel_block(n * shape[1], self.out_channels, self.kernels.threads())
-        self.kernels.binary_conv_dense(words, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
-                                       self.in_channels, out, *(epilogue or NOT_FUSED), *packed_next, block)
+        if self.nibbles is not None:
+            nibbles = self.nibble_kernels
+            if signs.dtype != np.uint8:  # words: packed here, or handed on by a word-kernel layer
+                words, signs = signs, self._nibble_input(n, h, w)
+                nibbles.words_to_nibbles(words, ph, pw, signs)
+            as_words, as_nibbles = (NO_SIGNS[1], next_signs) if next_signs.dtype == np.uint8 else (next_signs, NO_NIBBLES)
+            nibbles.binary_conv_nibbles(signs, *self.nibbles, nibbles.POPCOUNTS, self.kw, self.scale, self.bias, sh, sw,
+                                        ph, pw, self.in_channels, out, *(epilogue or NOT_FUSED), threshold, as_words,
+                                        as_nibbles, self.kernels.threads(), nibbles.GROUP)
+        else:
+            block = channel_block(n * shape[1], self.out_channels, self.kernels.threads())
+            self.kernels.binary_conv_dense(signs, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
+                                           self.in_channels, out, *(epilogue or NOT_FUSED), threshold, next_signs, block)
         result = self._result(out, channels_last)
         if next_layer is not None:
             # The next layer's input, packed: it is this very tensor, so the words go with it,
             # with its version (changed in place, outside inference mode, it no longer matches)
             # and its NHWC array (the next block's residual, without a new view).
-            result.packed_signs = (next_layer, packed_next[1], _version(result), out)
+            result.packed_signs = (next_layer, next_signs, _version(result), out)
         return result
 
 

@@ -1,0 +1,310 @@
+"""The dense binary conv on x86 with AVX2: popcounts read from a 16-entry table, four bits at a
+time (VPSHUFB), twice the throughput of the word-at-a-time kernel of `kernels.py`.
+
+Why. AVX2 has no vector popcount: a vectorized popcount of 64-bit words costs about nine
+instructions per four words (xor, split into nibbles, two table look-ups, add, sum the bytes
+into words). Here the xor is folded into the look-up: for an activation nibble x, the row
+`POPCOUNTS[x]` holds popcount(x ^ m) for the 16 weight nibbles m, so one VPSHUFB with that row
+as its table and 32 output channels' weight nibbles as its indices gives 32 popcounts of 4
+bits, and one byte add accumulates them: two instructions per 128 binary MACs.
+
+Layout. Activations are bytes, one per nibble, holding 16 x nibble (the byte offset of its
+row in `POPCOUNTS`): `nib[n, y, x, 16 * word + m]` = 16 x (bits 4m to 4m + 3 of the packed
+word), in a buffer padded by the conv's padding with zero bytes (`words_to_nibbles`). Weights
+are nibbles `wn[ky, kx * nibbles + t, o]`, the output channels innermost and padded to a
+multiple of 64 with zeros. A padded tap reads activation bits 0 and so counts popcount(w)
+where it should count nothing: the kernel subtracts each padded tap's popcount of the weights
+(`wpop`) at the positions that have one. The sums are the same integers as the word kernel's,
+and the same epilogue (`kernels._finish`) makes the outputs, so they are equal bit for bit.
+
+The work unit is six output positions (anywhere in the batch: each has its own offset) by 64
+output channels: 12 byte accumulators in registers, emptied into 16-bit ones every 63 steps
+(63 x 4 fits a byte). A layer whose sums could pass 2^16 (K over 65535) takes the word kernel.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .kernels import _ceil_div, _finish, _pack_position
+from .packing import sign_bits64
+
+POSITIONS = 6        # output positions per work unit
+CHANNELS = 64        # output channels per work unit: two 32-byte look-ups
+GROUP = 4           # tiles of positions a thread takes block by block (weights reused, outputs near)
+CHUNK = 63           # steps a byte accumulator takes without overflow (4 per step)
+MAX_SUM = (1 << 16) - 1
+POPCOUNTS = np.array([[bin(x ^ m).count("1") for m in range(16)] for x in range(16)], np.uint8).reshape(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether this CPU runs the nibble kernel: x86-64 with AVX2."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("avx2", False))
+
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V16, _V32, _W32 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32), ir.VectorType(_I16, 32)
+
+
+def _mask(values: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, len(values)), values)
+
+
+def _byte_array(t: types.Type, ndim: int) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.uint8 and t.ndim == ndim and t.layout == "C"
+
+
+@intrinsic
+def tile_popcounts(typingctx, act, offsets, table, weights, first, stride, rows, run, row_step, out):
+    """For six output positions and 64 output channels, the sum over `rows` rows of `run`
+    steps of popcount(activation nibble ^ weight nibble), into out (uint16 [6, 64]).
+
+    Position p's nibble at step t of row r is act[offsets[p] + r x row_step + t]; channel o's
+    is weights[first + (r x run + t) x stride + o]. act, table (POPCOUNTS), weights: uint8,
+    1-D, contiguous; offsets: int64 [6]."""
+    if not (_byte_array(act, 1) and _byte_array(table, 1) and _byte_array(weights, 1)
+            and isinstance(offsets, types.Array) and offsets.dtype == types.int64
+            and isinstance(out, types.Array) and out.dtype == types.uint16 and out.ndim == 2 and out.layout == "C"):
+        return None
+    signature = types.void(act, offsets, table, weights, types.intp, types.intp, types.intp, types.intp,
+                           types.intp, out)
+
+    def codegen(context, builder, sig, args):
+        a_arr, o_arr, t_arr, w_arr = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+        out_arr = context.make_array(sig.args[9])(context, builder, args[9])
+        first, stride, rows, run, row_step = args[4:9]
+        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32, [_V32, _V32]),
+                                                "llvm.x86.avx2.pshuf.b")
+        starts = [builder.gep(a_arr.data, [builder.load(builder.gep(o_arr.data, [ir.Constant(_I64, p)]))])
+                  for p in range(POSITIONS)]
+        groups = CHANNELS // 32
+        wide = [[cgutils.alloca_once_value(builder, ir.Constant(_W32, None)) for _ in range(groups)]
+                for _ in range(POSITIONS)]
+        narrow = [[cgutils.alloca_once(builder, _V32) for _ in range(groups)] for _ in range(POSITIONS)]
+        chunk = ir.Constant(_I64, CHUNK)
+        chunks = builder.sdiv(builder.add(run, ir.Constant(_I64, CHUNK - 1)), chunk)
+        with cgutils.for_range(builder, rows) as row_loop:
+            row = row_loop.index
+            row_acts = [builder.gep(s, [builder.mul(row, row_step)]) for s in starts]
+            row_weights = builder.gep(w_arr.data, [builder.add(first, builder.mul(builder.mul(row, run), stride))])
+            with cgutils.for_range(builder, chunks) as chunk_loop:
+                t0 = builder.mul(chunk_loop.index, chunk)
+                steps = builder.sub(run, t0)
+                steps = builder.select(builder.icmp_signed("<", steps, chunk), steps, chunk)
+                for acc in (a for accs in narrow for a in accs):
+                    builder.store(ir.Constant(_V32, None), acc)
+                with cgutils.for_range(builder, steps) as step_loop:
+                    t = builder.add(t0, step_loop.index)
+                    w_at = builder.gep(row_weights, [builder.mul(t, stride)])
+                    index = [builder.load(builder.bitcast(builder.gep(w_at, [ir.Constant(_I64, 32 * g)]),
+                                                          _V32.as_pointer()), align=1) for g in range(groups)]
+                    for p in range(POSITIONS):
+                        x = builder.zext(builder.load(builder.gep(row_acts[p], [t])), _I64)
+                        half = builder.load(builder.bitcast(builder.gep(t_arr.data, [x]), _V16.as_pointer()), align=1)
+                        look_up = builder.shuffle_vector(half, half, _mask(list(range(16)) * 2))
+                        for g in range(groups):
+                            counts = builder.call(pshufb, [look_up, index[g]])
+                            builder.store(builder.add(builder.load(narrow[p][g]), counts), narrow[p][g])
+                for p in range(POSITIONS):
+                    for g in range(groups):
+                        widened = builder.zext(builder.load(narrow[p][g]), _W32)
+                        builder.store(builder.add(builder.load(wide[p][g]), widened), wide[p][g])
+        for p in range(POSITIONS):
+            for g in range(groups):
+                at = builder.gep(out_arr.data, [ir.Constant(_I64, p * CHANNELS + 32 * g)])
+                builder.store(builder.load(wide[p][g]), builder.bitcast(at, _W32.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def nibble_weights(weight_words: np.ndarray, kh: int, kw: int, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dense kernel's packed weights (uint64 [KH, KW x words, O]) as the nibble kernel's:
+    uint8 [blocks of 64 output channels, KH, KW x nibbles, 64], nibbles = ceil(in_channels / 4) (the
+    nibbles past the last channel, all zero, are left out), and each tap's popcount per
+    output channel, int32 [KH, KW, O]."""
+    _, run, out_channels = weight_words.shape
+    words = run // kw
+    nibbles = -(-in_channels // 4)
+    shifts = np.arange(0, 64, 4, dtype=np.uint64)
+    split = (weight_words.reshape(kh, kw, words, 1, out_channels) >> shifts[:, None]) & np.uint64(15)
+    split = split.reshape(kh, kw, words * 16, out_channels)[:, :, :nibbles]
+    blocks = -(-out_channels // CHANNELS)
+    wn = np.zeros((kh, kw * nibbles, blocks * CHANNELS), np.uint8)
+    wn[:, :, :out_channels] = split.reshape(kh, kw * nibbles, out_channels)
+    # Block by block: a unit's 64 channels then read 64 contiguous bytes per step.
+    wn = np.ascontiguousarray(wn.reshape(kh, kw * nibbles, blocks, CHANNELS).transpose(2, 0, 1, 3))
+    counts = np.zeros(weight_words.shape, np.int64)
+    for b in range(64):
+        counts += ((weight_words >> np.uint64(b)) & np.uint64(1)).astype(np.int64)
+    wpop = counts.reshape(kh, kw, words, out_channels).sum(axis=2).astype(np.int32)
+    return wn, np.ascontiguousarray(wpop)
+
+
+def fits(kh: int, kw: int, words: int) -> bool:
+    """Whether a dense layer's sums fit the nibble kernel's 16-bit accumulators."""
+    return kh * kw * words * 64 <= MAX_SUM
+
+
+@njit(cache=True, inline="always")
+def _spread(half):
+    # The eight nibbles of a 32-bit value, one per byte (nibble k in byte k), times 16.
+    t = (half | (half << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    t = (t | (t << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+    t = (t | (t << np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return t << np.uint64(4)
+
+
+@njit(cache=True, inline="always")
+def _nibble_bytes(out, y, x, j0, word):
+    # The 16 nibbles of `word` as bytes (16 x nibble) at out[n, y, x, j0:], those that fit.
+    cn = out.shape[2]
+    for half in range(2):
+        first = j0 + 8 * half
+        if first >= cn:
+            break
+        bytes8 = _spread((word >> np.uint64(32 * half)) & np.uint64(0xFFFFFFFF))
+        for b in range(min(8, cn - first)):
+            out[y, x, first + b] = np.uint8((bytes8 >> np.uint64(8 * b)) & np.uint64(0xFF))
+
+
+@njit(cache=True, inline="always")
+def write_nibbles(out, threshold, nib, n, y, x, o0, o1, pad_h, pad_w):
+    """The signs of out[n, y, x, o0:o1] + threshold (o0 a multiple of 64, o1 - o0 <= 64) as
+    the nibble bytes of the next layer's padded input `nib`."""
+    count = o1 - o0
+    if count == 64:
+        word = sign_bits64(out[n, y, x], threshold[o0:], o0)
+    else:
+        word = np.uint64(0)
+        for b in range(count):
+            word |= np.uint64(out[n, y, x, o0 + b] + threshold[o0 + b] >= np.float32(0)) << np.uint64(b)
+    _nibble_bytes(nib[n], y + pad_h, x + pad_w, o0 // 4, word)
+
+
+@njit(cache=True)
+def zero_border(nib, pad_h, pad_w):
+    """Zero the border (pad_h rows, pad_w columns) of padded nibble bytes [N, H', W', nibbles]."""
+    n_, hp, wp, cn = nib.shape
+    for n in range(n_):
+        for y in range(hp):
+            edge_row = y < pad_h or y >= hp - pad_h
+            for x in range(wp):
+                if edge_row or x < pad_w or x >= wp - pad_w:
+                    for j in range(cn):
+                        nib[n, y, x, j] = 0
+
+
+@njit(cache=True, parallel=True)
+def words_to_nibbles(words, pad_h, pad_w, out):
+    """Packed words [N, H, W, CW] -> nibble bytes [N, H + 2 pad_h, W + 2 pad_w, nibbles] (16 x
+    each of the first `nibbles` nibbles), the border zero."""
+    n_, h_, w_, cw = words.shape
+    zero_border(out, pad_h, pad_w)
+    for row in prange(n_ * h_):
+        n = row // h_
+        y = row - n * h_
+        for x in range(w_):
+            for k in range(cw):
+                _nibble_bytes(out[n], y + pad_h, x + pad_w, 16 * k, words[n, y, x, k])
+
+
+@njit(cache=True, inline="always")
+def _position(p, plane, ow):
+    n = p // plane
+    oy = (p - n * plane) // ow
+    return n, oy, p - n * plane - oy * ow
+
+
+@njit(cache=True, parallel=True)
+def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out,
+                        post, residual, mode, next_threshold, signs, next_nib, parts, group):
+    """binary_conv_dense's result (the same arguments but `block`, and the same outputs bit for
+    bit) from nibble activations `nib` (words_to_nibbles, padded by pad_h, pad_w) and nibble
+    weights `wn`, `wpop` (nibble_weights); table: POPCOUNTS. With a non-empty `next_nib`
+    (uint8 [N, OH + 2 ph, OW + 2 pw, nibbles], the next layer's padded input), the next
+    layer's signs go there as nibble bytes (`write_nibbles`) instead of `signs`. The work is cut in `parts` (the
+    threads), each a contiguous share of the units, ordered channel block first, so that it reads one block's weights
+    (a few tens of kilobytes) for many positions in a row."""
+    n_, hp, wp, cn = nib.shape
+    blocks, kh, run, _ = wn.shape
+    h_, w_ = hp - 2 * pad_h, wp - 2 * pad_w
+    oh, ow, og = out.shape[1], out.shape[2], out.shape[3]
+    plane = oh * ow
+    positions = n_ * plane
+    tiles = _ceil_div(positions, 6)
+    units = tiles * blocks
+    act = nib.reshape(-1)
+    weights = wn.reshape(-1)
+    pack_next = next_threshold.shape[0] > 0
+    next_pad_h = (next_nib.shape[1] - oh) // 2
+    next_pad_w = (next_nib.shape[2] - ow) // 2
+    as_nibbles = pack_next and next_nib.shape[0] > 0
+    if as_nibbles:
+        zero_border(next_nib, next_pad_h, next_pad_w)
+    parts = max(1, min(units, parts))
+    for part in prange(parts):
+        offsets = np.empty(6, np.int64)
+        sums = np.empty((6, 64), np.uint16)
+        acc = np.empty(64, np.int32)
+        for unit in range(part * units // parts, (part + 1) * units // parts):
+            # Units in groups of `group` tiles by all blocks, block by block within a group.
+            span = unit // (group * blocks)
+            size = min(group, tiles - span * group)
+            rest = unit - span * group * blocks
+            block = rest // size
+            first = (span * group + rest - block * size) * 6
+            o0 = block * 64
+            width = min(64, og - o0)
+            count = min(6, positions - first)
+            n, oy, ox = _position(first, plane, ow)
+            for j in range(6):
+                if j < count:
+                    offsets[j] = ((n * hp + oy * stride_h) * wp + ox * stride_w) * cn
+                    ox += 1
+                    if ox == ow:
+                        ox = 0
+                        oy += 1
+                        if oy == oh:
+                            oy = 0
+                            n += 1
+                else:  # a last unit's spare lanes repeat its last position
+                    offsets[j] = offsets[count - 1]
+            tile_popcounts(act, offsets, table, weights, block * kh * run * 64, 64, kh, run, wp * cn, sums)
+            n, oy, ox = _position(first, plane, ow)
+            for j in range(count):
+                for i in range(width):
+                    acc[i] = np.int32(sums[j, i])
+                y0 = oy * stride_h - pad_h
+                x0 = ox * stride_w - pad_w
+                ky0, ky1 = max(0, -y0), min(kh, h_ - y0)
+                kx0, kx1 = max(0, -x0), min(kw, w_ - x0)
+                if ky0 > 0 or ky1 < kh or kx0 > 0 or kx1 < kw:  # padded taps counted popcount(w): take it back
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            if ky < ky0 or ky >= ky1 or kx < kx0 or kx >= kx1:
+                                for i in range(width):
+                                    acc[i] -= wpop[ky, kx, o0 + i]
+                k = max(0, ky1 - ky0) * max(0, kx1 - kx0) * in_channels
+                _finish(acc[:width], k, scale, bias, post, residual, mode, out, n, oy, ox, np.uintp(o0))
+                if as_nibbles:
+                    write_nibbles(out, next_threshold, next_nib, n, oy, ox, o0, o0 + width, next_pad_h, next_pad_w)
+                elif pack_next:
+                    _pack_position(out, next_threshold, signs, n, oy, ox, o0, o0 + width)
+                ox += 1
+                if ox == ow:
+                    ox = 0
+                    oy += 1
+                    if oy == oh:
+                        oy = 0
+                        n += 1
