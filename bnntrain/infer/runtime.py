@@ -139,11 +139,13 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
         model.register_forward_pre_hook(_to_channels_last)
         if fuse:
             from .fused import fuse_blocks  # it imports this module
+            from .shortcut import speed_up_shortcuts
             from .stem import chunk_stem
             config = model.export_config
             probe = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],
                                 generator=torch.Generator().manual_seed(0))
             model.fused_blocks = fuse_blocks(model, probe)
+            speed_up_shortcuts(model)
             chunk_stem(model)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
