@@ -1,7 +1,6 @@
 """bnntrain.infer's downsampling shortcut (infer/shortcut.py): average pool and 1x1 conv in one
 numba call give PyTorch's outputs bit for bit, on the shapes of ResNet-18's shortcuts and on
 awkward ones, and a shape where no block length matches stays PyTorch's."""
-import numpy as np
 import pytest
 import torch
 from torch import nn
