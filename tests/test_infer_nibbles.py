@@ -11,7 +11,7 @@ from test_infer_fused import exported
 
 numba = need("numba", extra="infer")
 from bnntrain import infer  # noqa: E402  (needs numba)
-from bnntrain.infer import kernels, nibbles  # noqa: E402
+from bnntrain.infer import kernels, layout, nibbles  # noqa: E402
 from bnntrain.infer.packed_conv import NO_SIGNS, NOT_FUSED, NO_NIBBLES  # noqa: E402
 
 numba.set_num_threads(1)  # the suite's two workers share two cores
@@ -57,7 +57,7 @@ def run_both(case, mode, hand_on, seed=0, operands=None):
     kernels.binary_conv_dense(words, weights, scale, bias, s, s, p, p, cin, expected, *epilogue,
                               threshold if hand_on else NO_SIGNS[0], word_signs, cout)
 
-    wn, wpop = nibbles.nibble_weights(weights, k, k, cin)
+    wn, wpop = layout.nibble_weights(weights, k, k, cin)
     nib = np.full((batch, h + 2 * p, w + 2 * p, -(-cin // 4)), 0xAB, np.uint8)  # a stale border is zeroed
     nibbles.words_to_nibbles(words, p, p, nib)
     got = np.full_like(expected, np.nan)
@@ -111,18 +111,17 @@ def test_the_byte_accumulators_do_not_overflow():
     weights = np.full((3, 3 * 8, 64), 2**64 - 1, np.uint64)
     (expected, _), (got, _) = run_both(case, 0, None, operands=(words, weights))
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
-    wn, wpop = nibbles.nibble_weights(weights, 3, 3, 512)
+    wn, wpop = layout.nibble_weights(weights, 3, 3, 512)
     assert wn.shape == (1, 3, 3 * 128, 64) and (wpop == 512).all()
-    assert nibbles.fits(3, 3, 113) and not nibbles.fits(3, 3, 114)  # sums up to 65535 in 16 bits
+    assert layout.nibble_sums_fit(3, 3, 113) and not layout.nibble_sums_fit(3, 3, 114)  # sums up to 65535 in 16 bits
 
 
 def test_a_model_gives_the_same_outputs_with_and_without_nibbles(tmp_path):
     path = exported(tmp_path, "reactnet18")
-    with_nibbles, without = infer.load(path), infer.load(path)
+    with_nibbles, without = infer.load(path), infer.load(path, nibbles=False)
     convs = [m for m in without.modules() if isinstance(m, infer.PackedBinaryConv2d)]
-    assert convs and all(m.nibbles is not None for m in convs)
-    for m in convs:
-        m.nibbles = None  # the word kernel
+    assert convs and all(m.nibbles is None for m in convs)
+    assert all(m.nibbles is not None for m in with_nibbles.modules() if isinstance(m, infer.PackedBinaryConv2d))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(with_nibbles(x), without(x))

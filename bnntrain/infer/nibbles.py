@@ -33,13 +33,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .kernels import _ceil_div, _finish, _pack_position
+from .layout import NIBBLE_BLOCK
 from .packing import sign_bits64
 
 POSITIONS = 6        # output positions per work unit
-CHANNELS = 64        # output channels per work unit: two 32-byte look-ups
+CHANNELS = NIBBLE_BLOCK  # output channels per work unit: two 32-byte look-ups
 GROUP = 4           # tiles of positions a thread takes block by block (weights reused, outputs near)
 CHUNK = 63           # steps a byte accumulator takes without overflow (4 per step)
-MAX_SUM = (1 << 16) - 1
 POPCOUNTS = np.array([[bin(x ^ m).count("1") for m in range(16)] for x in range(16)], np.uint8).reshape(-1)
 
 
@@ -126,34 +126,6 @@ def tile_popcounts(typingctx, act, offsets, table, weights, first, stride, rows,
         return context.get_dummy_value()
 
     return signature, codegen
-
-
-def nibble_weights(weight_words: np.ndarray, kh: int, kw: int, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The dense kernel's packed weights (uint64 [KH, KW x words, O]) as the nibble kernel's:
-    uint8 [blocks of 64 output channels, KH, KW x nibbles, 64], nibbles = ceil(in_channels / 4) (the
-    nibbles past the last channel, all zero, are left out), and each tap's popcount per
-    output channel, int32 [KH, KW, O]."""
-    _, run, out_channels = weight_words.shape
-    words = run // kw
-    nibbles = -(-in_channels // 4)
-    shifts = np.arange(0, 64, 4, dtype=np.uint64)
-    split = (weight_words.reshape(kh, kw, words, 1, out_channels) >> shifts[:, None]) & np.uint64(15)
-    split = split.reshape(kh, kw, words * 16, out_channels)[:, :, :nibbles]
-    blocks = -(-out_channels // CHANNELS)
-    wn = np.zeros((kh, kw * nibbles, blocks * CHANNELS), np.uint8)
-    wn[:, :, :out_channels] = split.reshape(kh, kw * nibbles, out_channels)
-    # Block by block: a unit's 64 channels then read 64 contiguous bytes per step.
-    wn = np.ascontiguousarray(wn.reshape(kh, kw * nibbles, blocks, CHANNELS).transpose(2, 0, 1, 3))
-    counts = np.zeros(weight_words.shape, np.int64)
-    for b in range(64):
-        counts += ((weight_words >> np.uint64(b)) & np.uint64(1)).astype(np.int64)
-    wpop = counts.reshape(kh, kw, words, out_channels).sum(axis=2).astype(np.int32)
-    return wn, np.ascontiguousarray(wpop)
-
-
-def fits(kh: int, kw: int, words: int) -> bool:
-    """Whether a dense layer's sums fit the nibble kernel's 16-bit accumulators."""
-    return kh * kw * words * 64 <= MAX_SUM
 
 
 @njit(cache=True, inline="always")

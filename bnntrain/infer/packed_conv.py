@@ -9,7 +9,6 @@ packing, whose sign that is whatever the threshold, and the kernels then pad not
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 from typing import Any
@@ -22,8 +21,8 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..tools.export import inference
 from .buffers import POOL
+from .layout import WORD, channel_block, nibble_weights, nibble_sums_fit, pack_weight  # noqa: F401 (API)
 
-WORD = 64  # bits per packed word
 # binary_conv_dense's epilogue arguments when nothing is fused (post, residual, mode), and
 # when it packs no signs for the next layer (next_threshold, signs).
 NOT_FUSED = (np.empty((0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32), 0)
@@ -44,47 +43,6 @@ def require_numba():
         raise UserError("bnntrain.infer needs numba: pip install 'bnntrain[infer]' (or pip install numba)")
     from . import kernels
     return kernels
-
-
-@functools.lru_cache(maxsize=256)
-def channel_block(rows: int, channels: int, threads: int) -> int:
-    """Output channels per work unit of `binary_conv_dense`: all of them where its rows of
-    output positions share evenly among the threads, otherwise blocks of a multiple of 64
-    channels, the fewest that share within 10% (a 7 x 7 map at batch 1 on 2 threads: 4 rows
-    against 3 as rows, 7 units each as 14 half-rows).
-
-    Args:
-        rows: batch x output height.
-        channels: output channels.
-        threads: the kernels' threads.
-
-    Returns:
-        The channels per block: `channels`, or a multiple of 64.
-    """
-    best, best_share = channels, 0.0
-    for wanted in range(1, max(1, channels // WORD) + 1):
-        block = channels if wanted == 1 else math.ceil(channels / wanted / WORD) * WORD
-        units = rows * math.ceil(channels / block)
-        share = units / (threads * math.ceil(units / threads))  # the busy fraction of the threads' time
-        if share > best_share + 1e-9:
-            best, best_share = block, share
-        if share >= 0.9:
-            break
-    return best
-
-
-def pack_weight(weight: Tensor, groups: int) -> np.ndarray:
-    """+-1 weights [O, C/G, KH, KW] -> uint64 [G, KH, KW, words per group, O/G]: bit c % 64 of
-    word c // 64 set for +1, the bits past the last channel 0, the output channel innermost."""
-    out_channels, per_group, kh, kw = weight.shape
-    words = math.ceil(per_group / WORD)
-    bits = (weight >= 0).view(groups, out_channels // groups, per_group, kh, kw).permute(0, 3, 4, 2, 1)
-    bits = F.pad(bits.to(torch.int64), (0, 0, 0, words * WORD - per_group))  # pad the channel dim with 0
-    bits = bits.reshape(groups, kh, kw, words, WORD, out_channels // groups)
-    shifts = torch.arange(WORD, dtype=torch.int64).view(1, 1, 1, 1, WORD, 1)
-    # Bit 63 makes the int64 sum negative; viewed as uint64 it is the word.
-    packed = (bits << shifts).sum(4)
-    return np.ascontiguousarray(packed.numpy().view(np.uint64))
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -111,12 +69,14 @@ class PackedBinaryConv2d(nn.Module):
 
     Args:
         layer: an inference layer with binary inputs and binary weights.
+        use_nibbles: a dense layer runs the nibble kernel where the CPU has AVX2 (False: the
+            word kernel everywhere; the outputs are the same).
 
     Raises:
         UserError: numba is not installed.
     """
 
-    def __init__(self, layer: inference.InferenceBinaryLayer) -> None:
+    def __init__(self, layer: inference.InferenceBinaryLayer, use_nibbles: bool = True) -> None:
         super().__init__()
         self.kernels = require_numba()
         weight = layer.weight.detach().float().cpu()
@@ -141,12 +101,6 @@ class PackedBinaryConv2d(nn.Module):
         if self.dense:
             self.weight_words = np.ascontiguousarray(self.weight_words.reshape(
                 self.kh, self.kw * self.words_per_group, self.out_channels))
-        # On x86 with AVX2, a dense layer runs the nibble kernel (nibbles.py; the same outputs,
-        # about 1.4x faster): its weights (nibbles, each tap's popcounts). None: the word kernel.
-        from . import nibbles  # numba's, so imported once require_numba has found it
-        self.nibble_kernels, self.nibbles = nibbles, None
-        if self.dense and nibbles.available() and nibbles.fits(self.kh, self.kw, self.words_per_group):
-            self.nibbles = nibbles.nibble_weights(self.weight_words, self.kh, self.kw, self.in_channels)
 
         def vector(t: Tensor | None, n: int, fill: float) -> np.ndarray:
             v = np.full(n, fill, np.float32) if t is None else t.detach().float().cpu().reshape(-1).numpy()
@@ -156,14 +110,24 @@ class PackedBinaryConv2d(nn.Module):
         self.bias = vector(layer.bias, self.out_channels, 0.0)
         # Adding a zero threshold changes no sign (-0.0 + 0.0 = +0.0, and x >= 0 holds for both).
         self.threshold = vector(layer.threshold, self.in_channels, 0.0)
+        # On x86 with AVX2, a dense layer runs the nibble kernel (nibbles.py; the same outputs,
+        # about 1.4x faster): its weights (nibbles, each tap's popcounts). None: the word kernel.
+        from . import nibbles  # numba's, so imported once require_numba has found it
+        self.nibble_kernels, self.nibbles = nibbles, None
+        if use_nibbles and self.dense and nibbles.available() and nibble_sums_fit(self.kh, self.kw, self.words_per_group):
+            self.nibbles = nibble_weights(self.weight_words, self.kh, self.kw, self.in_channels)
+            self._nibble_arguments = (*self.nibbles, nibbles.POPCOUNTS, self.kw, self.scale, self.bias, *self.stride,
+                                      *self.padding, self.in_channels)
         self._shapes: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}  # output shape by input's
+        self._plans: dict[tuple, tuple] = {}  # by input shape and next layer: see _plan
 
     def extra_repr(self) -> str:
         kind = "linear" if self.linear else f"conv {self.kh}x{self.kw}"
         pad = (f"padding {self.padding}" if self.sign_padding == (0, 0)
                else f"padding {self.sign_padding} with {'+' if self.pad_fill > 0 else '-'}1")
+        kernel = "nibble kernel" if self.nibbles is not None else "word kernel"
         return (f"{kind}, {self.in_channels} -> {self.out_channels}, stride {self.stride}, {pad}, "
-                f"groups {self.groups}: XNOR-popcount, {self.words_per_group} uint64 words per tap")
+                f"groups {self.groups}: XNOR-popcount ({kernel}), {self.words_per_group} uint64 words per tap")
 
     def pack(self, x: Tensor) -> np.ndarray:
         """The signs of x + threshold, uint64 [N, H, W, groups * words per group].
@@ -249,10 +213,30 @@ class PackedBinaryConv2d(nn.Module):
         result = result.permute(0, 3, 1, 2)
         return result if channels_last else result.contiguous()
 
-    def _nibble_input(self, n: int, h: int, w: int) -> np.ndarray:
-        # The nibble kernel's input buffer for an (n, h, w) input: padded, a byte per nibble.
+    def _nibble_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        # The nibble kernel's input for an (n, h, w) input: padded, a byte per nibble.
         ph, pw = self.padding
-        return POOL.empty((n, h + 2 * ph, w + 2 * pw, self.nibbles[0].shape[2] // self.kw), np.uint8)
+        return (n, h + 2 * ph, w + 2 * pw, self.nibbles[0].shape[2] // self.kw)
+
+    def _plan(self, n: int, h: int, w: int, next_layer: PackedBinaryConv2d | None) -> tuple:
+        """What a dense run on an (n, h, w) input needs beyond the arrays, worked out once per
+        shape (at batch 1 a block's Python work is a tenth of its time): the output's shape,
+        the next layer's threshold and its packed input's shape and type (nibbles from a
+        nibble layer to a nibble layer, words otherwise), and this layer's nibble input's."""
+        key = (n, h, w, next_layer)
+        plan = self._plans.get(key)
+        if plan is None:
+            shape = self._output_shape(n, h, w)
+            threshold, next_shape, next_type = NO_SIGNS[0], None, None
+            if next_layer is not None:
+                threshold = next_layer.threshold
+                if self.nibbles is not None and next_layer.nibbles is not None:
+                    next_shape, next_type = next_layer._nibble_shape(*shape[:3]), np.uint8
+                else:
+                    next_shape, next_type = shape[:3] + (next_layer.words_per_group,), np.uint64
+            own = self._nibble_shape(n, h, w) if self.nibbles is not None else None
+            plan = self._plans[key] = (shape, threshold, next_shape, next_type, own)
+        return plan
 
     def run_dense(self, x: Tensor, signs: np.ndarray | None, epilogue: tuple[np.ndarray, np.ndarray, int] | None,
                   next_layer: PackedBinaryConv2d | None, channels_last: bool = True) -> Tensor:
@@ -273,30 +257,30 @@ class PackedBinaryConv2d(nn.Module):
                 output as an NHWC array).
         """
         n, _, h, w = x.shape
+        shape, threshold, next_shape, next_type, own = self._plan(n, h, w, next_layer)
         signs = self.pack(x) if signs is None else signs
-        shape = self._output_shape(n, h, w)
         out = POOL.empty(shape, np.float32)  # reused once no one holds it
-        if epilogue is not None and epilogue[1].shape != shape:  # the kernel reads it unchecked
+        if epilogue is None:
+            epilogue = NOT_FUSED
+        elif epilogue[1].shape != shape:  # the kernel reads it unchecked
             raise UserError(f"a fused block's shortcut gave shape {epilogue[1].shape} (NHWC) for an output of {shape}")
-        threshold, next_signs = NO_SIGNS
-        if next_layer is not None:  # nibbles from nibble layer to nibble layer, words otherwise
-            threshold = next_layer.threshold
-            next_signs = (next_layer._nibble_input(*shape[:3]) if self.nibbles is not None and next_layer.nibbles is not None
-                          else POOL.empty(shape[:3] + (next_layer.words_per_group,), np.uint64))
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        if self.nibbles is not None:
+        next_signs = NO_SIGNS[1] if next_shape is None else POOL.empty(next_shape, next_type)
+        # The kernels' share of the work by threads: PyTorch's count, which set_threads makes
+        # numba's too (numba's own query costs more than some layers' Python work).
+        threads = torch.get_num_threads()
+        if own is not None:
             nibbles = self.nibble_kernels
             if signs.dtype != np.uint8:  # words: packed here, or handed on by a word-kernel layer
-                words, signs = signs, self._nibble_input(n, h, w)
-                nibbles.words_to_nibbles(words, ph, pw, signs)
-            as_words, as_nibbles = (NO_SIGNS[1], next_signs) if next_signs.dtype == np.uint8 else (next_signs, NO_NIBBLES)
-            nibbles.binary_conv_nibbles(signs, *self.nibbles, nibbles.POPCOUNTS, self.kw, self.scale, self.bias, sh, sw,
-                                        ph, pw, self.in_channels, out, *(epilogue or NOT_FUSED), threshold, as_words,
-                                        as_nibbles, self.kernels.threads(), nibbles.GROUP)
+                words, signs = signs, POOL.empty(own, np.uint8)
+                nibbles.words_to_nibbles(words, self.padding[0], self.padding[1], signs)
+            as_words, as_nibbles = (NO_SIGNS[1], next_signs) if next_type is np.uint8 else (next_signs, NO_NIBBLES)
+            nibbles.binary_conv_nibbles(signs, *self._nibble_arguments, out, *epilogue, threshold, as_words, as_nibbles,
+                                        threads, nibbles.GROUP)
         else:
-            block = channel_block(n * shape[1], self.out_channels, self.kernels.threads())
+            (sh, sw), (ph, pw) = self.stride, self.padding
+            block = channel_block(n * shape[1], self.out_channels, threads)
             self.kernels.binary_conv_dense(signs, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,
-                                           self.in_channels, out, *(epilogue or NOT_FUSED), threshold, next_signs, block)
+                                           self.in_channels, out, *epilogue, threshold, next_signs, block)
         result = self._result(out, channels_last)
         if next_layer is not None:
             # The next layer's input, packed: it is this very tensor, so the words go with it,

@@ -57,13 +57,15 @@ def _swap(model: nn.Module, make: Callable[[str, inference.InferenceBinaryLayer]
             setattr(model.get_submodule(parent), child, new)
 
 
-def pack_model(model: nn.Module) -> dict[str, str]:
+def pack_model(model: nn.Module, nibbles: bool = True) -> dict[str, str]:
     """Swap, in place, each binary layer of an inference model (`bnntrain.tools.export.load`) that
     the kernels run for a PackedBinaryConv2d; returns {layer: why it stays in PyTorch} for the
     others.
 
     Args:
         model: an inference model, as `bnntrain.tools.export.load` returns it.
+        nibbles: dense layers run the nibble kernel where the CPU has AVX2 (False: the word
+            kernel; the same outputs).
 
     Returns:
         {layer name: why it stays in PyTorch}, for the binary layers the kernels cannot run.
@@ -75,7 +77,7 @@ def pack_model(model: nn.Module) -> dict[str, str]:
         if reason is not None:
             left[name] = reason
             return None
-        return PackedBinaryConv2d(layer)
+        return PackedBinaryConv2d(layer, use_nibbles=nibbles)
 
     _swap(model, make)
     return left
@@ -92,7 +94,8 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse: bool = True) -> nn.Module:
+def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse: bool = True,
+         nibbles: bool = True) -> nn.Module:
     """The inference model of a packed file with its binary layers run by the XNOR-popcount
     kernels; in eval mode, its outputs those of `bnntrain.tools.export.load(path)` bit for bit
     in the same memory layout. `model.export_config` holds the file's config.
@@ -108,13 +111,18 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
     run their BN and addition in the kernel's output pass, where that gives the block's own
     outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them. The
     real-valued stem runs a few samples at a time where that gives the batched stem's outputs
-    bit for bit (`bnntrain.infer.stem`), so that its large output stays in reused memory.
+    bit for bit (`bnntrain.infer.stem`), so that its large output stays in reused memory, and
+    a downsampling shortcut (average pool, 1x1 conv) and a max-pool run in numba for each
+    input shape where that gives PyTorch's outputs bit for bit (`bnntrain.infer.shortcut`,
+    `bnntrain.infer.pooling`).
 
     Args:
         path: the packed file.
         channels_last: run the real-valued layers on channels-last tensors.
         strict: refuse a binary layer the kernels cannot run, rather than leave it to PyTorch.
         fuse: fuse BN and shortcut additions into the kernels where exact (channels-last only).
+        nibbles: run dense binary convs with the nibble kernel where the CPU has AVX2 (x86-64),
+            the word kernel otherwise (`bnntrain.infer.nibbles`; the outputs are the same).
 
     Returns:
         The model, in eval mode, on the CPU.
@@ -127,7 +135,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
     require_numba()
     model = packed.load(path)
     total = sum(isinstance(m, inference.InferenceBinaryLayer) for m in model.modules())
-    left = pack_model(model)
+    left = pack_model(model, nibbles)
     if strict and left:
         raise ConfigError(f"{path}: {fallback_note(left, total)}; the XNOR-popcount kernels need binary "
                           f"activations and binary weights (a stage-2 export); strict=false runs such layers "
@@ -139,6 +147,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
         model.register_forward_pre_hook(_to_channels_last)
         if fuse:
             from .fused import fuse_blocks  # it imports this module
+            from .pooling import speed_up_pools
             from .shortcut import speed_up_shortcuts
             from .stem import chunk_stem
             config = model.export_config
@@ -146,6 +155,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
                                 generator=torch.Generator().manual_seed(0))
             model.fused_blocks = fuse_blocks(model, probe)
             speed_up_shortcuts(model)
+            speed_up_pools(model)
             chunk_stem(model)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
