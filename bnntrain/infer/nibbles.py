@@ -151,12 +151,19 @@ def _nibble_bytes(out, y, x, j0, word):
 
 
 @njit(cache=True, inline="always")
-def write_nibbles(out, threshold, nib, n, y, x, o0, o1, pad_h, pad_w):
+def write_nibbles(out, threshold, nib, wide, n, y, x, o0, o1, pad_h, pad_w):
     """The signs of out[n, y, x, o0:o1] + threshold (o0 a multiple of 64, o1 - o0 <= 64) as
-    the nibble bytes of the next layer's padded input `nib`."""
+    the nibble bytes of the next layer's padded input `nib`; `wide`: nib's bytes as uint64
+    (empty where its positions are no whole number of them), for a whole block 2 stores."""
     count = o1 - o0
     if count == 64:
         word = sign_bits64(out[n, y, x], threshold[o0:], o0)
+        if wide.shape[0] > 0:
+            _, hp, wp, cn = nib.shape
+            at = (((n * hp + y + pad_h) * wp + x + pad_w) * cn + o0 // 4) // 8
+            wide[at] = _spread(word & np.uint64(0xFFFFFFFF))
+            wide[at + 1] = _spread(word >> np.uint64(32))
+            return
     else:
         word = np.uint64(0)
         for b in range(count):
@@ -222,8 +229,11 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
     next_pad_h = (next_nib.shape[1] - oh) // 2
     next_pad_w = (next_nib.shape[2] - ow) // 2
     as_nibbles = pack_next and next_nib.shape[0] > 0
+    wide = np.empty(0, np.uint64)
     if as_nibbles:
         zero_border(next_nib, next_pad_h, next_pad_w)
+        if next_nib.shape[3] % 8 == 0:
+            wide = next_nib.reshape(-1).view(np.uint64)
     parts = max(1, min(units, parts))
     for part in prange(parts):
         offsets = np.empty(6, np.int64)
@@ -270,7 +280,8 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
                 k = max(0, ky1 - ky0) * max(0, kx1 - kx0) * in_channels
                 _finish(acc[:width], k, scale, bias, post, residual, mode, out, n, oy, ox, np.uintp(o0))
                 if as_nibbles:
-                    write_nibbles(out, next_threshold, next_nib, n, oy, ox, o0, o0 + width, next_pad_h, next_pad_w)
+                    write_nibbles(out, next_threshold, next_nib, wide, n, oy, ox, o0, o0 + width, next_pad_h,
+                                  next_pad_w)
                 elif pack_next:
                     _pack_position(out, next_threshold, signs, n, oy, ox, o0, o0 + width)
                 ox += 1
