@@ -33,10 +33,12 @@ from bench_infer import export_network  # noqa: E402
 from bnntrain import infer  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.infer.fused import FusedBinaryBlock  # noqa: E402
+from bnntrain.infer.pooling import FastMaxPool2d  # noqa: E402
 
 # What a module of each kind does, for the table (a PyTorch leaf otherwise: its class name).
 KINDS = {FusedBinaryBlock: "binary block: conv, BN, shortcut, activation, next signs",
-         infer.PackedBinaryConv2d: "binary conv (packing its input)"}
+         infer.PackedBinaryConv2d: "binary conv (packing its input)",
+         FastMaxPool2d: "MaxPool2d (numba)"}
 SHORTCUT = "shortcut of a fused block: pooling, 1x1 conv, BN"
 
 
