@@ -13,13 +13,14 @@ The network: full-width `model=resnet18`, stage 2 (fully binary), random weights
 randomized BN statistics, exported with `bnntrain.tools.export`: `data=imagenet` (224 px, 1000
 classes) and `data=cifar100` (32 px, 100 classes). Reported:
 
-- peak: the machine's popcount throughput, from a microbenchmark of the kernel's inner loop
-  (xor, popcount, add into an accumulator, every operand in L1) on all threads, in binary
-  MACs per second (64 per 64-bit word);
+- peak: the machine's popcount throughput, from a microbenchmark of the word kernel's inner
+  loop (xor, popcount, add into an accumulator, every operand in L1) on all threads, in binary
+  MACs per second (64 per 64-bit word), and where it runs (x86 with AVX2) of the nibble
+  kernel's (table look-ups and byte adds, `bnntrain.infer.nibbles`);
 - per binary layer: the packed layer (packing its input's signs, the XNOR-popcount conv,
   the output tensor) against its float conv (the sign and `F.conv2d` with the weights
   pre-scaled), each on the input it gets in its own network; the binary MACs per second and
-  their fraction of the peak;
+  their fraction of the peak of the layer's kernel (`popcount`: nibble or word);
 - end to end: the packed model (`bnntrain.infer.load`) against the float model (weights
   pre-scaled, NCHW as `bnntrain.tools.export.load` runs it; channels_last shown beside it),
   against `bnntrain.tools.export.load` itself and, where `openvino` is installed, against
@@ -87,8 +88,12 @@ def speedup(times: dict[str, list[float]], base: str) -> float:
     return paired_ratio(times["packed"], times[base])
 
 
+PEAKS = {"word": "binary_macs_per_s", "nibble": "nibble_binary_macs_per_s"}  # a layer's kernel: its peak
+
+
 def popcount_peak(seconds: float = 1.0) -> dict:
-    """Binary MACs per second of the kernel's inner loop with everything in L1, all threads."""
+    """Binary MACs per second of the word kernel's inner loop with everything in L1, all threads
+    (one thread too), and of the nibble kernel's where it runs (x86 with AVX2)."""
     kernels = infer.require_numba()
     import numba
 
@@ -111,7 +116,21 @@ def popcount_peak(seconds: float = 1.0) -> dict:
         t = time.perf_counter()
         kernels.popcount_peak(words[:1], weights, reps, single)
         one = max(one, reps * 4 * weights.size * 64 / (time.perf_counter() - t))
-    return {"threads": threads, "binary_macs_per_s": best, "binary_macs_per_s_one_thread": one}
+    peak = {"threads": threads, "binary_macs_per_s": best, "binary_macs_per_s_one_thread": one}
+    from bnntrain.infer import nibbles
+    if nibbles.available():  # the nibble kernel's inner loop, which runs the dense layers here
+        act = (rng.integers(0, 16, 6 * 48) * 16).astype(np.uint8)
+        table_weights = rng.integers(0, 16, 4 * 48 * 64).astype(np.uint8)
+        sums = np.zeros((threads, 6, 64), np.uint16)
+        nibbles.nibble_peak(act, table_weights, nibbles.POPCOUNTS, 10, sums)
+        fastest = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            nibbles.nibble_peak(act, table_weights, nibbles.POPCOUNTS, reps, sums)
+            fastest = max(fastest, threads * reps * 4 * 6 * 64 * 192 / (time.perf_counter() - t))
+        peak["nibble_binary_macs_per_s"] = fastest
+    return peak
 
 
 def layer_inputs(model: nn.Module, kind: type, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -170,7 +189,7 @@ def openvino_arms(path: Path, batch: int, threads: int) -> dict[str, tuple[Calla
     return arms
 
 
-def bench_network(path: Path, batches: list[int], seconds: float, peak: float, threads: int) -> dict:
+def bench_network(path: Path, batches: list[int], seconds: float, peak: dict, threads: int) -> dict:
     packed = infer.load(path)
     config = packed.export_config
     baseline = infer.float_model(path)
@@ -202,13 +221,15 @@ def bench_network(path: Path, batches: list[int], seconds: float, peak: float, t
                 times = interleaved({"packed": lambda: ours(x), "float": lambda: theirs(xf)}, 7, seconds=seconds / 8)
                 out = theirs(xf)
                 macs = out.numel() * ours.in_per_group * ours.kh * ours.kw  # binary MACs (valid taps and padding alike)
+                kernel = "nibble" if getattr(ours, "nibbles", None) is not None else "word"
                 t_ours, t_float = statistics.median(times["packed"]), statistics.median(times["float"])
                 layers.append({"layer": name, "in": list(x.shape[1:]), "out": list(out.shape[1:]),
                                "kernel": f"{ours.kh}x{ours.kw}/{ours.stride[0]}", "macs": macs,
                                "packed_ms": t_ours * 1e3, "float_ms": t_float * 1e3,
                                "packed_ms_min": min(times["packed"]) * 1e3, "float_ms_min": min(times["float"]) * 1e3,
                                "speedup": speedup(times, "float"),
-                               "binary_macs_per_s": macs / t_ours, "fraction_of_peak": macs / t_ours / peak})
+                               "binary_macs_per_s": macs / t_ours, "popcount": kernel,
+                               "fraction_of_peak": macs / t_ours / peak[PEAKS[kernel]]})
         # End to end.
         arms = {"packed": lambda: packed(images), "float": lambda: baseline(images),
                 "float_channels_last": lambda: channels_last(images_cl), "export_load": lambda: exported(images)}
@@ -248,7 +269,9 @@ def report(results: dict) -> str:
     lines = [f"CPU: {results['cpu']} ({', '.join(results.get('cpu_flags', []))}); {results['threads']} threads "
              f"(PyTorch and numba); torch {torch.__version__}",
              f"popcount peak (inner loop, L1): {peak['binary_macs_per_s'] / 1e9:.0f} G binary MAC/s on "
-             f"{peak['threads']} threads ({peak['binary_macs_per_s_one_thread'] / 1e9:.0f} G on one)", ""]
+             f"{peak['threads']} threads ({peak['binary_macs_per_s_one_thread'] / 1e9:.0f} G on one)"
+             + (f"; the nibble kernel's: {peak['nibble_binary_macs_per_s'] / 1e9:.0f} G" if "nibble_binary_macs_per_s" in peak
+                else ""), ""]
     for net in results["networks"]:
         for batch, r in net["batches"].items():
             lines.append(f"## {Path(net['file']).stem}, {net['image_size']} px, batch {batch} "
@@ -309,7 +332,7 @@ def main() -> None:
             for data in args.data.split(","):
                 path = export_network(data, Path(tmp), model)
                 results["networks"].append(bench_network(path, [int(b) for b in args.batches.split(",")],
-                                                         args.seconds, peak["binary_macs_per_s"], args.threads))
+                                                         args.seconds, peak, args.threads))
                 print(report({**results, "networks": results["networks"][-1:]}), flush=True)
     if args.json:
         write_text(args.json, json.dumps(results, indent=1))

@@ -49,8 +49,16 @@ def channel_block(rows: int, channels: int, threads: int) -> int:
 
 
 def pack_weight(weight: Tensor, groups: int) -> np.ndarray:
-    """+-1 weights [O, C/G, KH, KW] -> uint64 [G, KH, KW, words per group, O/G]: bit c % 64 of
-    word c // 64 set for +1, the bits past the last channel 0, the output channel innermost."""
+    """The word kernels' weights: bit c % 64 of word c // 64 set for +1, the bits past the last
+    channel 0, the output channel innermost.
+
+    Args:
+        weight: +-1 weights [O, C/G, KH, KW].
+        groups: the conv's groups.
+
+    Returns:
+        uint64 [G, KH, KW, words per group, O/G].
+    """
     out_channels, per_group, kh, kw = weight.shape
     words = math.ceil(per_group / WORD)
     bits = (weight >= 0).view(groups, out_channels // groups, per_group, kh, kw).permute(0, 3, 4, 2, 1)
@@ -63,10 +71,20 @@ def pack_weight(weight: Tensor, groups: int) -> np.ndarray:
 
 
 def nibble_weights(weight_words: np.ndarray, kh: int, kw: int, in_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The dense kernel's packed weights (uint64 [KH, KW x words, O]) as the nibble kernel's:
-    uint8 [blocks of 64 output channels, KH, KW x nibbles, 64], nibbles = ceil(in_channels / 4) (the
-    nibbles past the last channel, all zero, are left out), and each tap's popcount per
-    output channel, int32 [KH, KW, O]."""
+    """The dense word kernel's weights as the nibble kernel's, with each tap's popcounts (which
+    the kernel takes back where a tap reads the padding).
+
+    Args:
+        weight_words: uint64 [KH, KW x words, O], as the dense word kernel takes them.
+        kh: kernel height.
+        kw: kernel width.
+        in_channels: input channels; the nibbles past the last one (all zero) are left out.
+
+    Returns:
+        (uint8 [blocks of 64 output channels, KH, KW x ceil(in_channels / 4), 64], one nibble
+            a byte, zeros past the last output channel; int32 [KH, KW, O], each tap's count of
+            +1 weights per output channel).
+    """
     _, run, out_channels = weight_words.shape
     words = run // kw
     nibbles = -(-in_channels // 4)
@@ -86,5 +104,14 @@ def nibble_weights(weight_words: np.ndarray, kh: int, kw: int, in_channels: int)
 
 
 def nibble_sums_fit(kh: int, kw: int, words: int) -> bool:
-    """Whether a dense layer's sums fit the nibble kernel's 16-bit accumulators."""
+    """Whether a dense layer's sums fit the nibble kernel's 16-bit accumulators.
+
+    Args:
+        kh: kernel height.
+        kw: kernel width.
+        words: uint64 words per tap (64 input channels each).
+
+    Returns:
+        True where the largest sum, kh x kw x 64 x words, is at most 65535.
+    """
     return kh * kw * words * 64 <= (1 << 16) - 1

@@ -23,7 +23,6 @@ output channels: 12 byte accumulators in registers, emptied into 16-bit ones eve
 """
 from __future__ import annotations
 
-import functools
 import platform
 
 import numpy as np
@@ -43,13 +42,23 @@ CHUNK = 63           # steps a byte accumulator takes without overflow (4 per st
 POPCOUNTS = np.array([[bin(x ^ m).count("1") for m in range(16)] for x in range(16)], np.uint8).reshape(-1)
 
 
-@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether this CPU runs the nibble kernel: x86-64 with AVX2."""
+    """Whether this CPU runs the nibble kernel.
+
+    Returns:
+        True on x86-64 with AVX2 (what LLVM reports for the host).
+    """
+    return _AVX2
+
+
+def _host_has_avx2() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     from llvmlite import binding
     return bool(binding.get_host_cpu_features().get("avx2", False))
+
+
+_AVX2 = _host_has_avx2()
 
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -291,3 +300,15 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
                     if oy == oh:
                         oy = 0
                         n += 1
+
+
+@njit(cache=True, parallel=True)
+def nibble_peak(act, weights, table, reps, out):
+    """The nibble kernel's microbenchmark: its inner loop (`tile_popcounts`, 4 rows of 48
+    steps, six positions by 64 channels) `reps` times over per thread, every operand in L1;
+    out, uint16 [threads, 6, 64], receives each thread's last sums. 4 x 6 x 64 x 192 binary
+    MACs a repetition."""
+    for t in prange(out.shape[0]):
+        offsets = np.arange(6).astype(np.int64) * 48
+        for _ in range(reps):
+            tile_popcounts(act, offsets, table, weights, 0, 64, 4, 48, 0, out[t])

@@ -78,7 +78,14 @@ def _single(value) -> int | None:
 
 
 def fits(pool: nn.Module) -> bool:
-    """A square MaxPool2d the kernel runs: no dilation, floor mode, no indices."""
+    """Whether `FastMaxPool2d` can run a module.
+
+    Args:
+        pool: any module.
+
+    Returns:
+        True for a square nn.MaxPool2d with no dilation, floor mode and no indices.
+    """
     return (type(pool) is nn.MaxPool2d and None not in (_single(pool.kernel_size), _single(pool.stride),
                                                        _single(pool.padding))
             and _single(pool.dilation) == 1 and not pool.ceil_mode and not pool.return_indices)
@@ -121,7 +128,14 @@ class FastMaxPool2d(nn.Module):
 
 
 def speed_up_pools(model: nn.Module) -> int:
-    """Run each `fits` MaxPool2d of the model as a FastMaxPool2d, in place; returns how many."""
+    """Run each `fits` MaxPool2d of the model as a FastMaxPool2d, in place.
+
+    Args:
+        model: a packed model.
+
+    Returns:
+        How many max-pools were swapped.
+    """
     swapped = 0
     for name, module in list(model.named_modules()):
         if fits(module):

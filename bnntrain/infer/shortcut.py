@@ -141,8 +141,15 @@ def pooled_pointwise(x, w, bias, block, pooled, out, parts):
 
 
 def fits(shortcut: nn.Module) -> bool:
-    """A shortcut of a 2 x 2 average pool (stride 2, no padding) and a 1x1 conv with bias
-    (Identity layers aside)."""
+    """Whether `PooledPointwise` can run a shortcut.
+
+    Args:
+        shortcut: a block's shortcut module.
+
+    Returns:
+        True for an nn.Sequential of a 2 x 2 average pool (stride 2, no padding) and a 1x1
+            conv with bias, Identity layers aside.
+    """
     if not isinstance(shortcut, nn.Sequential):
         return False
     layers = [m for m in shortcut if not isinstance(m, nn.Identity)]
@@ -212,8 +219,14 @@ class PooledPointwise(nn.Module):
 
 
 def speed_up_shortcuts(model: nn.Module) -> int:
-    """Run each `fits` shortcut of the model's fused blocks as a PooledPointwise, in place;
-    returns how many."""
+    """Run each `fits` shortcut of the model's fused blocks as a PooledPointwise, in place.
+
+    Args:
+        model: a packed model after `fuse_blocks`.
+
+    Returns:
+        How many shortcuts were swapped.
+    """
     from .fused import FusedBinaryBlock  # it imports the packed layer, which imports numba's kernels
     swapped = 0
     for block in model.modules():
