@@ -16,7 +16,8 @@ def awkward(batch, channels, size):
     """Random values with NaNs, infinities and signed zeros where windows meet them."""
     x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(size))
     x[:, 0, 1, 1] = float("nan")
-    x[:, 1, 2:4, 2:4] = float("nan")  # several NaNs in a window: the first wins (its bits)
+    payloads = torch.tensor([0x7FC00001, 0x7FC00002, 0xFFC00003, 0x7FA00004], dtype=torch.int64).to(torch.int32)
+    x[:, 1, 2:4, 2:4] = payloads.view(torch.float32).view(2, 2)  # several NaNs in a window: the last wins (its bits)
     x[:, 2] = -0.0
     x[:, 2, ::2, ::3] = 0.0  # ties of -0.0 and +0.0: the first seen stays
     x[:, 3] = float("-inf")

@@ -27,7 +27,8 @@ def images(batch, channels, size):
 
 
 # (batch, in, out, size): ResNet-18's three shortcuts at 224 px (PyTorch runs the last at batch 1
-# as MKL's sgemm, the others as oneDNN's 1x1 conv), and channels that fill no vector.
+# as MKL's sgemm, the others as oneDNN's 1x1 conv), and channels that fill no vector (the last
+# shape: PyTorch sums it in an order of its own).
 SHAPES = [(1, 64, 128, 56), (1, 128, 256, 28), (1, 256, 512, 14), (2, 256, 512, 14), (3, 96, 200, 9), (1, 20, 7, 6)]
 
 
@@ -42,7 +43,10 @@ def test_equals_pytorch_bit_for_bit(shape):
         first, second = fast(x), fast(x)  # the first batch of a shape chooses, the second runs the choice
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert second.is_contiguous(memory_format=torch.channels_last)
-    if (batch, cin, size) == (1, 64, 56):  # oneDNN's one block: the numba path runs
+    # The numba path ran wherever PyTorch sums in one of the orders it knows (all but the last
+    # shape here, whose backend sums otherwise: that one stays PyTorch's).
+    assert (list(fast.block.values()) == [None]) == (shape == SHAPES[-1])
+    if (batch, cin, size) == (1, 64, 56):  # oneDNN's 1x1 kernel: one block
         assert list(fast.block.values()) == [cin]
 
 
@@ -61,6 +65,8 @@ def test_pytorch_runs_what_the_kernel_does_not():
     layers = downsample(16, 32, ceil_mode=True)
     fast = shortcut.PooledPointwise(layers)
     with torch.inference_mode():
+        training = downsample(16, 32).train()
+        assert shortcut.PooledPointwise(training).training  # a training shortcut: PyTorch's, whatever the input
         odd = images(1, 16, 9)  # ceil_mode's last window has a divisor of its own
         assert torch.equal(fast(odd), layers(odd)) and list(fast.block.values()) == [None]
         even = images(1, 16, 8)

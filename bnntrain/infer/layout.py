@@ -1,5 +1,5 @@
-"""How the packed layers lay out their weights and share their work: pure Python and numpy,
-so that it imports where numba is not installed.
+"""How the packed layers lay out their weights and share their work: numpy and torch, no
+numba, so that it imports where numba is not installed.
 
 Words. +-1 weights pack 64 input channels to a uint64 word (bit c % 64 of word c // 64 set
 for +1, the bits past the last channel 0), the output channel innermost (`pack_weight`), the

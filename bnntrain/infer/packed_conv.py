@@ -277,6 +277,8 @@ class PackedBinaryConv2d(nn.Module):
             nibbles.binary_conv_nibbles(signs, *self._nibble_arguments, out, *epilogue, threshold, as_words, as_nibbles,
                                         threads, nibbles.GROUP)
         else:
+            if signs.dtype != np.uint64:  # nibbles, handed on by a block planned before this layer's kernel changed
+                signs = self.pack(x)
             (sh, sw), (ph, pw) = self.stride, self.padding
             block = channel_block(n * shape[1], self.out_channels, threads)
             self.kernels.binary_conv_dense(signs, self.weight_words, self.scale, self.bias, sh, sw, ph, pw,

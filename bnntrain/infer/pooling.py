@@ -1,14 +1,14 @@
 """Max pooling on channels-last tensors in numba, with PyTorch's outputs bit for bit.
 
 Why. A ResNet stem's 3 x 3 max-pool (stride 2, padding 1) reads 64 x 112 x 112 floats per
-image. PyTorch's channels-last kernel takes about 0.3 ms for it at batch 1 on two cores; the
-same pass vectorized over the channels, the nine taps of an interior window unrolled, takes
-less than half of that.
+image. PyTorch's channels-last kernel took 0.33 ms for it at batch 1 on two cores, alone in a
+loop; the same pass vectorized over the channels, the nine taps of an interior window
+unrolled, took 0.14 ms beside it.
 
 Exactness. A maximum involves no rounding; what has to match is which value wins: PyTorch
 starts from -inf and scans the window row by row, a value replacing the maximum where it is
-greater or NaN. So the first NaN wins, and of -0.0 and +0.0 the first seen stays. `take` is
-that rule; `FastMaxPool2d` also checks its first batch of each shape against PyTorch's module
+greater or NaN. So the last NaN of a window wins (its bits), and of -0.0 and +0.0 the first
+seen stays. `take` is that rule; `FastMaxPool2d` also checks its first batch of each shape against PyTorch's module
 and keeps the module for a shape where any bit differs.
 """
 from __future__ import annotations

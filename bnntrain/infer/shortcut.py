@@ -212,7 +212,7 @@ class PooledPointwise(nn.Module):
         if x.shape[2] >= 2 and x.shape[3] >= 2 and not (odd and self.even_only):
             for block in BLOCKS:
                 length = x.shape[1] if block is None else block
-                if torch.equal(self._run(x, length), expected):
+                if torch.equal(self._run(x, length).view(torch.int32), expected.view(torch.int32)):  # every bit
                     self.block[key] = length
                     break
         return expected
