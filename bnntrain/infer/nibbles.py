@@ -153,6 +153,16 @@ def _position(p, plane, ow):
     return n, oy, p - n * plane - oy * ow
 
 
+@njit(cache=True, inline="always")
+def _next_position(n, oy, ox, oh, ow):
+    # The output position after (n, oy, ox), row by row through the batch.
+    if ox + 1 < ow:
+        return n, oy, ox + 1
+    if oy + 1 < oh:
+        return n, oy + 1, 0
+    return n + 1, 0, 0
+
+
 @njit(cache=True, parallel=True)
 def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_w, pad_h, pad_w, in_channels, out,
                         post, residual, mode, next_threshold, signs, next_nib, parts, group):
@@ -201,13 +211,7 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
             for j in range(6):
                 if j < count:
                     offsets[j] = ((n * hp + oy * stride_h) * wp + ox * stride_w) * cn
-                    ox += 1
-                    if ox == ow:
-                        ox = 0
-                        oy += 1
-                        if oy == oh:
-                            oy = 0
-                            n += 1
+                    n, oy, ox = _next_position(n, oy, ox, oh, ow)
                 else:  # a last unit's spare lanes repeat its last position
                     offsets[j] = offsets[count - 1]
             tile_popcounts(act, offsets, table, weights, block * kh * run * 64, 64, kh, run, wp * cn, sums)
@@ -232,13 +236,7 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
                                   next_pad_w)
                 elif pack_next:
                     _pack_position(out, next_threshold, signs, n, oy, ox, o0, o0 + width)
-                ox += 1
-                if ox == ow:
-                    ox = 0
-                    oy += 1
-                    if oy == oh:
-                        oy = 0
-                        n += 1
+                n, oy, ox = _next_position(n, oy, ox, oh, ow)
 
 
 @njit(cache=True, parallel=True)
