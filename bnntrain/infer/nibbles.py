@@ -31,6 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
+from .ir_loops import in_chunks
 from .kernels import _ceil_div, _finish, _pack_position
 from .layout import NIBBLE_BLOCK
 from .nibble_packing import words_to_nibbles, write_nibbles, zero_border
@@ -109,16 +110,11 @@ def tile_popcounts(typingctx, act, offsets, table, weights, first, stride, rows,
         wide = [[cgutils.alloca_once_value(builder, ir.Constant(_W32, None)) for _ in range(groups)]
                 for _ in range(POSITIONS)]
         narrow = [[cgutils.alloca_once(builder, _V32) for _ in range(groups)] for _ in range(POSITIONS)]
-        chunk = ir.Constant(_I64, CHUNK)
-        chunks = builder.sdiv(builder.add(run, ir.Constant(_I64, CHUNK - 1)), chunk)
         with cgutils.for_range(builder, rows) as row_loop:
             row = row_loop.index
             row_acts = [builder.gep(s, [builder.mul(row, row_step)]) for s in starts]
             row_weights = builder.gep(w_arr.data, [builder.add(first, builder.mul(builder.mul(row, run), stride))])
-            with cgutils.for_range(builder, chunks) as chunk_loop:
-                t0 = builder.mul(chunk_loop.index, chunk)
-                steps = builder.sub(run, t0)
-                steps = builder.select(builder.icmp_signed("<", steps, chunk), steps, chunk)
+            with in_chunks(builder, run, ir.Constant(_I64, CHUNK)) as (t0, steps):
                 for acc in (a for accs in narrow for a in accs):
                     builder.store(ir.Constant(_V32, None), acc)
                 with cgutils.for_range(builder, steps) as step_loop:

@@ -26,6 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor, nn
 
+from .buffers import POOL
+from .ir_loops import in_chunks
 from .kernels import _ceil_div
 
 POSITIONS = 6   # output positions per work unit
@@ -67,11 +69,7 @@ def fma_tile(typingctx, x, offsets, w, first, stride, steps, block, bias, out):
             for _ in range(POSITIONS)]
         accs = [[cgutils.alloca_once(builder, _V8) for _ in range(vectors)] for _ in range(POSITIONS)]
         splat = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-        blocks = builder.sdiv(builder.add(steps, builder.sub(block, ir.Constant(_I64, 1))), block)
-        with cgutils.for_range(builder, blocks) as block_loop:
-            t0 = builder.mul(block_loop.index, block)
-            count = builder.sub(steps, t0)
-            count = builder.select(builder.icmp_signed("<", count, block), count, block)
+        with in_chunks(builder, steps, block) as (t0, count):
             for acc in (a for row in accs for a in row):
                 builder.store(ir.Constant(_V8, None), acc)
             with cgutils.for_range(builder, count) as loop:
@@ -200,7 +198,7 @@ class PooledPointwise(nn.Module):
     def _run(self, x: Tensor, block: int) -> Tensor:
         n, c, h, w = x.shape
         out = torch.empty((n, self.out_channels, h // 2, w // 2), memory_format=torch.channels_last)
-        pooled = np.empty((n * (h // 2) * (w // 2), c), np.float32)
+        pooled = POOL.empty((n * (h // 2) * (w // 2), c), np.float32)  # scratch, reused across calls
         pooled_pointwise(x.permute(0, 2, 3, 1).numpy(), self.weight, self.bias, block, pooled,
                          out.permute(0, 2, 3, 1).numpy(), torch.get_num_threads())
         return out
