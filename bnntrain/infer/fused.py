@@ -91,24 +91,35 @@ class FusedBinaryBlock(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32
-                or x.device.type != "cpu"):
-            return self.block(x)  # its packed conv says so where the device is wrong
-        conv = self.conv
-        # x's signs (and its NHWC array), where the block before packed them for this conv in
-        # its own output pass: not if a hook could have changed x in place since (a forward
-        # hook on that block, a pre-hook on this one), nor if x's version says it was changed.
-        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
-        handed = None if hooked or self._forward_pre_hooks else getattr(x, "packed_signs", None)
-        if handed is not None and (handed[0] is not conv or handed[2] != _version(x)):
-            handed = None
+    def inputs(self, x: Tensor, hooked: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """The conv's packed input, where the block before packed it in its own output pass
+        (None: the conv packs it), and the residual to add (NHWC), for a channels-last x.
+
+        Args:
+            x: the block's input, float32, channels-last.
+            hooked: a hook could have changed x in place since it was made (a forward hook on
+                the block before, a pre-hook on this one): its handed signs are not used.
+
+        Returns:
+            (signs or None, residual as a float32 NHWC array).
+        """
+        handed = None if hooked else getattr(x, "packed_signs", None)
+        if handed is not None and (handed[0] is not self.conv or handed[2] != _version(x)):
+            handed = None  # packed for another layer, or x changed in place since (its version)
         if self.identity_shortcut:
             residual = handed[3] if handed is not None else x.detach().permute(0, 2, 3, 1).numpy()
         else:
             residual = self.block.shortcut(x).contiguous(memory_format=torch.channels_last).detach().permute(
                 0, 2, 3, 1).numpy()
-        signs = None if handed is None else handed[1]
+        return (None if handed is None else handed[1]), residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not x.is_contiguous(memory_format=torch.channels_last) or x.dtype != torch.float32
+                or x.device.type != "cpu"):
+            return self.block(x)  # its packed conv says so where the device is wrong
+        conv = self.conv
+        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
+        signs, residual = self.inputs(x, hooked or bool(self._forward_pre_hooks))
         hand_on = None if hooked or self._forward_hooks else self.next_layer
         epilogue = (self.post, residual, self.mode)
         if (hooked or conv._forward_hooks or conv._forward_pre_hooks or x.shape[1] != conv.in_channels

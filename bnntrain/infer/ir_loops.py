@@ -1,4 +1,4 @@
-"""A loop shape the kernels' LLVM IR (`nibbles.tile_popcounts`, `shortcut.fma_tile`) shares:
+"""A loop shape the kernels' LLVM IR (`nibbles.tile_popcounts`, `fma.fma_tile`) shares:
 a count of steps taken in chunks of at most a given length, each chunk with accumulators of its
 own (bytes that must not overflow; PyTorch's blocks of sums)."""
 from __future__ import annotations

@@ -32,7 +32,7 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .ir_loops import in_chunks
-from .kernels import _ceil_div, _finish, _pack_position
+from .kernels import _ceil_div, _finish, _next_position, _pack_position, _position
 from .layout import NIBBLE_BLOCK
 from .nibble_packing import words_to_nibbles, write_nibbles, zero_border
 
@@ -140,23 +140,6 @@ def tile_popcounts(typingctx, act, offsets, table, weights, first, stride, rows,
         return context.get_dummy_value()
 
     return signature, codegen
-
-
-@njit(cache=True, inline="always")
-def _position(p, plane, ow):
-    n = p // plane
-    oy = (p - n * plane) // ow
-    return n, oy, p - n * plane - oy * ow
-
-
-@njit(cache=True, inline="always")
-def _next_position(n, oy, ox, oh, ow):
-    # The output position after (n, oy, ox), row by row through the batch.
-    if ox + 1 < ow:
-        return n, oy, ox + 1
-    if oy + 1 < oh:
-        return n, oy + 1, 0
-    return n + 1, 0, 0
 
 
 @njit(cache=True, parallel=True)

@@ -141,21 +141,25 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
                           f"activations and binary weights (a stage-2 export); strict=false runs such layers "
                           f"as float convs")
     model.fallbacks = left  # model.export_config: set by packed.load, which read (and checked) the file once
-    model.fused_blocks = 0
+    model.fused_blocks = model.chained_blocks = 0
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.register_forward_pre_hook(_to_channels_last)
         if fuse:
+            from .chain import chain_runs
             from .fused import fuse_blocks  # it imports this module
             from .pooling import speed_up_pools
             from .shortcut import speed_up_shortcuts
             from .stem import chunk_stem
+            from .stem_conv import speed_up_stem_convs
             config = model.export_config
             probe = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],
                                 generator=torch.Generator().manual_seed(0))
             model.fused_blocks = fuse_blocks(model, probe)
             speed_up_shortcuts(model)
             speed_up_pools(model)
+            model.chained_blocks = chain_runs(model, probe)
+            speed_up_stem_convs(model)
             chunk_stem(model)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)

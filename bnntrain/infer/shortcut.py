@@ -20,79 +20,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 from torch import Tensor, nn
 
 from .buffers import POOL
-from .ir_loops import in_chunks
+from .fma import CHANNELS, POSITIONS, fma_tile
 from .kernels import _ceil_div
 
-POSITIONS = 6   # output positions per work unit
-CHANNELS = 16   # output channels per work unit: two vectors of 8
 BLOCKS = (None, 128, 64, 256)  # block lengths tried (None: all input channels in one block)
-
-_F = ir.FloatType()
-_V8 = ir.VectorType(_F, 8)
-_I64 = ir.IntType(64)
-
-
-@intrinsic
-def fma_tile(typingctx, x, offsets, w, first, stride, steps, block, bias, out):
-    """For POSITIONS positions p and CHANNELS channels o: starting from bias[first_o + o]
-    (first_o = first mod stride), for each block of `block` steps, out += the fused
-    multiply-add chain from zero of x[offsets[p] + t] x w[first + t x stride + o] over the
-    block's steps t; the results to out (float32 [POSITIONS, CHANNELS]). x, w, bias: float32,
-    1-D, contiguous; offsets: int64 [POSITIONS]."""
-    if not (all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in (x, w, bias, out))
-            and isinstance(offsets, types.Array) and offsets.dtype == types.int64):
-        return None
-    signature = types.void(x, offsets, w, types.intp, types.intp, types.intp, types.intp, bias, out)
-
-    def codegen(context, builder, sig, args):
-        x_arr, o_arr, w_arr = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(3))
-        b_arr, out_arr = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (7, 8))
-        first, stride, steps, block = args[3:7]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8] * 3), "llvm.fma.v8f32")
-        vectors = CHANNELS // 8
-
-        def vector_at(pointer, index):
-            return builder.bitcast(builder.gep(pointer, [index]), _V8.as_pointer())
-
-        starts = [builder.gep(x_arr.data, [builder.load(builder.gep(o_arr.data, [ir.Constant(_I64, p)]))])
-                  for p in range(POSITIONS)]
-        bias_at = builder.srem(first, stride)
-        results = [[cgutils.alloca_once_value(builder, builder.load(vector_at(
-            b_arr.data, builder.add(bias_at, ir.Constant(_I64, 8 * v))), align=4)) for v in range(vectors)]
-            for _ in range(POSITIONS)]
-        accs = [[cgutils.alloca_once(builder, _V8) for _ in range(vectors)] for _ in range(POSITIONS)]
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-        with in_chunks(builder, steps, block) as (t0, count):
-            for acc in (a for row in accs for a in row):
-                builder.store(ir.Constant(_V8, None), acc)
-            with cgutils.for_range(builder, count) as loop:
-                t = builder.add(t0, loop.index)
-                w_at = builder.add(first, builder.mul(t, stride))
-                weights = [builder.load(vector_at(w_arr.data, builder.add(w_at, ir.Constant(_I64, 8 * v))), align=4)
-                           for v in range(vectors)]
-                for p in range(POSITIONS):
-                    value = builder.insert_element(ir.Constant(_V8, None), builder.load(builder.gep(starts[p], [t])),
-                                                   ir.Constant(ir.IntType(32), 0))
-                    value = builder.shuffle_vector(value, value, splat)
-                    for v in range(vectors):
-                        builder.store(builder.call(fma, [value, weights[v], builder.load(accs[p][v])]), accs[p][v])
-            for p in range(POSITIONS):
-                for v in range(vectors):
-                    builder.store(builder.fadd(builder.load(accs[p][v]), builder.load(results[p][v])), results[p][v])
-        for p in range(POSITIONS):
-            for v in range(vectors):
-                at = vector_at(out_arr.data, ir.Constant(_I64, p * CHANNELS + 8 * v))
-                builder.store(builder.load(results[p][v]), at, align=4)
-        return context.get_dummy_value()
-
-    return signature, codegen
 
 
 @njit(cache=True, parallel=True)
