@@ -7,7 +7,9 @@ network, side by side, so that the gap between the two runtimes can be read laye
 The network is built as scripts/bench_infer.py builds it (stage 2, random weights and
 trained-looking BN statistics, 224 px), exported and loaded with `bnntrain.infer.load`.
 bnntrain.infer: the time of each module the model runs (a fused block, a packed layer, or a
-PyTorch leaf module), from forward hooks, summed by kind; OpenVINO: its CPU plugin's own
+PyTorch leaf module), from forward hooks, summed by kind (hooked, the runs of blocks that
+`bnntrain.infer.chain` runs in one call run block by block: the total, without hooks, is the
+model's own); OpenVINO: its CPU plugin's own
 per-node counters (`PERF_COUNT`), summed by node type (with the kernel that ran it). Each runtime
 runs alone, `--rounds` times after a warm-up, and the per-round sums are medians: a profile
 says where the time goes, scripts/bench_infer.py measures which runtime is faster.
@@ -34,11 +36,12 @@ from bnntrain import infer  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.infer.fused import FusedBinaryBlock  # noqa: E402
 from bnntrain.infer.pooling import FastMaxPool2d  # noqa: E402
+from bnntrain.infer.stem_conv import DirectConv2d  # noqa: E402
 
 # What a module of each kind does, for the table (a PyTorch leaf otherwise: its class name).
 KINDS = {FusedBinaryBlock: "binary block: conv, BN, shortcut, activation, next signs",
          infer.PackedBinaryConv2d: "binary conv (packing its input)",
-         FastMaxPool2d: "MaxPool2d (numba)"}
+         FastMaxPool2d: "MaxPool2d (numba)", DirectConv2d: "Conv2d (numba)"}
 SHORTCUT = "shortcut of a fused block: pooling, 1x1 conv, BN"
 
 

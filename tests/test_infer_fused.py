@@ -23,10 +23,11 @@ from bnntrain.infer import fused  # noqa: E402
 numba.set_num_threads(1)  # the suite's two workers share two cores
 
 
-def exported(tmp_path, model_name: str, image_size: int = 32):
+def exported(tmp_path, model_name: str, image_size: int = 32, *overrides: str):
     """A 1/4-width stage-2 model with random BN statistics, RPReLU shifts and slopes and RSign
-    thresholds, exported to tmp_path/m.bnn."""
-    cfg = make("stage='2'", "data=synthetic", f"data.image_size={image_size}", "model.width=0.25", f"model={model_name}")
+    thresholds, exported to tmp_path/m.bnn; `overrides`: more config overrides."""
+    cfg = make("stage='2'", "data=synthetic", f"data.image_size={image_size}", "model.width=0.25", f"model={model_name}",
+               *overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, in_channels=3)
     randomize_batchnorms(model)

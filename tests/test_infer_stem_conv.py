@@ -12,7 +12,7 @@ from test_infer_fused import exported
 
 numba = need("numba", extra="infer")
 from bnntrain import infer  # noqa: E402  (needs numba)
-from bnntrain.infer import stem, stem_conv  # noqa: E402
+from bnntrain.infer import pooling, stem, stem_conv  # noqa: E402
 
 numba.set_num_threads(1)  # the suite's two workers share two cores
 
@@ -96,8 +96,32 @@ def test_other_inputs_run_the_conv():
     assert not stem_conv.fits(nn.Conv2d(3, 16, 3, padding="same"))
 
 
+@pytest.mark.parametrize("window", [(3, 2, 1), (2, 2, 0), (3, 1, 1)], ids=["resnet", "2x2", "stride1"])
+def test_max_pool_after_the_conv_keeps_pytorchs_rule(window):
+    """Conv and max-pool in one pass: NaNs of distinct payloads (the last of a window wins),
+    infinities and signed zeros pass a 1x1 conv of weight 1 and bias -0.0 as they are."""
+    conv = nn.Conv2d(1, 20, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.fill_(-0.0)
+    values = torch.randn(2, 1, 9, 11, generator=torch.Generator().manual_seed(3))
+    bits = values.view(torch.int32)
+    bits[0, 0, 0, :4] = torch.tensor([0x7FC00001, 0x7FC00002, 0x7FC00003, 0x7FC00004], dtype=torch.int32)  # NaNs
+    bits[0, 0, 3, 3:6] = torch.tensor([0x7FC00005, 0x7FC00006, 0x7FC00007], dtype=torch.int32)  # inside a window
+    values[0, 0, 2, 2:5] = torch.tensor([float("inf"), -float("inf"), -0.0])
+    values[1, 0, 4, 4:8] = torch.tensor([-0.0, 0.0, 0.0, -0.0])
+    x = values.contiguous(memory_format=torch.channels_last)
+    pool = pooling.FastMaxPool2d(nn.MaxPool2d(*window))
+    fused = stem_conv.DirectConvMaxPool(conv, pool)
+    with torch.inference_mode():
+        expected = pool.pool(conv(x))
+        got = fused._run(x)
+    assert torch.equal(got.contiguous().view(torch.int32), expected.contiguous().view(torch.int32))
+    assert torch.isnan(expected).any()  # the NaNs reached the pool
+
+
 def test_load_runs_the_stem_conv_in_numba(tmp_path):
-    path = exported(tmp_path, "reactnet18", image_size=32)
+    path = exported(tmp_path, "reactnet18", 32)
     model = infer.load(path)
     chunked = model.stem
     assert isinstance(chunked, stem.ChunkedStem) and isinstance(chunked.stem[0], stem_conv.DirectConv2d)
@@ -106,4 +130,18 @@ def test_load_runs_the_stem_conv_in_numba(tmp_path):
     with torch.inference_mode():
         assert torch.equal(model(x), reference(x)) and torch.equal(model(x), reference(x))
     checked = list(chunked.stem[0].fast.values())
+    assert checked and all(checked)
+
+
+def test_load_runs_an_imagenet_stem_with_its_max_pool(tmp_path):
+    path = exported(tmp_path, "birealnet18", 64, "model.stem=imagenet")
+    model = infer.load(path)
+    layers = list(model.stem.stem)
+    assert isinstance(layers[0], stem_conv.DirectConvMaxPool)
+    assert not any(isinstance(m, (nn.MaxPool2d, pooling.FastMaxPool2d)) for m in layers[1:])  # the pool runs in it
+    reference = infer.load(path, fuse=False)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x)) and torch.equal(model(x), reference(x))
+    checked = list(layers[0].fast.values())
     assert checked and all(checked)

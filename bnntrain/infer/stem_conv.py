@@ -23,9 +23,27 @@ from torch import Tensor, nn
 from .buffers import POOL
 from .fma import CHANNELS, POSITIONS, fma_rows
 from .kernels import _ceil_div, _next_position, _position
+from .pooling import FastMaxPool2d, take
 
 MAX_IN_CHANNELS = 8  # the convs whose order was checked: an image's channels
 GROUP = 8            # tiles a thread takes block by block
+
+
+@njit(cache=True, parallel=True)
+def pad_input(x, pad_h, pad_w, padded):
+    """padded = x (float32 NHWC) in a border of pad_h rows and pad_w columns of zeros."""
+    n_, h_, w_, c_ = x.shape
+    hp, wp = padded.shape[1], padded.shape[2]
+    rows, into = x.reshape(n_ * h_, w_ * c_), padded.reshape(n_ * hp, wp * c_)
+    left, right = pad_w * c_, (pad_w + w_) * c_
+    for row in prange(n_ * hp):
+        y = row % hp - pad_h
+        if 0 <= y < h_:
+            into[row, :left] = 0
+            into[row, left:right] = rows[(row // hp) * h_ + y]
+            into[row, right:] = 0
+        else:
+            into[row] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -40,16 +58,7 @@ def direct_conv(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, padded, ou
     n_, h_, w_, c_ = x.shape
     hp, wp = padded.shape[1], padded.shape[2]
     oh, ow, og = out.shape[1], out.shape[2], out.shape[3]
-    rows, into = x.reshape(n_ * h_, w_ * c_), padded.reshape(n_ * hp, wp * c_)
-    left, right = pad_w * c_, (pad_w + w_) * c_
-    for row in prange(n_ * hp):  # the input, in a zero border
-        y = row % hp - pad_h
-        if 0 <= y < h_:
-            into[row, :left] = 0
-            into[row, left:right] = rows[(row // hp) * h_ + y]
-            into[row, right:] = 0
-        else:
-            into[row] = 0
+    pad_input(x, pad_h, pad_w, padded)
     blocks, taps = w.shape[0], w.shape[1]
     positions = n_ * oh * ow
     tiles = _ceil_div(positions, POSITIONS)
@@ -80,6 +89,79 @@ def direct_conv(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, padded, ou
                 for i in range(min(CHANNELS, og - o0)):
                     out[n, oy, ox, o0 + i] = sums[j, i] + bias[o0 + i]
                 n, oy, ox = _next_position(n, oy, ox, oh, ow)
+
+
+@njit(cache=True, parallel=True)
+def conv_max_pool(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, pool, pool_stride, pool_pad, padded, ring,
+                  out, parts):
+    """max_pool2d(direct_conv's output) with PyTorch's rule (`pooling.take`), bit for bit, with
+    no conv output in memory: each thread computes the conv rows its pooled rows need, row by
+    row, into its share of `ring` (float32 [parts, pool, OW, O rounded up]: conv row y in slot
+    y mod pool) and pools them from there (in cache) into out (float32 [N, POH, POW, O]).
+    The other arguments are direct_conv's and max_pool_nhwc's."""
+    n_, h_, w_, c_ = x.shape
+    pad_input(x, pad_h, pad_w, padded)
+    hp, wp = padded.shape[1], padded.shape[2]
+    oh, ow = (hp - kh) // stride_h + 1, (wp - kw) // stride_w + 1
+    poh, pw_, og = out.shape[1], out.shape[2], out.shape[3]
+    blocks, taps = w.shape[0], w.shape[1]
+    flat, weights = padded.reshape(-1), w.reshape(-1)
+    rows = n_ * poh
+    parts = max(1, min(rows, parts))
+    for part in prange(parts):
+        offsets = np.empty(POSITIONS, np.int64)
+        sums = np.empty((POSITIONS, CHANNELS), np.float32)
+        conv_rows = ring[part]
+        done_n, done_y = -1, -1  # the last conv row computed
+        for r in range(part * rows // parts, (part + 1) * rows // parts):
+            n = r // poh
+            y0 = (r - n * poh) * pool_stride - pool_pad
+            y1, y0 = min(oh, y0 + pool), max(0, y0)
+            for y in range(y0, y1):
+                if n == done_n and y <= done_y:
+                    continue
+                into = conv_rows[y % pool]
+                for block in range(blocks):  # a block's weights stay in L1 for the row
+                    o0 = block * CHANNELS
+                    for first in range(0, ow, POSITIONS):
+                        count = min(POSITIONS, ow - first)
+                        for j in range(POSITIONS):  # spare lanes repeat the last position
+                            offsets[j] = ((n * hp + y * stride_h) * wp + (first + min(j, count - 1)) * stride_w) * c_
+                        fma_rows(flat, offsets, weights, block * taps * CHANNELS, CHANNELS, kh, kw * c_, wp * c_, sums)
+                        for j in range(count):
+                            for i in range(CHANNELS):
+                                into[first + j, o0 + i] = sums[j, i] + bias[o0 + i]
+                done_n, done_y = n, y
+            _pool_row(conv_rows, y0, y1, pool, pool_stride, pool_pad, out[n, r - n * poh])
+
+
+@njit(cache=True, inline="always")
+def _pool_row(conv_rows, y0, y1, pool, stride, pad, dst):
+    # One pooled row from conv rows y0 to y1 (slot y mod pool of conv_rows [pool, OW, O+]):
+    # PyTorch's scan, row by row from -inf, a 3 x 3 window unrolled (vectorized over channels).
+    ow, og = conv_rows.shape[1], dst.shape[1]
+    top, middle, bottom = conv_rows[y0 % pool], conv_rows[(y0 + 1) % pool], conv_rows[(y0 + 2) % pool]
+    for px in range(dst.shape[0]):
+        x0 = px * stride - pad
+        x1, x0 = min(ow, x0 + pool), max(0, x0)
+        into = dst[px]
+        if pool == 3 and y1 - y0 == 3 and x1 - x0 == 3:
+            left, centre, right = top[x0], top[x0 + 1], top[x0 + 2]
+            for c in range(og):
+                into[c] = take(right[c], take(centre[c], take(left[c], np.float32(-np.inf))))
+            left, centre, right = middle[x0], middle[x0 + 1], middle[x0 + 2]
+            for c in range(og):
+                into[c] = take(right[c], take(centre[c], take(left[c], into[c])))
+            left, centre, right = bottom[x0], bottom[x0 + 1], bottom[x0 + 2]
+            for c in range(og):
+                into[c] = take(right[c], take(centre[c], take(left[c], into[c])))
+        else:
+            for c in range(og):
+                best = np.float32(-np.inf)
+                for y in range(y0, y1):
+                    for xx in range(x0, x1):
+                        best = take(conv_rows[y % pool, xx, c], best)
+                into[c] = best
 
 
 def fits(conv: nn.Module) -> bool:
@@ -118,24 +200,60 @@ class DirectConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if (self.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4
                 or not x.is_contiguous(memory_format=torch.channels_last) or x.requires_grad):
-            return self.conv(x)
+            return self.reference(x)
         key = (tuple(x.shape), torch.get_num_threads())
         fast = self.fast.get(key)
         if fast is None:
-            expected = self.conv(x)
+            expected = self.reference(x)
             self.fast[key] = torch.equal(self._run(x).view(torch.int32), expected.view(torch.int32))  # every bit
             return expected
-        return self._run(x) if fast else self.conv(x)
+        return self._run(x) if fast else self.reference(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """What this module computes, as PyTorch's modules compute it."""
+        return self.conv(x)
+
+    def _geometry(self, x: Tensor) -> tuple:
+        (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
+        n, c, h, w = x.shape
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        padded = POOL.empty((n, h + 2 * ph, w + 2 * pw, c), np.float32)  # scratch, reused across calls
+        return (kh, kw, sh, sw, ph, pw), (n, oh, ow), padded
 
     def _run(self, x: Tensor) -> Tensor:
-        conv = self.conv
-        n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        out = POOL.empty((n, oh, ow, conv.out_channels), np.float32)  # reused once no one holds it
-        padded = POOL.empty((n, h + 2 * ph, w + 2 * pw, c), np.float32)
-        direct_conv(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, kh, kw, sh, sw, ph, pw,
-                    padded, out, torch.get_num_threads())
+        conv, (n, oh, ow), padded = self._geometry(x)
+        out = POOL.empty((n, oh, ow, self.conv.out_channels), np.float32)  # reused once no one holds it
+        direct_conv(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, *conv, padded, out,
+                    torch.get_num_threads())
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+class DirectConvMaxPool(DirectConv2d):
+    """A DirectConv2d and the max-pool after it run together by `conv_max_pool` wherever that
+    gives the pool's outputs on the conv's bit for bit (checked as DirectConv2d checks): the
+    conv's output, 3 MB per image at 224 px, then never goes to memory and back.
+
+    Args:
+        conv: the conv.
+        pool: the max-pool (a FastMaxPool2d, for its kernel, stride and padding).
+    """
+
+    def __init__(self, conv: nn.Conv2d, pool: FastMaxPool2d) -> None:
+        super().__init__(conv)
+        self.pool = pool
+
+    def reference(self, x: Tensor) -> Tensor:
+        return self.pool(self.conv(x))
+
+    def _run(self, x: Tensor) -> Tensor:
+        conv, (n, oh, ow), padded = self._geometry(x)
+        pool = self.pool
+        poh, pw = ((size + 2 * pool.padding - pool.kernel) // pool.stride + 1 for size in (oh, ow))
+        threads = torch.get_num_threads()
+        ring = POOL.empty((threads, pool.kernel, ow, self.weight.shape[0] * CHANNELS), np.float32)
+        out = POOL.empty((n, poh, pw, self.conv.out_channels), np.float32)
+        conv_max_pool(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, *conv, pool.kernel, pool.stride,
+                      pool.padding, padded, ring, out, threads)
         return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
@@ -154,6 +272,13 @@ def speed_up_stem_convs(model: nn.Module) -> int:
     swapped = 0
     for i, layer in enumerate(stem):
         if fits(layer):
-            stem[i] = DirectConv2d(layer)
+            # A max-pool right after it (Identity layers between) runs with it.
+            j = i + 1
+            while j < len(stem) and isinstance(stem[j], nn.Identity):
+                j += 1
+            if j < len(stem) and isinstance(stem[j], FastMaxPool2d):
+                stem[i], stem[j] = DirectConvMaxPool(layer, stem[j]), nn.Identity()
+            else:
+                stem[i] = DirectConv2d(layer)
             swapped += 1
     return swapped
