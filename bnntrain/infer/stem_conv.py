@@ -103,7 +103,7 @@ def conv_max_pool(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, pool, po
     pad_input(x, pad_h, pad_w, padded)
     hp, wp = padded.shape[1], padded.shape[2]
     oh, ow = (hp - kh) // stride_h + 1, (wp - kw) // stride_w + 1
-    poh, pw_, og = out.shape[1], out.shape[2], out.shape[3]
+    poh = out.shape[1]
     blocks, taps = w.shape[0], w.shape[1]
     flat, weights = padded.reshape(-1), w.reshape(-1)
     rows = n_ * poh
