@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from conftest import need
+from test_infer_fused import exported
 
 numba = need("numba", extra="infer")
-from bnntrain.infer import shortcut  # noqa: E402  (needs numba)
+from bnntrain import infer  # noqa: E402  (needs numba)
+from bnntrain.infer import shortcut  # noqa: E402
 
 numba.set_num_threads(1)  # the suite's two workers share two cores
 
@@ -76,3 +78,25 @@ def test_pytorch_runs_what_the_kernel_does_not():
     assert not shortcut.fits(nn.Sequential(nn.AvgPool2d(3, 2), nn.Conv2d(16, 32, 1)))
     assert not shortcut.fits(nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(16, 32, 1, bias=False)))
     assert not shortcut.fits(nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(16, 32, 3)))
+
+
+def test_fused_blocks_take_the_array_unless_a_hook_watches(tmp_path):
+    """`nhwc` hands a fused block the output as an array, once the first batch of a shape has
+    chosen the numba path; a hook on the shortcut makes the block call the module instead."""
+    layers = downsample(64, 128)
+    fast = shortcut.PooledPointwise(layers)
+    x = images(1, 64, 12)
+    with torch.inference_mode():
+        assert fast.nhwc(x) is None  # not chosen yet
+        expected = fast(x)
+        assert torch.equal(torch.from_numpy(fast.nhwc(x)).permute(0, 3, 1, 2), expected)
+        assert fast.nhwc(x.contiguous()) is None
+    model = infer.load(exported(tmp_path, "reactnet18"))
+    block = model.stages[1][0]
+    assert isinstance(block.block.shortcut, shortcut.PooledPointwise)
+    batch = torch.randn(2, 3, 32, 32)
+    seen = []
+    with torch.inference_mode():
+        reference = model(batch)
+        block.block.shortcut.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        assert torch.equal(model(batch), reference) and len(seen) == 1

@@ -107,10 +107,15 @@ class FusedBinaryBlock(nn.Module):
         if handed is not None and (handed[0] is not self.conv or handed[2] != _version(x)):
             handed = None  # packed for another layer, or x changed in place since (its version)
         if self.identity_shortcut:
-            residual = handed[3] if handed is not None else x.detach().permute(0, 2, 3, 1).numpy()
-        else:
-            residual = self.block.shortcut(x).contiguous(memory_format=torch.channels_last).detach().permute(
-                0, 2, 3, 1).numpy()
+            return (None if handed is None else handed[1]), (
+                handed[3] if handed is not None else x.detach().permute(0, 2, 3, 1).numpy())
+        shortcut = self.block.shortcut
+        # A numba shortcut (shortcut.PooledPointwise) hands its array over, where no hook watches it.
+        nhwc = None if hooked or shortcut._forward_hooks or shortcut._forward_pre_hooks else getattr(
+            shortcut, "nhwc", None)
+        residual = nhwc(x) if nhwc is not None else None
+        if residual is None:
+            residual = shortcut(x).contiguous(memory_format=torch.channels_last).detach().permute(0, 2, 3, 1).numpy()
         return (None if handed is None else handed[1]), residual
 
     def forward(self, x: Tensor) -> Tensor:

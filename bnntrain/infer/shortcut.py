@@ -130,12 +130,24 @@ class PooledPointwise(nn.Module):
         block = self.block[key]
         return self.shortcut(x) if block is None else self._run(x, block)
 
+    def nhwc(self, x: Tensor) -> np.ndarray | None:
+        """The output as a float32 NHWC array, where the numba path runs for x (None: call the
+        module), for a fused block that adds it in its kernel: no tensor made, no hooks run."""
+        if (self.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4
+                or not x.is_contiguous(memory_format=torch.channels_last) or x.requires_grad):
+            return None
+        block = self.block.get((tuple(x.shape), torch.get_num_threads()))
+        return None if block is None else self._run_nhwc(x, block)
+
     def _run(self, x: Tensor, block: int) -> Tensor:
+        return torch.from_numpy(self._run_nhwc(x, block)).permute(0, 3, 1, 2)
+
+    def _run_nhwc(self, x: Tensor, block: int) -> np.ndarray:
         n, c, h, w = x.shape
-        out = torch.empty((n, self.out_channels, h // 2, w // 2), memory_format=torch.channels_last)
+        out = POOL.empty((n, h // 2, w // 2, self.out_channels), np.float32)  # reused once no one holds it
         pooled = POOL.empty((n * (h // 2) * (w // 2), c), np.float32)  # scratch, reused across calls
-        pooled_pointwise(x.permute(0, 2, 3, 1).numpy(), self.weight, self.bias, block, pooled,
-                         out.permute(0, 2, 3, 1).numpy(), torch.get_num_threads())
+        pooled_pointwise(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, block, pooled, out,
+                         torch.get_num_threads())
         return out
 
     def _choose(self, x: Tensor, key: tuple) -> Tensor:
