@@ -36,7 +36,7 @@ from bnntrain import infer  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.infer.fused import FusedBinaryBlock  # noqa: E402
 from bnntrain.infer.pooling import FastMaxPool2d  # noqa: E402
-from bnntrain.infer.stem_conv import DirectConv2d  # noqa: E402
+from bnntrain.infer.stem import DirectConv2d  # noqa: E402
 
 # What a module of each kind does, for the table (a PyTorch leaf otherwise: its class name).
 KINDS = {FusedBinaryBlock: "binary block: conv, BN, shortcut, activation, next signs",

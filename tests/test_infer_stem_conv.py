@@ -12,7 +12,7 @@ from test_infer_fused import exported
 
 numba = need("numba", extra="infer")
 from bnntrain import infer  # noqa: E402  (needs numba)
-from bnntrain.infer import pooling, stem, stem_conv  # noqa: E402
+from bnntrain.infer import fused, pooling, stem  # noqa: E402
 
 numba.set_num_threads(1)  # the suite's two workers share two cores
 
@@ -56,7 +56,7 @@ CASES = [(3, 64, 7, 2, 3, 1, 20), (3, 32, 3, 2, 1, 2, 17), (3, 20, 5, 1, 2, 1, 9
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_direct_conv_is_the_chain_formula(case):
     conv, x = conv_and_images(*case)
-    fast = stem_conv.DirectConv2d(conv)
+    fast = stem.DirectConv2d(conv)
     with torch.inference_mode():
         got = fast._run(x)
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -66,7 +66,7 @@ def test_direct_conv_is_the_chain_formula(case):
 def test_without_bias_and_the_order_matters():
     conv, x = conv_and_images(3, 16, 3, 1, 1, 1, 8, bias=False)
     with torch.inference_mode():
-        got = stem_conv.DirectConv2d(conv)._run(x)
+        got = stem.DirectConv2d(conv)._run(x)
     assert torch.equal(got, chain_formula(conv, x))
     # The same sums channel by channel differ in some bit: the test above can tell the orders apart.
     assert not torch.equal(got, chain_formula(conv, x, channels_first=True))
@@ -75,7 +75,7 @@ def test_without_bias_and_the_order_matters():
 @pytest.mark.parametrize("case", [(3, 64, 7, 2, 3, 1, 32), (3, 32, 3, 2, 1, 2, 32)], ids=["resnet", "reactnet_a"])
 def test_the_stems_run_in_numba_with_pytorchs_outputs(case):
     conv, x = conv_and_images(*case)
-    fast = stem_conv.DirectConv2d(conv)
+    fast = stem.DirectConv2d(conv)
     with torch.inference_mode():
         expected = conv(x)
         first, second = fast(x), fast(x)  # the first batch of a shape checks, the second runs the choice
@@ -85,15 +85,15 @@ def test_the_stems_run_in_numba_with_pytorchs_outputs(case):
 
 def test_other_inputs_run_the_conv():
     conv, x = conv_and_images(3, 16, 3, 1, 1, 1, 8)
-    fast = stem_conv.DirectConv2d(conv)
+    fast = stem.DirectConv2d(conv)
     with torch.inference_mode():
         nchw = x.contiguous()
         assert torch.equal(fast(nchw), conv(nchw)) and fast.fast == {}
         with pytest.raises(RuntimeError, match="should be the same"):  # the conv's own error: it ran
             fast(x.double())
         assert fast.fast == {}
-    assert not stem_conv.fits(nn.Conv2d(16, 16, 3)) and not stem_conv.fits(nn.Conv2d(3, 16, 3, groups=1, dilation=2))
-    assert not stem_conv.fits(nn.Conv2d(3, 16, 3, padding="same"))
+    assert not stem.fits(nn.Conv2d(16, 16, 3)) and not stem.fits(nn.Conv2d(3, 16, 3, groups=1, dilation=2))
+    assert not stem.fits(nn.Conv2d(3, 16, 3, padding="same"))
 
 
 @pytest.mark.parametrize("window", [(3, 2, 1), (2, 2, 0), (3, 1, 1)], ids=["resnet", "2x2", "stride1"])
@@ -112,7 +112,7 @@ def test_max_pool_after_the_conv_keeps_pytorchs_rule(window):
     values[1, 0, 4, 4:8] = torch.tensor([-0.0, 0.0, 0.0, -0.0])
     x = values.contiguous(memory_format=torch.channels_last)
     pool = pooling.FastMaxPool2d(nn.MaxPool2d(*window))
-    fused = stem_conv.DirectConvMaxPool(conv, pool)
+    fused = stem.DirectConvMaxPool(conv, pool)
     with torch.inference_mode():
         expected = pool.pool(conv(x))
         got = fused._run(x)
@@ -124,7 +124,7 @@ def test_load_runs_the_stem_conv_in_numba(tmp_path):
     path = exported(tmp_path, "reactnet18", 32)
     model = infer.load(path)
     chunked = model.stem
-    assert isinstance(chunked, stem.ChunkedStem) and isinstance(chunked.stem[0], stem_conv.DirectConv2d)
+    assert isinstance(chunked, stem.ChunkedStem) and isinstance(chunked.stem[0], stem.DirectConv2d)
     x = torch.randn(2, 3, 32, 32)
     reference = infer.load(path, fuse=False)
     with torch.inference_mode():
@@ -134,14 +134,22 @@ def test_load_runs_the_stem_conv_in_numba(tmp_path):
 
 
 def test_load_runs_an_imagenet_stem_with_its_max_pool(tmp_path):
+    """The conv and its max-pool in one module, which packs the first block's signs in its pass;
+    a hook that changes the stem's output in place stops that hand-over."""
     path = exported(tmp_path, "birealnet18", 64, "model.stem=imagenet")
     model = infer.load(path)
     layers = list(model.stem.stem)
-    assert isinstance(layers[0], stem_conv.DirectConvMaxPool)
+    assert isinstance(layers[0], stem.DirectConvMaxPool)
     assert not any(isinstance(m, (nn.MaxPool2d, pooling.FastMaxPool2d)) for m in layers[1:])  # the pool runs in it
+    first = next(m for m in model.modules() if isinstance(m, fused.FusedBinaryBlock))
+    assert layers[0].next_layer is first.conv
     reference = infer.load(path, fuse=False)
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), reference(x)) and torch.equal(model(x), reference(x))
+        assert hasattr(model.stem(x.contiguous(memory_format=torch.channels_last)), "packed_signs")
+        layers[0].register_forward_hook(lambda m, args, out: out.add_(0.5))
+        reference.stem[-1].register_forward_hook(lambda m, args, out: out.add_(0.5))  # its max-pool
+        assert torch.equal(model(x), reference(x))
     checked = list(layers[0].fast.values())
     assert checked and all(checked)

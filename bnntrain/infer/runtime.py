@@ -150,8 +150,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
             from .fused import fuse_blocks  # it imports this module
             from .pooling import speed_up_pools
             from .shortcut import speed_up_shortcuts
-            from .stem import chunk_stem
-            from .stem_conv import speed_up_stem_convs
+            from .stem import chunk_stem, hand_on_signs, speed_up_stem_convs
             config = model.export_config
             probe = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],
                                 generator=torch.Generator().manual_seed(0))
@@ -161,6 +160,7 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
             model.chained_blocks = chain_runs(model, probe)
             speed_up_stem_convs(model)
             chunk_stem(model)
+            hand_on_signs(model, probe)
     if left:
         warnings.warn(fallback_note(left, total), stacklevel=2)
     return model

@@ -11,21 +11,21 @@ zero over its taps in the order (row, column, input channel), and adds the bias 
 fitting its outputs: every output matched). A tap in the zero padding adds nothing either way:
 a chain from zero is never -0.0, so adding a product of zero leaves it as it is. Where PyTorch
 sums otherwise (another backend, another shape), the first batch of each shape and thread
-count shows it and `DirectConv2d` keeps PyTorch's conv for it.
+count shows it and `stem.DirectConv2d` keeps PyTorch's conv for it.
+
+`conv_max_pool` also runs the max-pool after such a conv in the same pass (the conv's output,
+3 MB per image at 224 px, then never goes to memory), with PyTorch's pooling rule.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numba import njit, prange
-from torch import Tensor, nn
 
-from .buffers import POOL
 from .fma import CHANNELS, POSITIONS, fma_rows
 from .kernels import _ceil_div, _next_position, _position
-from .pooling import FastMaxPool2d, take
+from .nibble_packing import write_nibbles, zero_border
+from .pooling import take
 
-MAX_IN_CHANNELS = 8  # the convs whose order was checked: an image's channels
 GROUP = 8            # tiles a thread takes block by block
 
 
@@ -93,14 +93,23 @@ def direct_conv(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, padded, ou
 
 @njit(cache=True, parallel=True)
 def conv_max_pool(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, pool, pool_stride, pool_pad, padded, ring,
-                  out, parts):
+                  out, threshold, nib, parts):
     """max_pool2d(direct_conv's output) with PyTorch's rule (`pooling.take`), bit for bit, with
     no conv output in memory: each thread computes the conv rows its pooled rows need, row by
     row, into its share of `ring` (float32 [parts, pool, OW, O rounded up]: conv row y in slot
     y mod pool) and pools them from there (in cache) into out (float32 [N, POH, POW, O]).
-    The other arguments are direct_conv's and max_pool_nhwc's."""
+    With a non-empty `nib`, the signs of out + threshold go there too, as the next layer's
+    nibble input (`nibble_packing.write_nibbles`). The other arguments are direct_conv's and
+    max_pool_nhwc's."""
     n_, h_, w_, c_ = x.shape
     pad_input(x, pad_h, pad_w, padded)
+    hand_on = nib.shape[0] > 0
+    nib_h, nib_w = (nib.shape[1] - out.shape[1]) // 2, (nib.shape[2] - out.shape[2]) // 2
+    wide = np.empty(0, np.uint64)
+    if hand_on:
+        zero_border(nib, nib_h, nib_w)
+        if nib.shape[3] % 8 == 0:
+            wide = nib.reshape(-1).view(np.uint64)
     hp, wp = padded.shape[1], padded.shape[2]
     oh, ow = (hp - kh) // stride_h + 1, (wp - kw) // stride_w + 1
     poh = out.shape[1]
@@ -132,7 +141,12 @@ def conv_max_pool(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, pool, po
                             for i in range(CHANNELS):
                                 into[first + j, o0 + i] = sums[j, i] + bias[o0 + i]
                 done_n, done_y = n, y
-            _pool_row(conv_rows, y0, y1, pool, pool_stride, pool_pad, out[n, r - n * poh])
+            py = r - n * poh
+            _pool_row(conv_rows, y0, y1, pool, pool_stride, pool_pad, out[n, py])
+            if hand_on:
+                for px in range(out.shape[2]):
+                    for o0 in range(0, out.shape[3], 64):
+                        write_nibbles(out, threshold, nib, wide, n, py, px, o0, min(out.shape[3], o0 + 64), nib_h, nib_w)
 
 
 @njit(cache=True, inline="always")
@@ -162,123 +176,3 @@ def _pool_row(conv_rows, y0, y1, pool, stride, pad, dst):
                     for xx in range(x0, x1):
                         best = take(conv_rows[y % pool, xx, c], best)
                 into[c] = best
-
-
-def fits(conv: nn.Module) -> bool:
-    """Whether `DirectConv2d` can run a conv: a float32 nn.Conv2d of at most MAX_IN_CHANNELS
-    inputs, one group, no dilation, zero padding given as numbers."""
-    return (type(conv) is nn.Conv2d and conv.in_channels <= MAX_IN_CHANNELS and conv.groups == 1
-            and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.weight.dtype == torch.float32)
-
-
-class DirectConv2d(nn.Module):
-    """A `fits` conv run by `direct_conv` wherever that gives its outputs bit for bit (checked
-    on the first batch of each shape and thread count); channels-last float32 CPU input,
-    otherwise the conv itself.
-
-    Args:
-        conv: the conv, kept for those checks and as the fallback.
-    """
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-        self.train(conv.training)
-        out_channels = conv.out_channels
-        wide = _ceil_div(out_channels, CHANNELS) * CHANNELS
-        taps = conv.weight.detach().float().permute(2, 3, 1, 0).reshape(-1, out_channels)  # (ky, kx, c) by o
-        weight = np.zeros((taps.shape[0], wide), np.float32)
-        weight[:, :out_channels] = taps.numpy()
-        # Block-major: each block of CHANNELS channels' weights contiguous, tap by tap.
-        self.weight = np.ascontiguousarray(weight.reshape(-1, wide // CHANNELS, CHANNELS).transpose(1, 0, 2))
-        self.bias = np.zeros(wide, np.float32)
-        if conv.bias is not None:
-            self.bias[:out_channels] = conv.bias.detach().float().numpy()
-        self.fast: dict[tuple, bool] = {}  # by input shape and threads: whether direct_conv gives the conv's outputs
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (self.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4
-                or not x.is_contiguous(memory_format=torch.channels_last) or x.requires_grad):
-            return self.reference(x)
-        key = (tuple(x.shape), torch.get_num_threads())
-        fast = self.fast.get(key)
-        if fast is None:
-            expected = self.reference(x)
-            self.fast[key] = torch.equal(self._run(x).view(torch.int32), expected.view(torch.int32))  # every bit
-            return expected
-        return self._run(x) if fast else self.reference(x)
-
-    def reference(self, x: Tensor) -> Tensor:
-        """What this module computes, as PyTorch's modules compute it."""
-        return self.conv(x)
-
-    def _geometry(self, x: Tensor) -> tuple:
-        (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
-        n, c, h, w = x.shape
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        padded = POOL.empty((n, h + 2 * ph, w + 2 * pw, c), np.float32)  # scratch, reused across calls
-        return (kh, kw, sh, sw, ph, pw), (n, oh, ow), padded
-
-    def _run(self, x: Tensor) -> Tensor:
-        conv, (n, oh, ow), padded = self._geometry(x)
-        out = POOL.empty((n, oh, ow, self.conv.out_channels), np.float32)  # reused once no one holds it
-        direct_conv(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, *conv, padded, out,
-                    torch.get_num_threads())
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
-
-
-class DirectConvMaxPool(DirectConv2d):
-    """A DirectConv2d and the max-pool after it run together by `conv_max_pool` wherever that
-    gives the pool's outputs on the conv's bit for bit (checked as DirectConv2d checks): the
-    conv's output, 3 MB per image at 224 px, then never goes to memory and back.
-
-    Args:
-        conv: the conv.
-        pool: the max-pool (a FastMaxPool2d, for its kernel, stride and padding).
-    """
-
-    def __init__(self, conv: nn.Conv2d, pool: FastMaxPool2d) -> None:
-        super().__init__(conv)
-        self.pool = pool
-
-    def reference(self, x: Tensor) -> Tensor:
-        return self.pool(self.conv(x))
-
-    def _run(self, x: Tensor) -> Tensor:
-        conv, (n, oh, ow), padded = self._geometry(x)
-        pool = self.pool
-        poh, pw = ((size + 2 * pool.padding - pool.kernel) // pool.stride + 1 for size in (oh, ow))
-        threads = torch.get_num_threads()
-        ring = POOL.empty((threads, pool.kernel, ow, self.weight.shape[0] * CHANNELS), np.float32)
-        out = POOL.empty((n, poh, pw, self.conv.out_channels), np.float32)
-        conv_max_pool(x.detach().permute(0, 2, 3, 1).numpy(), self.weight, self.bias, *conv, pool.kernel, pool.stride,
-                      pool.padding, padded, ring, out, threads)
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
-
-
-def speed_up_stem_convs(model: nn.Module) -> int:
-    """Run each `fits` conv of the model's `stem` (an nn.Sequential) as a DirectConv2d, in place.
-
-    Args:
-        model: a packed inference model.
-
-    Returns:
-        How many convs were swapped.
-    """
-    stem = getattr(model, "stem", None)
-    if not isinstance(stem, nn.Sequential):
-        return 0
-    swapped = 0
-    for i, layer in enumerate(stem):
-        if fits(layer):
-            # A max-pool right after it (Identity layers between) runs with it.
-            j = i + 1
-            while j < len(stem) and isinstance(stem[j], nn.Identity):
-                j += 1
-            if j < len(stem) and isinstance(stem[j], FastMaxPool2d):
-                stem[i], stem[j] = DirectConvMaxPool(layer, stem[j]), nn.Identity()
-            else:
-                stem[i] = DirectConv2d(layer)
-            swapped += 1
-    return swapped
