@@ -94,6 +94,8 @@ def test_other_inputs_run_the_conv():
         assert fast.fast == {}
     assert not stem.fits(nn.Conv2d(16, 16, 3)) and not stem.fits(nn.Conv2d(3, 16, 3, groups=1, dilation=2))
     assert not stem.fits(nn.Conv2d(3, 16, 3, padding="same"))
+    # ResNet's 7x7 stem runs in numba; a 3x3 one (27 taps per output) stays oneDNN's, the faster there.
+    assert stem.fits(nn.Conv2d(3, 64, 7, 2, 3)) and not stem.fits(nn.Conv2d(3, 32, 3, 2, 1))
 
 
 @pytest.mark.parametrize("window", [(3, 2, 1), (2, 2, 0), (3, 1, 1)], ids=["resnet", "2x2", "stride1"])
@@ -120,17 +122,10 @@ def test_max_pool_after_the_conv_keeps_pytorchs_rule(window):
     assert torch.isnan(expected).any()  # the NaNs reached the pool
 
 
-def test_load_runs_the_stem_conv_in_numba(tmp_path):
-    path = exported(tmp_path, "reactnet18", 32)
-    model = infer.load(path)
-    chunked = model.stem
-    assert isinstance(chunked, stem.ChunkedStem) and isinstance(chunked.stem[0], stem.DirectConv2d)
-    x = torch.randn(2, 3, 32, 32)
-    reference = infer.load(path, fuse=False)
-    with torch.inference_mode():
-        assert torch.equal(model(x), reference(x)) and torch.equal(model(x), reference(x))
-    checked = list(chunked.stem[0].fast.values())
-    assert checked and all(checked)
+def test_load_leaves_a_small_stem_conv_to_pytorch(tmp_path):
+    path = exported(tmp_path, "reactnet18", 32)  # the CIFAR stem: a 3x3 conv
+    chunked = infer.load(path).stem
+    assert isinstance(chunked, stem.ChunkedStem) and type(chunked.stem[0]) is nn.Conv2d
 
 
 def test_load_runs_an_imagenet_stem_with_its_max_pool(tmp_path):
