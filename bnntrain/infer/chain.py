@@ -133,7 +133,7 @@ class ChainedBlocks(nn.Sequential):
         x = x.detach()
         if residual.shape != plan[0][0]:  # a shortcut of the wrong shape: the block's own error
             return self._one_by_one(blocks, x)
-        nib = first.conv.as_nibbles(first.conv.pack(x) if signs is None else signs, plan[0][4])
+        nib = first.conv._as_nibbles(first.conv.pack(x) if signs is None else signs, plan[0][4])
         layers, outs, handed = [], [], None
         for block, (shape, threshold, next_shape, next_type, _) in zip(blocks, plan):
             out = POOL.empty(shape, np.float32)

@@ -238,9 +238,9 @@ class PackedBinaryConv2d(nn.Module):
             plan = self._plans[key] = (shape, threshold, next_shape, next_type, own)
         return plan
 
-    def as_nibbles(self, signs: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
-        """The nibble kernel's input (`shape`: `_plan`'s own) from packed input `signs`: words
-        (packed here, or handed on by a word-kernel layer) turned into nibbles, or nibbles as they are."""
+    def _as_nibbles(self, signs: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
+        # The nibble kernel's input (`shape`: _plan's own) from packed signs: words (packed here,
+        # or handed on by a word-kernel layer) turned into nibbles, or nibbles as they are.
         if signs.dtype == np.uint8:
             return signs
         nibbles = POOL.empty(shape, np.uint8)
@@ -279,7 +279,7 @@ class PackedBinaryConv2d(nn.Module):
         threads = torch.get_num_threads()
         if own is not None:
             nibbles = self.nibble_kernels
-            signs = self.as_nibbles(signs, own)
+            signs = self._as_nibbles(signs, own)
             as_words, as_nibbles = (NO_SIGNS[1], next_signs) if next_type is np.uint8 else (next_signs, NO_NIBBLES)
             nibbles.binary_conv_nibbles(signs, *self._nibble_arguments, out, *epilogue, threshold, as_words, as_nibbles,
                                         threads, nibbles.GROUP)

@@ -131,8 +131,15 @@ class PooledPointwise(nn.Module):
         return self.shortcut(x) if block is None else self._run(x, block)
 
     def nhwc(self, x: Tensor) -> np.ndarray | None:
-        """The output as a float32 NHWC array, where the numba path runs for x (None: call the
-        module), for a fused block that adds it in its kernel: no tensor made, no hooks run."""
+        """The output as an array, for a fused block that adds it in its kernel: no tensor made,
+        no hooks run.
+
+        Args:
+            x: the shortcut's input.
+
+        Returns:
+            float32 NHWC, where the numba path runs for x; None otherwise (call the module).
+        """
         if (self.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4
                 or not x.is_contiguous(memory_format=torch.channels_last) or x.requires_grad):
             return None

@@ -157,7 +157,14 @@ class DirectConv2d(nn.Module):
         return self._run(x) if fast else self.reference(x)
 
     def reference(self, x: Tensor) -> Tensor:
-        """What this module computes, as PyTorch's modules compute it."""
+        """What this module computes, as PyTorch's modules compute it.
+
+        Args:
+            x: the input batch.
+
+        Returns:
+            The conv's output (and the max-pool's, in DirectConvMaxPool).
+        """
         return self.conv(x)
 
     def _geometry(self, x: Tensor) -> tuple:
