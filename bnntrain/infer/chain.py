@@ -109,18 +109,19 @@ class ChainedBlocks(nn.Sequential):
             x = block(x)
         return x
 
-    def _plan(self, blocks: list[FusedBinaryBlock], n: int, h: int, w: int) -> list:
+    def _plan(self, blocks: list[FusedBinaryBlock], n: int, h: int, w: int) -> list | None:
         # Per block: its output's shape, and the threshold, shape and type of what it hands on.
+        # None where a block after the first would add an input of another shape than its
+        # output (the kernel reads the residual unchecked; the block itself says what is wrong).
         key = (id(blocks[0]), n, h, w)
-        plan = self._plans.get(key)
-        if plan is None:
+        if key not in self._plans:
             plan = []
             for block in blocks:
-                shape, threshold, next_shape, next_type, own = block.conv._plan(n, h, w, block.next_layer)
-                plan.append((shape, threshold, next_shape, next_type, own))
-                h, w = shape[1:3]
-            self._plans[key] = plan
-        return plan
+                plan.append(block.conv._plan(n, h, w, block.next_layer))
+                h, w = plan[-1][0][1:3]
+            shapes = [step[0] for step in plan]
+            self._plans[key] = plan if all(a == b for a, b in zip(shapes, shapes[1:])) else None
+        return self._plans[key]
 
     def _run(self, blocks: list[FusedBinaryBlock], x: Tensor) -> Tensor:
         first = blocks[0]
@@ -129,6 +130,8 @@ class ChainedBlocks(nn.Sequential):
             return self._one_by_one(blocks, x)
         n, _, h, w = x.shape
         plan = self._plan(blocks, n, h, w)
+        if plan is None:
+            return self._one_by_one(blocks, x)
         signs, residual = first.inputs(x, hooked=False)  # x itself: its handed signs go with it
         x = x.detach()
         if residual.shape != plan[0][0]:  # a shortcut of the wrong shape: the block's own error

@@ -285,7 +285,7 @@ def hand_on_signs(model: nn.Module, probe: Tensor) -> bool:
         if len(seen) != 2 or seen[0] is not seen[1]:
             return False
         pool.next_layer = conv
-        if torch.equal(model(probe), reference) and torch.equal(model(probe), reference):
+        if torch.equal(model(probe), reference):
             return True
     pool.next_layer = None
     return False
