@@ -36,12 +36,13 @@ from bnntrain import infer  # noqa: E402
 from bnntrain.files import write_text  # noqa: E402
 from bnntrain.infer.fused import FusedBinaryBlock  # noqa: E402
 from bnntrain.infer.pooling import FastMaxPool2d  # noqa: E402
-from bnntrain.infer.stem import DirectConv2d  # noqa: E402
+from bnntrain.infer.stem import DirectConv2d, DirectConvMaxPool  # noqa: E402
 
 # What a module of each kind does, for the table (a PyTorch leaf otherwise: its class name).
 KINDS = {FusedBinaryBlock: "binary block: conv, BN, shortcut, activation, next signs",
          infer.PackedBinaryConv2d: "binary conv (packing its input)",
-         FastMaxPool2d: "MaxPool2d (numba)", DirectConv2d: "Conv2d (numba)"}
+         FastMaxPool2d: "MaxPool2d (numba)", DirectConv2d: "Conv2d (numba)",
+         DirectConvMaxPool: "Conv2d and its MaxPool2d (numba, one pass)"}
 SHORTCUT = "shortcut of a fused block: pooling, 1x1 conv, BN"
 
 
