@@ -4,10 +4,11 @@ Between two fused blocks that hand each other their signs (`fused.chain_blocks`)
 happens in Python is bookkeeping: checking the input, looking up the plan, taking buffers,
 wrapping the output as a tensor, calling the kernel through numba's dispatcher. At batch 1 that
 is a few percent of the time: ReActNet-18 at 224 px ran 1-3% faster with its blocks in runs on
-a 2-core x86 CPU (paired measurements). `ChainedBlocks` (an nn.Sequential with the same children) runs each such run of blocks
-with `run_blocks`, a compiled loop over the same kernel (`nibbles.binary_conv_nibbles`) with the
-same arguments, one block's output and nibbles the next one's residual and input, so the
-outputs are the blocks' own bit for bit. Only the run's output becomes a tensor.
+a 2-core x86 CPU (paired measurements). `ChainedBlocks` (an nn.Sequential with the same
+children) runs each such run of blocks with `run_blocks`, a compiled loop over the same kernel
+(`nibbles.binary_conv_nibbles`) with the same arguments, one block's output and nibbles the
+next one's residual and input, so the outputs are the blocks' own bit for bit. Only the run's
+output becomes a tensor.
 
 A run is two or more consecutive nibble-kernel blocks where each hands its signs to the next
 and every block after the first adds its input (an identity shortcut); the first may have any
@@ -33,9 +34,9 @@ from .packed_conv import NO_NIBBLES, NO_SIGNS, _version
 
 @njit(cache=True)
 def run_blocks(nib, residual, layers, table, threads, group):
-    """Each layer of `layers` (a tuple of `binary_conv_nibbles` argument tuples, see
-    ChainedBlocks._layers) in turn on `nib` and `residual`, each layer's output and nibbles the
-    next one's residual and input."""
+    """Each layer of `layers` (a tuple of `binary_conv_nibbles` argument tuples, as
+    ChainedBlocks._run builds them) in turn on `nib` and `residual`, each layer's output and
+    nibbles the next one's residual and input."""
     for layer in layers:
         wn, wpop, kw, scale, bias, sh, sw, ph, pw, cin, post, mode, threshold, out, words, next_nib = layer
         binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, sh, sw, ph, pw, cin, out, post, residual, mode,

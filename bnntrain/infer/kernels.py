@@ -98,23 +98,6 @@ def _ceil_div(a, b):
     return -((-a) // b)
 
 
-@njit(cache=True, inline="always")
-def _position(p, plane, ow):
-    n = p // plane
-    oy = (p - n * plane) // ow
-    return n, oy, p - n * plane - oy * ow
-
-
-@njit(cache=True, inline="always")
-def _next_position(n, oy, ox, oh, ow):
-    # The output position after (n, oy, ox), row by row through the batch.
-    if ox + 1 < ow:
-        return n, oy, ox + 1
-    if oy + 1 < oh:
-        return n, oy + 1, 0
-    return n + 1, 0, 0
-
-
 @njit(cache=True, parallel=True)
 def binary_conv(a, w, scale, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in_per_group, out):
     """The general binary conv (any groups and dilation):

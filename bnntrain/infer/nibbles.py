@@ -32,9 +32,10 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .ir_loops import in_chunks
-from .kernels import _ceil_div, _finish, _next_position, _pack_position, _position
+from .kernels import _ceil_div, _finish, _pack_position
 from .layout import NIBBLE_BLOCK
 from .nibble_packing import words_to_nibbles, write_nibbles, zero_border
+from .tiles import _next_position, _position, _tile_offsets, _unit
 
 # words_to_nibbles, packed_conv.py's way to this kernel's input, is part of this module's API.
 __all__ = ["POPCOUNTS", "available", "binary_conv_nibbles", "nibble_peak", "tile_popcounts", "words_to_nibbles"]
@@ -177,22 +178,11 @@ def binary_conv_nibbles(nib, wn, wpop, table, kw, scale, bias, stride_h, stride_
         sums = np.empty((6, 64), np.uint16)
         acc = np.empty(64, np.int32)
         for unit in range(part * units // parts, (part + 1) * units // parts):
-            # Units in groups of `group` tiles by all blocks, block by block within a group.
-            span = unit // (group * blocks)
-            size = min(group, tiles - span * group)
-            rest = unit - span * group * blocks
-            block = rest // size
-            first = (span * group + rest - block * size) * 6
+            block, first = _unit(unit, group, blocks, tiles, 6)
             o0 = block * 64
             width = min(64, og - o0)
             count = min(6, positions - first)
-            n, oy, ox = _position(first, plane, ow)
-            for j in range(6):
-                if j < count:
-                    offsets[j] = ((n * hp + oy * stride_h) * wp + ox * stride_w) * cn
-                    n, oy, ox = _next_position(n, oy, ox, oh, ow)
-                else:  # a last unit's spare lanes repeat its last position
-                    offsets[j] = offsets[count - 1]
+            _tile_offsets(offsets, first, count, oh, ow, hp, wp, stride_h, stride_w, cn)
             tile_popcounts(act, offsets, table, weights, block * kh * run * 64, 64, kh, run, wp * cn, sums)
             n, oy, ox = _position(first, plane, ow)
             for j in range(count):

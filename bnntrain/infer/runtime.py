@@ -8,8 +8,10 @@ each binary layer whose inputs and weights are both binary for a `PackedBinaryCo
 (`packed_conv.py`: the XNOR-popcount kernels of `kernels.py`; numba is the optional extra
 `infer`: `pip install 'bnntrain[infer]'`). Everything else (the real-valued stem, shortcuts,
 BN, activations, pooling, the classifier) stays the PyTorch module it was, except where a
-block's BN, shortcut addition and activation run in the kernel's output pass (`fused.py`,
-checked bit for bit at load), so the outputs are those of `bnntrain.tools.export.load`.
+block's BN, shortcut addition and activation run in the kernel's output pass (`fused.py`),
+runs of such blocks in one call (`chain.py`), and a stem conv and its max-pool, a
+downsampling shortcut or a max-pool in numba (`stem.py`, `shortcut.py`, `pooling.py`), each
+checked bit for bit, so the outputs are those of `bnntrain.tools.export.load`.
 
 A binary layer the kernels cannot run (a stage-1 checkpoint's layers: binary activations,
 real weights; a stage-0 one's: real activations; padding given as a string) stops `load`
@@ -109,12 +111,14 @@ def load(path: str | Path, channels_last: bool = True, strict: bool = True, fuse
 
     `fuse` (default, with `channels_last`): blocks of binary conv, BN and shortcut addition
     run their BN and addition in the kernel's output pass, where that gives the block's own
-    outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them. The
-    real-valued stem runs a few samples at a time where that gives the batched stem's outputs
-    bit for bit (`bnntrain.infer.stem`), so that its large output stays in reused memory, and
-    a downsampling shortcut (average pool, 1x1 conv) and a max-pool run in numba for each
-    input shape where that gives PyTorch's outputs bit for bit (`bnntrain.infer.shortcut`,
-    `bnntrain.infer.pooling`).
+    outputs bit for bit (`bnntrain.infer.fused`); `model.fused_blocks` counts them, and
+    `model.chained_blocks` those that run in runs of one numba call each
+    (`bnntrain.infer.chain`). The real-valued stem runs a few samples at a time where that
+    gives the batched stem's outputs bit for bit, so that its large output stays in reused
+    memory; a 7x7 stem conv, with the max-pool after it in the same pass, and a downsampling
+    shortcut (average pool, 1x1 conv) and a max-pool run in numba for each input shape where
+    that gives PyTorch's outputs bit for bit (`bnntrain.infer.stem`,
+    `bnntrain.infer.shortcut`, `bnntrain.infer.pooling`).
 
     Args:
         path: the packed file.

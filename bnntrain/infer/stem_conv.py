@@ -22,9 +22,10 @@ import numpy as np
 from numba import njit, prange
 
 from .fma import CHANNELS, POSITIONS, fma_rows
-from .kernels import _ceil_div, _next_position, _position
+from .kernels import _ceil_div
 from .nibble_packing import write_nibbles, zero_border
 from .pooling import take
+from .tiles import _next_position, _position, _tile_offsets, _unit
 
 GROUP = 8            # tiles a thread takes block by block
 
@@ -69,19 +70,9 @@ def direct_conv(x, w, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, padded, ou
         offsets = np.empty(POSITIONS, np.int64)
         sums = np.empty((POSITIONS, CHANNELS), np.float32)
         for unit in range(part * units // parts, (part + 1) * units // parts):
-            span = unit // (GROUP * blocks)
-            size = min(GROUP, tiles - span * GROUP)
-            rest = unit - span * GROUP * blocks
-            block = rest // size
-            first = (span * GROUP + rest - block * size) * POSITIONS
+            block, first = _unit(unit, GROUP, blocks, tiles, POSITIONS)
             count = min(POSITIONS, positions - first)
-            n, oy, ox = _position(first, oh * ow, ow)
-            for j in range(POSITIONS):
-                if j < count:
-                    offsets[j] = ((n * hp + oy * stride_h) * wp + ox * stride_w) * c_
-                    n, oy, ox = _next_position(n, oy, ox, oh, ow)
-                else:  # a last tile's spare lanes repeat its last position
-                    offsets[j] = offsets[count - 1]
+            _tile_offsets(offsets, first, count, oh, ow, hp, wp, stride_h, stride_w, c_)
             fma_rows(flat, offsets, weights, block * taps * CHANNELS, CHANNELS, kh, kw * c_, wp * c_, sums)
             o0 = block * CHANNELS
             n, oy, ox = _position(first, oh * ow, ow)
